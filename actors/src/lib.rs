@@ -1,0 +1,15 @@
+//! r1v2-actors: the actors of the R1V2 trainer and everything they compute with.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`model`] | the R1V model family: Qwen2 LLM, InternViT, the `mlp1` adapter, the chat model, value head, HF checkpoint I/O |
+//! | [`verifiers`] | rule-based verifiers (math, choice, format, code, external plugins) behind the [`verifiers::Verifier`] trait |
+//! | [`rl`] | the RL algorithms as pure functions: GRPO, MPO, hybrid reward, Selective Sample Buffer |
+//! | [`error`] | the crate's error type |
+
+pub mod error;
+pub mod model;
+pub mod rl;
+pub mod verifiers;
+
+pub use error::{Error, Result};

@@ -1,0 +1,66 @@
+//! Rule-based verifiers: pure functions behind the [`Verifier`] trait.
+//!
+//! A verifier reads the prompt, the response, the reference answer and the dataset line's free-form
+//! metadata, and returns a [`Verdict`]. Verifiers never panic or hang the pipeline: the registry turns an
+//! error, a panic or a timeout into a zero-score verdict that says why.
+
+use serde::{Deserialize, Serialize};
+
+/// What a verifier is asked to check.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyInput<'a> {
+    /// The prompt (question) the response answers.
+    pub prompt: &'a str,
+    /// The full model response, `<think>` part included.
+    pub response: &'a str,
+    /// The reference answer from the dataset line.
+    pub answer: &'a str,
+    /// Free-form metadata from the dataset line (`null` when absent).
+    pub meta: &'a serde_json::Value,
+}
+
+/// A claim about the image that the image's annotation does not support.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HallucinationFlags {
+    /// How many checkable claims (object / attribute mentions) the response made.
+    pub claims_checked: u32,
+    /// The claims the annotation does not support.
+    pub unsupported: Vec<String>,
+}
+
+/// A verifier's judgement of one response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Accuracy score in [0, 1].
+    pub score: f32,
+    /// Whether the response has the expected format.
+    pub format_ok: bool,
+    /// The answer the verifier extracted from the response, if any.
+    pub extracted: Option<String>,
+    /// A human-readable reason for the score.
+    pub reason: String,
+    /// Hallucination flags, for verifiers that can check claims against the image's annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hallucination: Option<HallucinationFlags>,
+}
+
+impl Verdict {
+    /// A zero-score verdict for a verifier that failed (error, panic, timeout).
+    pub fn failed(reason: impl Into<String>) -> Self {
+        Verdict {
+            score: 0.0,
+            format_ok: false,
+            extracted: None,
+            reason: reason.into(),
+            hallucination: None,
+        }
+    }
+}
+
+/// A rule-based verifier. Implementations are pure and cheap to share across threads.
+pub trait Verifier: Send + Sync {
+    /// The name datasets use in their `verifier` field.
+    fn name(&self) -> &str;
+    /// Judge one response. An `Err` becomes a zero-score verdict carrying the error as its reason.
+    fn verify(&self, input: &VerifyInput<'_>) -> crate::Result<Verdict>;
+}

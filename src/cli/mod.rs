@@ -1,0 +1,20 @@
+//! The `r1v2` command line: one file per subcommand, each with its clap `Args` and a `run`.
+
+use clap::{Parser, Subcommand};
+
+/// Fine-tune multimodal reasoning models with the Skywork R1V2 method.
+#[derive(Debug, Parser)]
+#[command(name = "r1v2", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {}
+    }
+}
