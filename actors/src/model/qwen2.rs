@@ -5,7 +5,7 @@
 //! candle-transformers' `models/qwen2.rs`, but every op on the training path has a backward
 //! (r1v2_kernels), and rows may be padded anywhere (see [`super::kv_cache`]).
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use r1v2_kernels::{rms_norm, rope, softmax_last_dim, swiglu, token_logprobs};
 
@@ -375,7 +375,8 @@ impl ForCausalLM {
     }
 
     /// Log-probabilities of next tokens, for training: input_ids (B, T), mask (B, T) ->
-    /// (B, T-1) f32 where entry t is `log p(ids[t+1] | ids[..=t])`, 0 where ids[t+1] is padding.
+    /// (B, T-1) f32 where entry t is `log p(ids[t+1] | ids[..=t])`, 0 unless both slot t and
+    /// t+1 are real (a row's first real token has no context).
     /// Sum it (times a response mask) for sequence log-probs.
     pub fn token_logprobs(
         &self,
@@ -394,7 +395,11 @@ impl ForCausalLM {
         let targets = input_ids.narrow(1, 1, t - 1)?; // (B, T-1)
         let logprobs = token_logprobs(&logits, &targets)?;
         match attention_mask {
-            Some(mask) => Ok((logprobs * mask.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?)?),
+            Some(mask) => {
+                let mask = mask.to_dtype(DType::F32)?;
+                let both_real = (mask.narrow(1, 0, t - 1)? * mask.narrow(1, 1, t - 1)?)?; // (B, T-1)
+                Ok((logprobs * both_real)?)
+            }
             None => Ok(logprobs),
         }
     }

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::qwen2::{Config, ForCausalLM};
-use super::weights::{read_config, save, WeightStore, INDEX_FILE, SINGLE_FILE};
+use crate::model::qwen2::{Config, ForCausalLM};
+use crate::model::weights::{read_config, save, WeightStore, INDEX_FILE, SINGLE_FILE};
 use crate::Error;
 
 fn fixture(rel: &str) -> PathBuf {
