@@ -143,6 +143,7 @@ fn unexpected_tensors_are_reported() -> anyhow::Result<()> {
     let store = WeightStore::from_tensors(tensors, "extra", DType::F32, &Device::Cpu)?;
     ForCausalLM::new(&tied_config()?, store.frozen_var_builder())?;
     assert_eq!(store.unexpected(), vec!["model.extra.weight".to_string()]);
+    assert_eq!(store.report_unexpected(), store.unexpected());
     Ok(())
 }
 
