@@ -278,14 +278,27 @@ impl Model {
         self.run_layers(embeds, &layout, None)
     }
 
+    /// A fresh KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
     /// Incremental forward: the step's embeds (B, T, D) and mask (B, T) come after what `cache`
-    /// holds (made by `KvCache::new(cfg.num_hidden_layers)`), which then also holds this step. Returns the final-normed hidden states (B, T, D).
+    /// holds (see [`Self::new_cache`]), which then also holds this step. Returns the final-normed
+    /// hidden states (B, T, D). After an error the cache is unusable: clear it.
     pub fn forward_step(
         &self,
         embeds: &Tensor,
         attention_mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        if cache.num_layers() != self.layers.len() {
+            return Err(Error::msg(format!(
+                "KV cache made for {} layers, the model has {}",
+                cache.num_layers(),
+                self.layers.len()
+            )));
+        }
         let (b, t, _) = embeds.dims3()?;
         let layout = cache.begin_step(&mask_rows(attention_mask, b, t)?, embeds.device())?;
         self.run_layers(embeds, &layout, Some(cache))
@@ -371,7 +384,7 @@ impl ForCausalLM {
 
     /// A fresh KV cache sized for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config().num_hidden_layers)
+        self.model.new_cache()
     }
 
     /// Log-probabilities of next tokens, for training: input_ids (B, T), mask (B, T) ->

@@ -214,6 +214,23 @@ fn kv_cache_skips_padding_fed_mid_sequence() -> anyhow::Result<()> {
 }
 
 #[test]
+fn kv_cache_misuse_is_an_error() -> anyhow::Result<()> {
+    let (model, _) = load_lm("tied", DType::F32)?;
+    let ids = Tensor::new(&[[1u32, 2], [3, 4]], &Device::Cpu)?;
+    let err = model
+        .forward_step_ids(&ids, None, &mut KvCache::new(5))
+        .expect_err("wrong layer count");
+    assert!(err.to_string().contains("5 layers"), "{err}");
+    let mut cache = model.new_cache();
+    model.forward_step_ids(&ids, None, &mut cache)?;
+    let err = model
+        .forward_step_ids(&ids.narrow(0, 0, 1)?, None, &mut cache)
+        .expect_err("batch changed");
+    assert!(err.to_string().contains("2 rows"), "{err}");
+    Ok(())
+}
+
+#[test]
 fn token_logprobs_match_log_softmax_of_logits() -> anyhow::Result<()> {
     let io = io()?;
     let (ids, mask) = ids_and_mask(&io)?;
