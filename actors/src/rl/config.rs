@@ -387,6 +387,33 @@ impl SsbConfig {
     }
 }
 
+/// The RL algorithms' section of the run config: one struct per algorithm.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlConfig {
+    /// Group-relative advantages.
+    pub advantage: AdvantageConfig,
+    /// GRPO surrogate and KL.
+    pub grpo: GrpoConfig,
+    /// MPO losses and pair mining.
+    pub mpo: MpoConfig,
+    /// Hybrid reward.
+    pub reward: RewardConfig,
+    /// Selective Sample Buffer.
+    pub ssb: SsbConfig,
+}
+
+impl RlConfig {
+    /// Checks every section; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        self.advantage.validate()?;
+        self.grpo.validate()?;
+        self.mpo.validate()?;
+        self.reward.validate()?;
+        self.ssb.validate()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +425,28 @@ mod tests {
         RewardConfig::default().validate().unwrap();
         SsbConfig::default().validate().unwrap();
         AdvantageConfig::default().validate().unwrap();
+        let full: RlConfig = serde_json::from_str(
+            r#"{"grpo": {"eps_high": 0.28}, "reward": {"calibration": {"rm_threshold": 0.5}}}"#,
+        )
+        .unwrap();
+        full.validate().unwrap();
+        assert_eq!(full.grpo.eps_high, 0.28);
+        assert_eq!(full.reward.calibration.rm_threshold, 0.5);
+        assert_eq!(full.mpo, MpoConfig::default());
+        let err = serde_json::from_str::<RlConfig>(r#"{"ssb": {"capacty": 3}}"#).unwrap_err();
+        assert!(err.to_string().contains("capacty"), "{err}");
+        let bad = RlConfig {
+            ssb: SsbConfig {
+                max_replay_share: 2.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("ssb.max_replay_share"));
         let err = serde_json::from_str::<GrpoConfig>(r#"{"eps_lo": 0.2}"#).unwrap_err();
         assert!(err.to_string().contains("eps_lo"), "{err}");
         let cfg: GrpoConfig = serde_json::from_str(

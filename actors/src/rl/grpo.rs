@@ -154,6 +154,11 @@ pub fn grpo_loss(inputs: &GrpoInputs, cfg: &GrpoConfig) -> Result<GrpoOutput> {
     let (batch, time) = policy
         .dims2()
         .map_err(|e| Error::msg(format!("grpo: `policy_logprobs`: {e}")))?;
+    if batch == 0 || time == 0 {
+        return Err(Error::msg(format!(
+            "grpo: empty batch, `policy_logprobs` has shape ({batch}, {time})"
+        )));
+    }
     check_shape(
         "behaviour_logprobs",
         inputs.behaviour_logprobs,
