@@ -64,3 +64,10 @@ pub trait Verifier: Send + Sync {
     /// Judge one response. An `Err` becomes a zero-score verdict carrying the error as its reason.
     fn verify(&self, input: &VerifyInput<'_>) -> crate::Result<Verdict>;
 }
+
+pub mod code;
+pub mod code_cases;
+pub mod config;
+pub mod plugin;
+pub mod registry;
+pub mod sandbox;
