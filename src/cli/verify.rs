@@ -43,14 +43,14 @@ struct Line {
 }
 
 /// Read the input lines with their line numbers; a bad line is an error naming the file and the line number. Blank lines are skipped.
-fn read_requests(path: &Path) -> r1v2::Result<(Vec<usize>, Vec<VerifyRequest>)> {
-    let file = std::fs::File::open(path).map_err(|source| r1v2::Error::Io {
+fn read_requests(path: &Path) -> crate::Result<(Vec<usize>, Vec<VerifyRequest>)> {
+    let file = std::fs::File::open(path).map_err(|source| crate::Error::Io {
         path: path.into(),
         source,
     })?;
     let (mut line_numbers, mut requests) = (Vec::new(), Vec::new());
     for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let at = |msg: String| r1v2::Error::File {
+        let at = |msg: String| crate::Error::File {
             path: path.into(),
             msg: format!("line {}: {msg}", index + 1),
         };
