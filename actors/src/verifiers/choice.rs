@@ -250,3 +250,108 @@ impl Verifier for ChoiceVerifier {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn score(response: &str, answer: &str, meta: serde_json::Value) -> (f32, Option<String>) {
+        let input = VerifyInput {
+            prompt: "q",
+            response,
+            answer,
+            meta: &meta,
+        };
+        let v = ChoiceVerifier::default()
+            .verify(&input)
+            .expect("valid reference");
+        (v.score, v.extracted)
+    }
+
+    #[test]
+    fn letter_forms() {
+        for response in [
+            "<think>A or B?</think>\\boxed{B}",
+            "The answer is (B).",
+            "the answer is B because the others fail",
+            "Answer: B",
+            "**Answer:** B. Paris",
+            "B",
+            "(B)",
+            "B)",
+            "b",
+            "$\\boxed{\\text{B}}$",
+            "After checking each option, (B) is right.",
+        ] {
+            assert_eq!(
+                score(response, "B", json!(null)),
+                (1.0, Some("B".into())),
+                "{response}"
+            );
+        }
+        assert_eq!(score("The answer is (C).", "B", json!(null)).0, 0.0);
+        assert_eq!(score("\\boxed{(A)}", "(A)", json!(null)).0, 1.0);
+    }
+
+    #[test]
+    fn reasoning_and_articles_are_not_choices() {
+        // The letter inside the reasoning is not the answer.
+        assert_eq!(
+            score(
+                "<think>The answer is B</think>I think it is C.",
+                "B",
+                json!(null)
+            )
+            .0,
+            0.0
+        );
+        assert_eq!(
+            score("<think>(B) looks right", "B", json!(null)),
+            (0.0, None)
+        );
+        // "A" as an article is not option A.
+        assert_eq!(
+            score("Answer: a triangle is the shape", "A", json!(null)).1,
+            None
+        );
+        // A word starting with the letter is not the letter.
+        assert_eq!(score("Answer: Because", "B", json!(null)).1, None);
+    }
+
+    #[test]
+    fn option_text_from_meta() {
+        let list = json!({"options": ["London", "Paris", "Berlin"]});
+        assert_eq!(
+            score("The answer is Paris.", "B", list.clone()),
+            (1.0, Some("B".into()))
+        );
+        assert_eq!(score("\\boxed{Berlin}", "B", list.clone()).0, 0.0);
+        // The reference may itself be the option text.
+        assert_eq!(score("Answer: B", "Paris", list.clone()).0, 1.0);
+        let map = json!({"choices": {"A": "12", "B": "120", "C": "1200"}});
+        assert_eq!(
+            score("So it must be 120", "B", map.clone()).1,
+            Some("B".into())
+        );
+        assert_eq!(
+            score("So it must be 1200", "B", map.clone()).1,
+            Some("C".into())
+        );
+        let labelled = json!({"options": ["A. red", "B. green"]});
+        assert_eq!(score("It is green.", "B", labelled).0, 1.0);
+    }
+
+    #[test]
+    fn bad_reference_is_an_error_not_a_panic() {
+        let meta = json!(null);
+        let input = VerifyInput {
+            prompt: "q",
+            response: "B",
+            answer: "forty-two",
+            meta: &meta,
+        };
+        assert!(ChoiceVerifier::default().verify(&input).is_err());
+        assert_eq!(ChoiceVerifier::default().name(), "choice");
+    }
+}

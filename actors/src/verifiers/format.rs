@@ -124,3 +124,94 @@ impl Verifier for FormatVerifier {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(cfg: FormatConfig, response: &str) -> Result<&str, String> {
+        FormatVerifier::new(cfg).check(response)
+    }
+
+    #[test]
+    fn accepts_r1_layout() {
+        let r = "<think>\nadd them\n</think>\nThe answer is \\boxed{4}.";
+        assert_eq!(
+            check(FormatConfig::default(), r),
+            Ok("The answer is \\boxed{4}.")
+        );
+        let boxed = FormatConfig {
+            require_boxed: true,
+            ..FormatConfig::default()
+        };
+        assert!(check(boxed, r).is_ok());
+        let in_prompt = FormatConfig {
+            open_tag_in_prompt: true,
+            ..FormatConfig::default()
+        };
+        assert!(check(in_prompt, "add them</think>4").is_ok());
+        let tags = FormatConfig {
+            think_open: "<reason>".into(),
+            think_close: "</reason>".into(),
+            ..FormatConfig::default()
+        };
+        assert!(check(tags, "<reason>x</reason> 4").is_ok());
+    }
+
+    #[test]
+    fn names_each_broken_rule() {
+        let d = FormatConfig::default;
+        let cases = [
+            ("The answer is 4", "does not start with"),
+            ("<think>add", "never closed"),
+            (
+                "<think>a</think><think>b</think>4",
+                "more than one `<think>`",
+            ),
+            ("<think>a</think>4</think>", "more than one `</think>`"),
+            ("<think>  </think>4", "empty reasoning"),
+            ("<think>add</think>  \n", "no final answer"),
+        ];
+        for (response, why) in cases {
+            let err = check(d(), response).expect_err(response);
+            assert!(err.contains(why), "{response}: {err}");
+        }
+        let boxed = FormatConfig {
+            require_boxed: true,
+            ..d()
+        };
+        assert!(check(boxed, "<think>a</think>4")
+            .unwrap_err()
+            .contains("boxed"));
+        let in_prompt = FormatConfig {
+            open_tag_in_prompt: true,
+            ..d()
+        };
+        assert!(check(in_prompt, "<think>a</think>4")
+            .unwrap_err()
+            .contains("repeated"));
+    }
+
+    #[test]
+    fn verdict_scores_one_or_zero() {
+        let meta = serde_json::Value::Null;
+        let v = FormatVerifier::default();
+        let ok = VerifyInput {
+            prompt: "q",
+            response: "<think>a</think>4",
+            answer: "4",
+            meta: &meta,
+        };
+        let bad = VerifyInput {
+            response: "4",
+            ..ok
+        };
+        let (good, poor) = (
+            v.verify(&ok).expect("no error"),
+            v.verify(&bad).expect("no error"),
+        );
+        assert_eq!((good.score, good.format_ok), (1.0, true));
+        assert_eq!((poor.score, poor.format_ok), (0.0, false));
+        assert_eq!(v.name(), "format");
+    }
+}

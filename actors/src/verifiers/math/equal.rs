@@ -300,7 +300,7 @@ fn shape(s: &str) -> Shape {
         return Shape::Union(union.into_iter().take(MAX_ELEMENTS).collect());
     }
     if let Some(inner) = s.strip_prefix("\\{").and_then(|t| t.strip_suffix("\\}")) {
-        if wraps_whole(&s[1..s.len() - 1]) {
+        if wraps_whole(&s[1..]) {
             return Shape::Unordered(
                 split_top(inner, ",")
                     .into_iter()
