@@ -51,8 +51,8 @@ fn clip(s: &str) -> String {
 }
 
 fn values_equal(p: &Normalized, r: &Normalized, cfg: &MathConfig) -> bool {
-    let percent = cfg.percent_equivalence && (p.percent || r.percent);
-    Comparer { cfg, percent }.equal(&p.text, &r.text, 0)
+    let percent_side = cfg.percent_equivalence.then_some((p.percent, r.percent));
+    Comparer { cfg, percent_side }.equal(&p.text, &r.text, 0)
 }
 
 /// The shape of an answer, found from its top-level separators and brackets.
@@ -80,7 +80,8 @@ enum Rel {
 
 struct Comparer<'a> {
     cfg: &'a MathConfig,
-    percent: bool,
+    /// Which sides carried a `%`, when percent equivalence is on.
+    percent_side: Option<(bool, bool)>,
 }
 
 impl Comparer<'_> {
@@ -101,7 +102,8 @@ impl Comparer<'_> {
             (Shape::Bracketed(o1, x, c1), Shape::Bracketed(o2, y, c2)) => {
                 o1 == o2 && c1 == c2 && self.ordered(x, y, d)
             }
-            (Shape::Unordered(x), Shape::Unordered(y)) | (Shape::Union(x), Shape::Union(y)) => {
+            // `x<1, x>2` (a list of inequalities) may match `(-\infty,1)\cup(2,\infty)`.
+            (Shape::Unordered(x) | Shape::Union(x), Shape::Unordered(y) | Shape::Union(y)) => {
                 self.unordered(x, y, d)
             }
             (Shape::Relation(..), _) | (_, Shape::Relation(..)) => {
@@ -156,12 +158,16 @@ impl Comparer<'_> {
             if va.is_infinite() || vb.is_infinite() {
                 return va == vb && mentions_infinity(&ea) && mentions_infinity(&eb);
             }
-            let mut candidates_a = vec![va];
-            let mut candidates_b = vec![vb];
-            if self.percent {
-                candidates_a.push(va / 100.0);
-                candidates_b.push(vb / 100.0);
-            }
+            // A side written with `%` may mean p or p/100 (Qwen2.5-Math's `include_percentage`).
+            let candidates = |v: f64, has_percent: bool| {
+                if self.percent_side.is_some_and(|(pa, pb)| pa != pb) && has_percent {
+                    vec![v, v / 100.0]
+                } else {
+                    vec![v]
+                }
+            };
+            let (pa, pb) = self.percent_side.unwrap_or((false, false));
+            let (candidates_a, candidates_b) = (candidates(va, pa), candidates(vb, pb));
             return candidates_a
                 .iter()
                 .any(|x| candidates_b.iter().any(|y| self.numbers_equal(*x, *y)));
@@ -290,7 +296,8 @@ fn shape(s: &str) -> Shape {
     if let Some(rows) = matrix_rows(s) {
         return Shape::Matrix(rows);
     }
-    if let Some(pos) = s.find("\\pm") {
+    // One `\pm` is two answers; more would multiply, so they stay a (non-parsing) scalar.
+    if let (Some(pos), 1) = (s.find("\\pm"), s.matches("\\pm").count()) {
         let plus = format!("{}+{}", &s[..pos], &s[pos + 3..]);
         let minus = format!("{}-{}", &s[..pos], &s[pos + 3..]);
         return Shape::Unordered(vec![plus, minus]);

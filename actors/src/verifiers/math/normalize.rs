@@ -62,7 +62,11 @@ const DELETIONS: [&str; 40] = [
 ];
 
 /// Replacements, applied in order after the deletions.
-const REPLACEMENTS: [(&str, &str); 39] = [
+const REPLACEMENTS: [(&str, &str); 43] = [
+    ("\\mathbb{R}", "(-\\infty,\\infty)"),
+    ("²", "^2"),
+    ("³", "^3"),
+    ("\\infin", "\\infty"),
     ("\\dfrac", "\\frac"),
     ("\\tfrac", "\\frac"),
     ("\\cfrac", "\\frac"),
@@ -159,6 +163,9 @@ pub fn normalize_answer(answer: &str) -> Normalized {
     s = s.replace(ROW_BREAK, "\\\\");
     s = collapse_spaces(&s);
     s = strip_thousands_commas(&s);
+    if is_space_grouped_number(&s) {
+        s.retain(|c| c != ' ');
+    }
     let s = s
         .trim_end_matches(['.', ',', ' '])
         .trim_start_matches(['=', ' ']);
@@ -282,4 +289,18 @@ fn strip_thousands_commas(s: &str) -> String {
 /// Runs of whitespace as one space, trimmed.
 fn collapse_spaces(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `1 000 000`: digit groups of three separated by single spaces (SI thousands grouping).
+fn is_space_grouped_number(s: &str) -> bool {
+    let mut groups = s.split(' ');
+    let first_ok = groups
+        .next()
+        .is_some_and(|g| (1..=3).contains(&g.len()) && g.bytes().all(|b| b.is_ascii_digit()));
+    let rest: Vec<&str> = groups.collect();
+    first_ok
+        && !rest.is_empty()
+        && rest
+            .iter()
+            .all(|g| g.len() == 3 && g.bytes().all(|b| b.is_ascii_digit()))
 }
