@@ -10,6 +10,7 @@
 
 use super::eval::{close, equal_at_random_points, eval, mentions_infinity, variables};
 use super::expr::{parse, Expr};
+use super::extract::{extract_answer_with_tags, last_boxed};
 use super::normalize::{normalize_answer, Normalized};
 use super::MathConfig;
 
@@ -31,8 +32,8 @@ pub fn math_equal_explained(pred: &str, reference: &str, cfg: &MathConfig) -> (b
             format!("answer longer than {} bytes", cfg.max_answer_bytes),
         );
     }
-    let np = normalize_answer(pred);
-    let nr = normalize_answer(reference);
+    let np = normalize_answer(&answer_part(pred));
+    let nr = normalize_answer(&answer_part(reference));
     let squashed = |s: &str| s.replace(' ', "");
     let equal = pred.trim() == reference.trim()
         || (squashed(&np.text) == squashed(&nr.text) && !np.text.is_empty())
@@ -40,6 +41,28 @@ pub fn math_equal_explained(pred: &str, reference: &str, cfg: &MathConfig) -> (b
     let verb = if equal { "matches" } else { "does not match" };
     let reason = format!("`{}` {verb} reference `{}`", clip(&np.text), clip(&nr.text));
     (equal, reason)
+}
+
+/// The answer inside `s` when `s` is a whole solution rather than an answer: its last box, or
+/// (for prose of more than a few words) what [`extract_answer`] finds. Short answers pass as is.
+fn answer_part(s: &str) -> String {
+    if s.contains("\\boxed") || s.contains("\\fbox") {
+        if let Some(boxed) = last_boxed(s) {
+            return boxed;
+        }
+    }
+    let words = s
+        .split_whitespace()
+        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
+        .filter(|w| w.len() > 2 && w.chars().all(char::is_alphabetic))
+        .take(5)
+        .count();
+    if words >= 5 {
+        if let Some(answer) = extract_answer_with_tags(s, "", "") {
+            return answer;
+        }
+    }
+    s.to_string()
 }
 
 /// At most 80 characters of `s`, for reasons.

@@ -18,7 +18,7 @@ pub struct Normalized {
 const ROW_BREAK: &str = "\u{1}";
 
 /// Pure deletions, applied in order (spacing, sizing, delimiters, degrees).
-const DELETIONS: [&str; 40] = [
+const DELETIONS: [&str; 42] = [
     "\\displaystyle",
     "\\textstyle",
     "\\left",
@@ -59,6 +59,8 @@ const DELETIONS: [&str; 40] = [
     "{,}",
     "\\dots",
     "\\ldots",
+    "€",
+    "£",
 ];
 
 /// Replacements, applied in order after the deletions.
@@ -146,8 +148,14 @@ pub fn normalize_answer(answer: &str) -> Normalized {
             s = s.replace(d, "");
         }
     }
-    let percent = s.contains('%');
+    let mut percent = s.contains('%');
     s = s.replace("\\%", "").replace('%', "");
+    for word in [" percentage", " percent", " pct"] {
+        if let Some(stripped) = s.trim_end().strip_suffix(word) {
+            s = stripped.to_string();
+            percent = true;
+        }
+    }
     for (from, to) in REPLACEMENTS {
         if s.contains(from) {
             s = s.replace(from, to);
@@ -162,7 +170,7 @@ pub fn normalize_answer(answer: &str) -> Normalized {
     s = strip_unit_words(&s);
     s = s.replace(ROW_BREAK, "\\\\");
     s = collapse_spaces(&s);
-    s = strip_thousands_commas(&s);
+    s = decimal_comma(&s).unwrap_or_else(|| strip_thousands_commas(&s));
     if is_space_grouped_number(&s) {
         s.retain(|c| c != ' ');
     }
@@ -247,8 +255,10 @@ fn unwrap_text(s: &str) -> String {
     out
 }
 
-/// Drop trailing unit words after a numeric value: `12 inches` -> `12`, `5 square feet` -> `5`.
+/// Drop trailing unit words after a numeric value: `12 inches` -> `12`, `5 square feet` -> `5`,
+/// and a unit glued to a plain number: `1,000.99m^2` -> `1,000.99`.
 fn strip_unit_words(s: &str) -> String {
+    let s = strip_glued_unit(s.trim());
     let mut words: Vec<&str> = s.split(' ').filter(|w| !w.is_empty()).collect();
     while words.len() >= 2 {
         let last = words[words.len() - 1].trim_end_matches('.');
@@ -303,4 +313,37 @@ fn is_space_grouped_number(s: &str) -> bool {
         && rest
             .iter()
             .all(|g| g.len() == 3 && g.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `12cm` / `3.5m^2` -> the number, when the whole answer is a plain number and a known unit.
+fn strip_glued_unit(s: &str) -> &str {
+    let numeric_end = s
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | ',' | '-')))
+        .unwrap_or(s.len());
+    if numeric_end == 0 || numeric_end == s.len() {
+        return s;
+    }
+    let unit = &s[numeric_end..];
+    let unit = unit
+        .strip_suffix("^2")
+        .or_else(|| unit.strip_suffix("^3"))
+        .unwrap_or(unit);
+    if UNIT_WORDS.contains(&unit) {
+        &s[..numeric_end]
+    } else {
+        s
+    }
+}
+
+/// `0,111` / `1000,99` -> a decimal point, when the whole answer is `digits,digits` and the comma
+/// cannot group thousands (math-verify reads these as decimal commas). `1,2` stays a list.
+fn decimal_comma(s: &str) -> Option<String> {
+    let (int, frac) = s.split_once(',')?;
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let int_digits = int.strip_prefix('-').unwrap_or(int);
+    if !digits(int_digits) || !digits(frac) || frac.len() < 2 {
+        return None;
+    }
+    let thousands = frac.len() == 3 && int_digits != "0" && int_digits.len() <= 3;
+    (!thousands).then(|| format!("{int}.{frac}"))
 }
