@@ -23,6 +23,8 @@ fn verify_scores_a_file_in_order_and_summarises() -> anyhow::Result<()> {
         serde_json::json!({"response": "</think>Answer: yes", "answer": "yes", "verifier": "exact", "meta": {"source": "t"}}),
         serde_json::json!({"response": "</think>Answer: no", "answer": "yes", "verifier": "exact"}),
         serde_json::json!({"response": "x", "answer": "y", "verifier": "no_such_verifier"}),
+        serde_json::json!({"response": "<think>half</think> The answer is $\\boxed{\\frac{1}{2}}$.", "answer": "0.5", "verifier": "math"}),
+        serde_json::json!({"response": "<think>hmm</think> Answer: (C)", "answer": "B", "verifier": "choice"}),
     ];
     let text: Vec<String> = lines.iter().map(|line| line.to_string()).collect();
     std::fs::write(&input, text.join("\n") + "\n\n")?;
@@ -52,7 +54,9 @@ fn verify_scores_a_file_in_order_and_summarises() -> anyhow::Result<()> {
         .collect();
     let python = std::path::Path::new("/usr/bin/python3").exists();
     if python {
-        assert_eq!(scores, vec![1.0, 1.0, 0.0, 0.0], "{verdicts:?}");
+        assert_eq!(scores, vec![1.0, 1.0, 0.0, 0.0, 1.0, 0.0], "{verdicts:?}");
+    } else {
+        assert_eq!(&scores[3..], &[0.0, 1.0, 0.0], "{verdicts:?}");
     }
     for verdict in &verdicts {
         for key in ["score", "format_ok", "extracted", "reason"] {
@@ -63,7 +67,13 @@ fn verify_scores_a_file_in_order_and_summarises() -> anyhow::Result<()> {
         .as_str()
         .unwrap_or("")
         .contains("no verifier named `no_such_verifier`"));
-    assert!(stdout.contains("verified 4 lines"), "{stdout}");
+    assert!(stdout.contains("verified 6 lines"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("math") && l.contains("1.0000")),
+        "{stdout}"
+    );
     assert!(stdout.contains("no_such_verifier"), "{stdout}");
     assert!(stdout.contains("in.jsonl:4: no verifier named"), "{stdout}");
     if python {

@@ -4,6 +4,7 @@
 //! timeout_secs = 60      # per verification, any verifier
 //! parallel = 4           # verifications at once in a batch
 //!
+//! [math]               # each built-in verifier has its section, all optional
 //! [code]
 //! timeout_secs = 6
 //! all_or_nothing = false
@@ -19,7 +20,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::choice::ChoiceConfig;
 use super::code::CodeConfig;
+use super::format::FormatConfig;
+use super::math::MathConfig;
 use super::plugin::PluginConfig;
 use crate::{Error, Result};
 
@@ -36,7 +40,13 @@ pub struct VerifiersConfig {
     /// Verifications run at once by a batch (threads). The code verifier multiplies this by its
     /// `parallel_tests`, so keep the product near the core count.
     pub parallel: usize,
-    /// The code verifier.
+    /// The math verifier (`"verifier": "math"`).
+    pub math: MathConfig,
+    /// The multiple-choice verifier (`"verifier": "choice"`).
+    pub choice: ChoiceConfig,
+    /// The format verifier (`"verifier": "format"`).
+    pub format: FormatConfig,
+    /// The code verifier (`"verifier": "code"`).
     pub code: CodeConfig,
     /// External-process verifiers, one `[[plugins]]` entry each.
     pub plugins: Vec<PluginConfig>,
@@ -47,6 +57,9 @@ impl Default for VerifiersConfig {
         VerifiersConfig {
             timeout_secs: 60.0,
             parallel: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            math: MathConfig::default(),
+            choice: ChoiceConfig::default(),
+            format: FormatConfig::default(),
             code: CodeConfig::default(),
             plugins: Vec::new(),
         }
@@ -120,6 +133,8 @@ mod tests {
             r#"
             timeout_secs = 30
             parallel = 3
+            [math]
+            symbolic = false
             [code]
             all_or_nothing = true
             network = "allow"
@@ -133,6 +148,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.parallel, 3);
         assert!(config.code.all_or_nothing);
+        assert!(!config.math.symbolic);
         assert_eq!(config.plugins[0].args, vec!["judge.py".to_string()]);
         assert_eq!(config.plugins[0].processes, 1);
     }
@@ -143,6 +159,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(unknown.contains("unknown field `timeout`"), "{unknown}");
+        let math = VerifiersConfig::from_toml_str("[math]\nsymbolik = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(math.contains("unknown field `symbolik`"), "{math}");
         let zero = VerifiersConfig::from_toml_str("[code]\nparallel_tests = 0\n")
             .unwrap_err()
             .to_string();

@@ -13,8 +13,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::choice::ChoiceVerifier;
 use super::code::CodeVerifier;
 use super::config::VerifiersConfig;
+use super::format::FormatVerifier;
+use super::math::MathVerifier;
 use super::plugin::PluginVerifier;
 use super::{Verdict, Verifier, VerifyInput};
 use crate::Result;
@@ -93,6 +96,9 @@ impl VerifierRegistry {
             Duration::from_secs_f64(config.timeout_secs),
             config.parallel,
         );
+        registry.register(Arc::new(MathVerifier::new(config.math.clone())));
+        registry.register(Arc::new(ChoiceVerifier::new(config.choice.clone())));
+        registry.register(Arc::new(FormatVerifier::new(config.format.clone())));
         registry.register(Arc::new(CodeVerifier::new(config.code.clone())?));
         for plugin in &config.plugins {
             registry.register(Arc::new(PluginVerifier::new(plugin.clone())?));
