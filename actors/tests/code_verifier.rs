@@ -299,3 +299,29 @@ fn missing_code_block_and_missing_tests_score_zero() {
     };
     assert!(verifier.verify(&input).is_err());
 }
+
+#[test]
+fn tests_past_the_time_budget_are_not_run() {
+    if !have_python() {
+        return;
+    }
+    let tests = json!({"inputs": ["", "", "", ""], "outputs": ["ok", "ok", "ok", "ok"]});
+    let config = CodeConfig {
+        parallel_tests: 1,
+        budget_secs: 1.0,
+        ..config()
+    };
+    let verdict = run(config, "import time\ntime.sleep(0.6)\nprint('ok')", &tests);
+    assert!(
+        verdict.score > 0.0 && verdict.score < 1.0,
+        "{}",
+        verdict.reason
+    );
+    assert!(
+        verdict
+            .reason
+            .contains("not run (time budget of 1 s spent)"),
+        "{}",
+        verdict.reason
+    );
+}

@@ -6,8 +6,8 @@
 //! form runs through a small Python harness. Score: the share of tests passed, or all-or-nothing.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -46,6 +46,9 @@ pub struct CodeConfig {
     pub parallel_tests: usize,
     /// At most this many tests per response (the first ones), to bound the cost of huge test suites.
     pub max_tests: usize,
+    /// Seconds all of one response's tests may take together; tests not started by then fail as not run.
+    /// Keep it under the registry's `timeout_secs`, which abandons the whole verification.
+    pub budget_secs: f64,
     /// Score 1 only when every test passes (else the share passed).
     pub all_or_nothing: bool,
     /// First uid of the range sandbox runs drop to when we are root.
@@ -67,6 +70,7 @@ impl Default for CodeConfig {
             network: NetworkPolicy::IsolateIfPossible,
             parallel_tests: 2,
             max_tests: 64,
+            budget_secs: 40.0,
             all_or_nothing: false,
             sandbox_uid_base: 61_000,
         }
@@ -90,6 +94,9 @@ impl CodeConfig {
         }
         if !(self.timeout_secs.is_finite() && self.timeout_secs > 0.0) {
             return bad("timeout_secs", "must be a positive number of seconds");
+        }
+        if !(self.budget_secs.is_finite() && self.budget_secs > 0.0) {
+            return bad("budget_secs", "must be a positive number of seconds");
         }
         if self.parallel_tests == 0
             || self.max_tests == 0
@@ -334,8 +341,11 @@ impl Verifier for CodeVerifier {
         let mut cases = parse_test_cases(input.answer, input.meta).map_err(Error::Msg)?;
         cases.truncate(self.config.max_tests);
 
-        // Tests in parallel: `parallel_tests` workers take the next index until none is left.
+        // Tests in parallel: `parallel_tests` workers take the next index until none is left, the time
+        // budget is spent, or (all-or-nothing) a test has failed.
         let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let budget_end = Instant::now() + Duration::from_secs_f64(self.config.budget_secs);
         let mut outcomes: Vec<Option<TestOutcome>> = (0..cases.len()).map(|_| None).collect();
         let workers = self.config.parallel_tests.min(cases.len());
         std::thread::scope(|scope| {
@@ -348,7 +358,16 @@ impl Verifier for CodeVerifier {
                             let Some(case) = cases.get(index) else {
                                 break done;
                             };
-                            done.push((index, self.run_test(&code, case)));
+                            if stop.load(Ordering::Relaxed) || Instant::now() >= budget_end {
+                                break done;
+                            }
+                            let outcome = self.run_test(&code, case);
+                            if self.config.all_or_nothing
+                                && matches!(outcome, TestOutcome::Failed(_))
+                            {
+                                stop.store(true, Ordering::Relaxed);
+                            }
+                            done.push((index, outcome));
                         }
                     })
                 })
@@ -366,13 +385,19 @@ impl Verifier for CodeVerifier {
             .iter()
             .filter(|o| matches!(o, Some(TestOutcome::Passed)))
             .count();
+        // In all-or-nothing mode the tests skipped after a failure are not the reason: the failure is.
         let first_failure =
             outcomes
                 .iter()
                 .enumerate()
                 .find_map(|(index, outcome)| match outcome {
                     Some(TestOutcome::Failed(why)) => Some(format!("; test {}: {why}", index + 1)),
-                    None => Some(format!("; test {}: not run", index + 1)),
+                    None if stop.load(Ordering::Relaxed) => None,
+                    None => Some(format!(
+                        "; test {}: not run (time budget of {} s spent)",
+                        index + 1,
+                        self.config.budget_secs
+                    )),
                     Some(TestOutcome::Passed) => None,
                 });
         let score = if self.config.all_or_nothing {

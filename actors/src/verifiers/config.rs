@@ -102,6 +102,17 @@ impl VerifiersConfig {
             });
         }
         self.code.validate()?;
+        if self.code.budget_secs + self.code.timeout_secs >= self.timeout_secs {
+            return Err(Error::Config {
+                key: "code.budget_secs".into(),
+                msg: format!(
+                    "budget_secs + timeout_secs of [code] ({} s) must stay under the top-level timeout_secs ({} s), \
+                     or long test suites would be abandoned whole",
+                    self.code.budget_secs + self.code.timeout_secs,
+                    self.timeout_secs
+                ),
+            });
+        }
         let mut seen = std::collections::HashSet::new();
         for (index, plugin) in self.plugins.iter().enumerate() {
             let key = format!("plugins[{index}]");
@@ -131,7 +142,7 @@ mod tests {
     fn full_config_parses() {
         let config = VerifiersConfig::from_toml_str(
             r#"
-            timeout_secs = 30
+            timeout_secs = 50
             parallel = 3
             [math]
             symbolic = false
@@ -159,6 +170,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(unknown.contains("unknown field `timeout`"), "{unknown}");
+        let budget = VerifiersConfig::from_toml_str("timeout_secs = 30\n")
+            .unwrap_err()
+            .to_string();
+        assert!(budget.contains("code.budget_secs"), "{budget}");
         let math = VerifiersConfig::from_toml_str("[math]\nsymbolik = true\n")
             .unwrap_err()
             .to_string();
