@@ -413,7 +413,7 @@ impl Parser {
     fn frac_args(&mut self) -> Option<(Expr, Expr)> {
         // `\frac12` and `\frac1x`: single-character arguments without braces.
         if let Some(Tok::Num(v, true)) = self.peek().cloned() {
-            if v >= 10.0 && v < 100.0 {
+            if (10.0..100.0).contains(&v) {
                 self.pos += 1;
                 return Some((Expr::Num((v / 10.0).floor()), Expr::Num(v % 10.0)));
             }
