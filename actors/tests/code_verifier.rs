@@ -325,3 +325,17 @@ fn tests_past_the_time_budget_are_not_run() {
         verdict.reason
     );
 }
+
+#[test]
+fn sandbox_clears_the_environment_and_uses_a_temp_dir() {
+    if !have_python() {
+        return;
+    }
+    // Cargo sets CARGO_MANIFEST_DIR for the test process; the sandboxed code must not see it.
+    assert!(std::env::var("CARGO_MANIFEST_DIR").is_ok());
+    let code = "import os\nprint(os.environ.get('CARGO_MANIFEST_DIR', 'clean'))\nprint(os.path.basename(os.getcwd())[:10])\nprint('root' if os.getuid() == 0 else 'user')";
+    // Run as root, the sandbox drops to a uid of its own; otherwise it keeps ours, never root.
+    let tests = json!({"inputs": [""], "outputs": ["clean\nr1v2-code-\nuser"]});
+    let verdict = run(config(), code, &tests);
+    assert_eq!(verdict.score, 1.0, "{}", verdict.reason);
+}
