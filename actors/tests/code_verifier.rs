@@ -339,3 +339,39 @@ fn sandbox_clears_the_environment_and_uses_a_temp_dir() {
     let verdict = run(config(), code, &tests);
     assert_eq!(verdict.score, 1.0, "{}", verdict.reason);
 }
+
+#[test]
+fn junk_responses_never_panic() {
+    let verifier = CodeVerifier::new(config()).unwrap();
+    let answer = sum_tests().to_string();
+    let huge = "```".repeat(100_000);
+    let junk = [
+        "```python",
+        "```python\n",
+        "``````````",
+        "</think></think>```py\n```",
+        "\u{0}\u{feff}```\u{202e}python\n\u{10ffff}\n```",
+        huge.as_str(),
+    ];
+    for response in junk {
+        let input = VerifyInput {
+            prompt: "",
+            response,
+            answer: &answer,
+            meta: &Value::Null,
+        };
+        let verdict = verifier.verify(&input).unwrap();
+        assert!(verdict.score < 1.0, "{response:?}: {}", verdict.reason);
+    }
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let lossy = String::from_utf8_lossy(&bytes);
+    let input = VerifyInput {
+        prompt: "",
+        response: &lossy,
+        answer: &answer,
+        meta: &Value::Null,
+    };
+    assert!(verifier.verify(&input).unwrap().score < 1.0);
+}
