@@ -105,6 +105,46 @@ fn plugin_survives_crash_and_hang_and_matches_ids() {
     // A reply for another id and a non-JSON line are skipped; the matching reply is used.
     assert_eq!(ask(&verifier, "wrong-id", "nope").score, 0.0);
     assert_eq!(ask(&verifier, "noise", "noise").score, 1.0);
+    let malformed = ask(&verifier, "malformed", "malformed");
+    assert!(
+        malformed.score == 0.0 && malformed.reason.contains("malformed reply"),
+        "{}",
+        malformed.reason
+    );
+    let after_malformed = ask(&verifier, "9", "9");
+    assert_eq!(after_malformed.score, 1.0);
+    assert_eq!(
+        after_malformed.reason, after_hang.reason,
+        "a malformed reply does not restart the plugin"
+    );
+}
+
+#[test]
+fn several_plugin_processes_share_a_batch() {
+    if !have_python() {
+        return;
+    }
+    let mut registry = VerifierRegistry::new(Duration::from_secs(30), 4);
+    let config = PluginConfig {
+        processes: 2,
+        ..plugin("flaky", FLAKY, 5.0)
+    };
+    registry.register(Arc::new(PluginVerifier::new(config).unwrap()));
+    let requests: Vec<_> = (0..6)
+        .map(|i| {
+            request(
+                "flaky",
+                &i.to_string(),
+                if i % 3 == 0 { "x" } else { &"0123456"[i..=i] },
+            )
+        })
+        .collect();
+    let scores: Vec<f32> = registry
+        .verify_batch(&requests)
+        .iter()
+        .map(|v| v.score)
+        .collect();
+    assert_eq!(scores, vec![0.0, 1.0, 1.0, 0.0, 1.0, 1.0]);
 }
 
 #[test]

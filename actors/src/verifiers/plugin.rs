@@ -93,10 +93,9 @@ impl PluginConfig {
     }
 }
 
-/// A reply line from the plugin.
+/// A reply line from the plugin (its `id` is matched on the raw JSON first).
 #[derive(Debug, Deserialize)]
 struct Reply {
-    id: u64,
     score: f32,
     #[serde(default)]
     format_ok: bool,
@@ -238,29 +237,41 @@ impl PluginVerifier {
                     ));
                 }
             };
-            match serde_json::from_str::<Reply>(&line) {
-                Ok(reply) if reply.id == id => {
-                    running.answered = true;
-                    let score = if reply.score.is_finite() {
-                        reply.score.clamp(0.0, 1.0)
-                    } else {
-                        0.0
-                    };
-                    return Ok(Verdict {
-                        score,
-                        format_ok: reply.format_ok,
-                        extracted: reply.extracted,
-                        reason: reply.reason,
-                        hallucination: None,
-                    });
-                }
-                Ok(reply) => {
-                    tracing::warn!(plugin = %self.config.name, "skipping a reply for id {} (waiting for {id})", reply.id)
-                }
+            let value: serde_json::Value = match serde_json::from_str(&line) {
+                Ok(value) => value,
                 Err(error) => {
-                    tracing::warn!(plugin = %self.config.name, "skipping a stdout line that is not a reply ({error}): {line}")
+                    tracing::warn!(plugin = %self.config.name, "skipping a stdout line that is not JSON ({error}): {line}");
+                    continue;
                 }
+            };
+            let reply_id = value.get("id").and_then(serde_json::Value::as_u64);
+            if reply_id != Some(id) {
+                tracing::warn!(plugin = %self.config.name, "skipping a line for id {reply_id:?} (waiting for {id}): {line}");
+                continue;
             }
+            running.answered = true;
+            // The reply for this request, but malformed: the request fails, the process stays.
+            let reply: Reply = match serde_json::from_value(value) {
+                Ok(reply) => reply,
+                Err(error) => {
+                    return Ok(Verdict::failed(format!(
+                        "plugin `{}`: malformed reply ({error}): {line}",
+                        self.config.name
+                    )))
+                }
+            };
+            let score = if reply.score.is_finite() {
+                reply.score.clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            return Ok(Verdict {
+                score,
+                format_ok: reply.format_ok,
+                extracted: reply.extracted,
+                reason: reply.reason,
+                hallucination: None,
+            });
         }
     }
 }

@@ -1,5 +1,5 @@
 """A misbehaving plugin for the tests: crashes on "crash", hangs on "hang", answers "wrong-id" with another
-id first, prints noise on "noise", else scores 1 when the response equals the answer."""
+id first, prints noise on "noise", replies without a score on "malformed", else scores 1 when the response equals the answer."""
 import json
 import sys
 import time
@@ -15,6 +15,9 @@ for line in sys.stdin:
         time.sleep(3600)
     if response == "wrong-id":
         print(json.dumps({"id": request["id"] + 1000, "score": 1.0}), flush=True)
+    if response == "malformed":
+        print(json.dumps({"id": request["id"], "verdict": "yes"}), flush=True)
+        continue
     if response == "noise":
         print("this line is not JSON", flush=True)
     score = 1.0 if response == request["answer"] else 0.0
