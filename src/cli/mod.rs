@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod verify;
+
 /// Fine-tune multimodal reasoning models with the Skywork R1V2 method.
 #[derive(Debug, Parser)]
 #[command(name = "r1v2", version, about)]
@@ -11,10 +13,15 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Score a JSON-lines file of responses with the rule verifiers.
+    Verify(verify::VerifyArgs),
+}
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
-        match self.command {}
+        match self.command {
+            Command::Verify(args) => args.run(),
+        }
     }
 }

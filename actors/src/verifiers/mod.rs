@@ -4,6 +4,10 @@
 //! metadata, and returns a [`Verdict`]. Verifiers never panic or hang the pipeline: the registry turns an
 //! error, a panic or a timeout into a zero-score verdict that says why.
 
+pub mod choice;
+pub mod format;
+pub mod math;
+
 use serde::{Deserialize, Serialize};
 
 /// What a verifier is asked to check.
@@ -64,3 +68,10 @@ pub trait Verifier: Send + Sync {
     /// Judge one response. An `Err` becomes a zero-score verdict carrying the error as its reason.
     fn verify(&self, input: &VerifyInput<'_>) -> crate::Result<Verdict>;
 }
+
+pub mod code;
+pub mod code_cases;
+pub mod config;
+pub mod plugin;
+pub mod registry;
+pub mod sandbox;

@@ -1,0 +1,349 @@
+//! LaTeX answer normalisation: a canonical string for one final answer.
+//!
+//! Modelled on Hendrycks MATH's `strip_string`, PRM800K's `normalize_answer` /
+//! `_strip_properly_formatted_commas`, and Minerva's `normalize_final_answer` (as used by verl's
+//! `math_dapo`): delimiters, spacing commands, `\left`/`\right`, `\dfrac`/`\tfrac`, degrees,
+//! percent, dollars, `\text{}` wrappers and units, thousands separators, unicode symbols.
+
+/// A normalised answer: the canonical text and whether a percent sign was removed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Normalized {
+    /// The canonical answer text (no spaces, no delimiters, no units).
+    pub text: String,
+    /// Whether the answer carried a `%` / `\%`.
+    pub percent: bool,
+}
+
+/// Stand-in for a matrix row break while spacing commands are deleted.
+const ROW_BREAK: &str = "\u{1}";
+
+/// Pure deletions, applied in order (spacing, sizing, delimiters, degrees).
+const DELETIONS: [&str; 42] = [
+    "\\displaystyle",
+    "\\textstyle",
+    "\\left",
+    "\\right",
+    "\\bigl",
+    "\\bigr",
+    "\\Bigl",
+    "\\Bigr",
+    "\\biggl",
+    "\\biggr",
+    "\\Biggl",
+    "\\Biggr",
+    "\\big",
+    "\\Big",
+    "\\bigg",
+    "\\Bigg",
+    "\\!",
+    "\\,",
+    "\\;",
+    "\\:",
+    "\\ ",
+    "\\quad",
+    "\\qquad",
+    "\\hspace",
+    "\\limits",
+    "^{\\circ}",
+    "^\\circ",
+    "^{\\degree}",
+    "\\degree",
+    "\\circ",
+    "°",
+    "\\(",
+    "\\)",
+    "\\[",
+    "\\]",
+    "\\$",
+    "$",
+    "{,}",
+    "\\dots",
+    "\\ldots",
+    "€",
+    "£",
+];
+
+/// Replacements, applied in order after the deletions.
+const REPLACEMENTS: [(&str, &str); 43] = [
+    ("\\mathbb{R}", "(-\\infty,\\infty)"),
+    ("²", "^2"),
+    ("³", "^3"),
+    ("\\infin", "\\infty"),
+    ("\\dfrac", "\\frac"),
+    ("\\tfrac", "\\frac"),
+    ("\\cfrac", "\\frac"),
+    ("\\dbinom", "\\binom"),
+    ("\\tbinom", "\\binom"),
+    ("\\cdot", "*"),
+    ("\\times", "*"),
+    ("\\ast", "*"),
+    ("\\div", "/"),
+    ("\\lbrace", "\\{"),
+    ("\\rbrace", "\\}"),
+    ("\\lvert", "|"),
+    ("\\rvert", "|"),
+    ("\\vert", "|"),
+    ("\\lbrack", "["),
+    ("\\rbrack", "]"),
+    ("\\langle", "("),
+    ("\\rangle", ")"),
+    ("\\varnothing", "\\emptyset"),
+    ("∅", "\\emptyset"),
+    ("\\leqslant", "\\le"),
+    ("\\geqslant", "\\ge"),
+    ("\\leq", "\\le"),
+    ("\\geq", "\\ge"),
+    ("≤", "\\le"),
+    ("≥", "\\ge"),
+    ("\\neq", "\\ne"),
+    ("∞", "\\infty"),
+    ("π", "\\pi"),
+    ("√", "\\sqrt"),
+    ("−", "-"),
+    ("–", "-"),
+    ("×", "*"),
+    ("·", "*"),
+    ("÷", "/"),
+    ("\\dagger", ""),
+    ("\\mathbb", ""),
+    ("\\tilde", ""),
+    ("\\bar", ""),
+];
+
+/// Wrappers whose argument is kept as plain text.
+const TEXT_WRAPPERS: [&str; 9] = [
+    "\\text",
+    "\\textbf",
+    "\\textit",
+    "\\textrm",
+    "\\mathrm",
+    "\\mathbf",
+    "\\mathit",
+    "\\mbox",
+    "\\operatorname",
+];
+
+/// Unit and filler words dropped after a numeric answer (Minerva's `REMOVED_EXPRESSIONS` and
+/// Hendrycks' `_remove_right_units`, extended with common units).
+const UNIT_WORDS: [&str; 64] = [
+    "square", "sq", "ways", "integers", "dollars", "dollar", "cents", "cent", "mph", "inches",
+    "inch", "feet", "foot", "ft", "yards", "miles", "mile", "hours", "hour", "hrs", "minutes",
+    "minute", "mins", "seconds", "second", "sec", "days", "day", "weeks", "years", "year", "km",
+    "cm", "mm", "m", "meters", "meter", "metres", "kg", "g", "grams", "gm", "pounds", "lbs", "lb",
+    "units", "unit", "points", "digits", "degrees", "degree", "students", "people", "edges",
+    "liters", "litres", "l", "ml", "gallons", "percent", "cubic", "s", "times", "per",
+];
+
+/// Normalise one answer. Work is linear in the answer length.
+pub fn normalize_answer(answer: &str) -> Normalized {
+    // `\\` (matrix row break) is protected from the `\ ` deletion below.
+    let mut s = answer
+        .trim()
+        .replace(['\n', '\r', '\t'], " ")
+        .replace("\\\\", ROW_BREAK);
+    s = unwrap_command(&s, "\\boxed");
+    s = unwrap_command(&s, "\\fbox");
+    for d in DELETIONS {
+        if s.contains(d) {
+            s = s.replace(d, "");
+        }
+    }
+    let mut percent = s.contains('%');
+    s = s.replace("\\%", "").replace('%', "");
+    for word in [" percentage", " percent", " pct"] {
+        if let Some(stripped) = s.trim_end().strip_suffix(word) {
+            s = stripped.to_string();
+            percent = true;
+        }
+    }
+    for (from, to) in REPLACEMENTS {
+        if s.contains(from) {
+            s = s.replace(from, to);
+        }
+    }
+    s = s
+        .replace("\\text{and}", ",")
+        .replace("\\text{ and }", ",")
+        .replace("\\text{or}", ",");
+    s = s.replace("\\text{ or }", ",");
+    s = unwrap_text(&s);
+    s = strip_unit_words(&s);
+    s = s.replace(ROW_BREAK, "\\\\");
+    s = collapse_spaces(&s);
+    s = decimal_comma(&s).unwrap_or_else(|| strip_thousands_commas(&s));
+    if is_space_grouped_number(&s) {
+        s.retain(|c| c != ' ');
+    }
+    let s = s
+        .trim_end_matches(['.', ',', ' '])
+        .trim_start_matches(['=', ' ']);
+    let s = if s.replace(' ', "") == "\\{\\}" {
+        "\\emptyset"
+    } else {
+        s
+    };
+    Normalized {
+        text: s.to_string(),
+        percent,
+    }
+}
+
+/// Replace every `cmd{x}` by `x` (nested braces kept), e.g. a `\boxed{}` inside the reference.
+fn unwrap_command(s: &str, cmd: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find(cmd) {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + cmd.len()..];
+        match after
+            .strip_prefix('{')
+            .and_then(|g| super::extract::balanced_group(g).map(|len| (g, len)))
+        {
+            Some((group, len)) => {
+                out.push_str(&group[..len]);
+                rest = &group[len + 1..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Unwrap `\text{...}`-like groups; a text group after a number or closing bracket is a unit and
+/// is dropped (`5\text{ cm}` -> `5`), any other keeps its content (`\text{Monday}` -> `Monday`).
+fn unwrap_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    loop {
+        let found = TEXT_WRAPPERS
+            .iter()
+            .filter_map(|w| rest.find(&format!("{w}{{")).map(|p| (p, w.len())))
+            .min_by_key(|(p, _)| *p);
+        let Some((pos, len)) = found else { break };
+        out.push_str(&rest[..pos]);
+        let group = &rest[pos + len + 1..];
+        let Some(end) = super::extract::balanced_group(group) else {
+            rest = group;
+            continue;
+        };
+        let content = group[..end].trim();
+        let after_value = out
+            .trim_end()
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_digit() || c == '}' || c == ')');
+        let is_word = !content.is_empty()
+            && content.chars().all(|c| {
+                c.is_alphabetic() || c == ' ' || c == '^' || c.is_ascii_digit() || c == '.'
+            })
+            && content.chars().next().is_some_and(|c| c.is_alphabetic());
+        rest = &group[end + 1..];
+        if after_value && is_word {
+            // A dropped unit takes its power along: `12\mathrm{cm}^2` -> `12`.
+            for power in ["^{2}", "^{3}", "^2", "^3"] {
+                if let Some(r) = rest.strip_prefix(power) {
+                    rest = r;
+                    break;
+                }
+            }
+        } else {
+            out.push_str(content);
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Drop trailing unit words after a numeric value: `12 inches` -> `12`, `5 square feet` -> `5`,
+/// and a unit glued to a plain number: `1,000.99m^2` -> `1,000.99`.
+fn strip_unit_words(s: &str) -> String {
+    let s = strip_glued_unit(s.trim());
+    let mut words: Vec<&str> = s.split(' ').filter(|w| !w.is_empty()).collect();
+    while words.len() >= 2 {
+        let last = words[words.len() - 1].trim_end_matches('.');
+        let is_unit = UNIT_WORDS.iter().any(|u| last.eq_ignore_ascii_case(u))
+            || (last.ends_with("^2") || last.ends_with("^3"))
+                && UNIT_WORDS.contains(&&last[..last.len() - 2]);
+        let before_is_value = words[..words.len() - 1]
+            .iter()
+            .any(|w| w.chars().any(|c| c.is_ascii_digit()));
+        if is_unit && before_is_value {
+            words.pop();
+        } else {
+            break;
+        }
+    }
+    words.join(" ")
+}
+
+/// Remove commas that group thousands (`1,234,567` -> `1234567`), following PRM800K's
+/// `_strip_properly_formatted_commas`: a comma between a digit and exactly three digits.
+fn strip_thousands_commas(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    for (i, c) in s.char_indices() {
+        let is_group_comma = c == ','
+            && i > 0
+            && bytes[i - 1].is_ascii_digit()
+            && bytes.len() >= i + 4
+            && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit)
+            && !bytes.get(i + 4).is_some_and(u8::is_ascii_digit);
+        if !is_group_comma {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Runs of whitespace as one space, trimmed.
+fn collapse_spaces(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `1 000 000`: digit groups of three separated by single spaces (SI thousands grouping).
+fn is_space_grouped_number(s: &str) -> bool {
+    let mut groups = s.split(' ');
+    let first_ok = groups
+        .next()
+        .is_some_and(|g| (1..=3).contains(&g.len()) && g.bytes().all(|b| b.is_ascii_digit()));
+    let rest: Vec<&str> = groups.collect();
+    first_ok
+        && !rest.is_empty()
+        && rest
+            .iter()
+            .all(|g| g.len() == 3 && g.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `12cm` / `3.5m^2` -> the number, when the whole answer is a plain number and a known unit.
+fn strip_glued_unit(s: &str) -> &str {
+    let numeric_end = s
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | ',' | '-')))
+        .unwrap_or(s.len());
+    if numeric_end == 0 || numeric_end == s.len() {
+        return s;
+    }
+    let unit = &s[numeric_end..];
+    let unit = unit
+        .strip_suffix("^2")
+        .or_else(|| unit.strip_suffix("^3"))
+        .unwrap_or(unit);
+    if UNIT_WORDS.contains(&unit) {
+        &s[..numeric_end]
+    } else {
+        s
+    }
+}
+
+/// `0,111` / `1000,99` -> a decimal point, when the whole answer is `digits,digits` and the comma
+/// cannot group thousands (math-verify reads these as decimal commas). `1,2` stays a list.
+fn decimal_comma(s: &str) -> Option<String> {
+    let (int, frac) = s.split_once(',')?;
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let int_digits = int.strip_prefix('-').unwrap_or(int);
+    if !digits(int_digits) || !digits(frac) || frac.len() < 2 {
+        return None;
+    }
+    let thousands = frac.len() == 3 && int_digits != "0" && int_digits.len() <= 3;
+    (!thousands).then(|| format!("{int}.{frac}"))
+}

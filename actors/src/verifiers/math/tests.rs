@@ -1,0 +1,212 @@
+//! Tests of the math verifier: extraction, the answer-pair table, the verifier, robustness.
+
+use super::*;
+use crate::verifiers::{Verifier, VerifyInput};
+
+const PAIRS: &str = include_str!("testdata/pairs.tsv");
+
+#[test]
+fn answer_pair_table() {
+    let cfg = MathConfig::default();
+    let mut failures = Vec::new();
+    let (mut total, mut positives, mut negatives) = (0, 0, 0);
+    for (line_no, line) in PAIRS.lines().enumerate() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert_eq!(
+            fields.len(),
+            3,
+            "pairs.tsv line {}: want 3 tab-separated fields",
+            line_no + 1
+        );
+        let expected = match fields[0] {
+            "1" => true,
+            "0" => false,
+            other => panic!(
+                "pairs.tsv line {}: expected is `{other}`, want 0 or 1",
+                line_no + 1
+            ),
+        };
+        total += 1;
+        if expected {
+            positives += 1;
+        } else {
+            negatives += 1;
+        }
+        // Equivalence is symmetric: check both directions.
+        for (pred, reference) in [(fields[1], fields[2]), (fields[2], fields[1])] {
+            let (got, why) = math_equal_explained(pred, reference, &cfg);
+            if got != expected {
+                failures.push(format!(
+                    "line {}: `{pred}` vs `{reference}`: want {expected}, got {got} ({why})",
+                    line_no + 1
+                ));
+            }
+        }
+    }
+    let checks = 2 * total;
+    println!(
+        "answer pairs: {total} ({positives} equal, {negatives} not equal), {}/{checks} checks pass ({:.1}%)",
+        checks - failures.len(),
+        100.0 * (checks - failures.len()) as f64 / checks as f64
+    );
+    assert!(
+        total >= 250,
+        "the table should hold hundreds of pairs, has {total}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn extraction_prefers_the_last_box() {
+    let r = "First \\boxed{1}, then on reflection \\boxed{\\frac{1}{2}}.";
+    assert_eq!(extract_answer(r).as_deref(), Some("\\frac{1}{2}"));
+    assert_eq!(extract_answer("so \\fbox{42} it is").as_deref(), Some("42"));
+    assert_eq!(
+        extract_answer("\\boxed{\\{1, 2\\}}").as_deref(),
+        Some("\\{1, 2\\}")
+    );
+    assert_eq!(
+        extract_answer("\\boxed{\\frac{\\sqrt{3}}{\\left(2\\right)}}").as_deref(),
+        Some("\\frac{\\sqrt{3}}{\\left(2\\right)}")
+    );
+    assert_eq!(extract_answer("hence $\\boxed 5$").as_deref(), Some("5"));
+    // An unbalanced last box falls back to the previous balanced one.
+    assert_eq!(
+        extract_answer("\\boxed{7} and \\boxed{8").as_deref(),
+        Some("7")
+    );
+}
+
+#[test]
+fn extraction_phrases_and_numbers() {
+    assert_eq!(
+        extract_answer("So the answer is 12.").as_deref(),
+        Some("12")
+    );
+    assert_eq!(
+        extract_answer("The final answer is $\\frac{3}{4}$. I hope it is correct.").as_deref(),
+        Some("\\frac{3}{4}")
+    );
+    assert_eq!(
+        extract_answer("Work.\n**Answer:** 3.5\n").as_deref(),
+        Some("3.5")
+    );
+    assert_eq!(extract_answer("Answer: x = 2").as_deref(), Some("x = 2"));
+    assert_eq!(
+        extract_answer("We get 3 apples and then 1,250 pears").as_deref(),
+        Some("1250")
+    );
+    assert_eq!(
+        extract_answer("the ratio is -3/4 overall").as_deref(),
+        Some("-3/4")
+    );
+    assert_eq!(extract_answer("value 2.75."), Some("2.75".to_string()));
+    assert_eq!(extract_answer("no digits here"), None);
+}
+
+#[test]
+fn extraction_never_reads_the_reasoning() {
+    let r = "<think>maybe \\boxed{3}, the answer is 3</think>The answer is \\boxed{4}.";
+    assert_eq!(extract_answer(r).as_deref(), Some("4"));
+    // Reasoning never closed: no answer at all, even though it holds a box and numbers.
+    assert_eq!(extract_answer("<think>so \\boxed{3} and 17"), None);
+    // Nothing after the reasoning.
+    assert_eq!(extract_answer("<think>\\boxed{3}</think>   "), None);
+    // Custom tags.
+    let r = "<reason>\\boxed{1}</reason> final: 2";
+    assert_eq!(
+        extract_answer_with_tags(r, "<reason>", "</reason>").as_deref(),
+        Some("2")
+    );
+}
+
+fn verify(response: &str, answer: &str) -> crate::verifiers::Verdict {
+    let meta = serde_json::Value::Null;
+    let input = VerifyInput {
+        prompt: "q",
+        response,
+        answer,
+        meta: &meta,
+    };
+    MathVerifier::default()
+        .verify(&input)
+        .expect("math verifier does not error")
+}
+
+#[test]
+fn verifier_scores_and_explains() {
+    let v = verify("<think>2+2</think>So $\\boxed{\\dfrac{8}{2}}$", "4");
+    assert_eq!((v.score, v.format_ok), (1.0, true));
+    assert_eq!(v.extracted.as_deref(), Some("\\dfrac{8}{2}"));
+    let v = verify("<think>2+2</think>\\boxed{5}", "4");
+    assert_eq!(v.score, 0.0);
+    assert!(v.reason.contains("does not match"), "{}", v.reason);
+    let v = verify("<think>\\boxed{4}", "4");
+    assert_eq!((v.score, v.format_ok, v.extracted), (0.0, false, None));
+    assert_eq!(MathVerifier::default().name(), "math");
+}
+
+#[test]
+fn config_rejects_unknown_keys_and_fills_defaults() {
+    let cfg: MathConfig =
+        serde_json::from_str(r#"{"relative_tolerance": 0.01}"#).expect("valid config");
+    assert_eq!(cfg.relative_tolerance, 0.01);
+    assert_eq!(cfg.think_close, "</think>");
+    assert!(serde_json::from_str::<MathConfig>(r#"{"relative_tolerence": 0.01}"#).is_err());
+    // A looser tolerance is honoured.
+    assert!(math_equal("3.14", "\\pi", &cfg));
+    assert!(!math_equal("3.14", "\\pi", &MathConfig::default()));
+}
+
+#[test]
+fn hostile_inputs_end_quickly_without_panic() {
+    let cfg = MathConfig::default();
+    let deep_parens = format!("{}1{}", "(".repeat(5000), ")".repeat(5000));
+    let deep_braces = format!("\\boxed{{{}", "{".repeat(100_000));
+    let deep_fracs = "\\frac{".repeat(3000);
+    let huge = "9".repeat(1_000_000);
+    let towers = "2^".repeat(500) + "2";
+    let cases: Vec<String> = vec![
+        deep_parens,
+        deep_braces,
+        deep_fracs,
+        huge.clone(),
+        towers,
+        "1000000!".into(),
+        "\\binom{100000000}{50000000}".into(),
+        "10^{10^{10^{10}}}".into(),
+        "\u{0}\u{1}\u{fffd}\u{202e}🙂\\".into(),
+        "\\begin{pmatrix}".into(),
+        "\\{".repeat(1000),
+        "x=".repeat(1000),
+        "<".repeat(1000),
+        "\\pm".repeat(1000),
+        ",".repeat(10_000),
+    ];
+    for case in &cases {
+        let start = std::time::Instant::now();
+        let _ = math_equal(case, "1", &cfg);
+        let _ = math_equal(case, case, &cfg);
+        let _ = extract_answer(case);
+        let _ = verify(case, case);
+        assert!(
+            start.elapsed().as_secs_f64() < 2.0,
+            "slow on input starting {:?}",
+            &case[..case.len().min(40)]
+        );
+    }
+    // A huge response is searched in linear time.
+    let response = format!(
+        "<think>{huge}</think>{}\\boxed{{3}}",
+        "x ".repeat(1_000_000)
+    );
+    assert_eq!(verify(&response, "3").score, 1.0);
+}
