@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 
 use super::adapter::Adapter;
 use super::chat_config::ChatConfig;
-use super::qwen2::{Config as LlmConfig, ForCausalLM};
+use super::qwen2::ForCausalLM;
 use super::vision::VisionModel;
 use super::weights::WeightStore;
 use crate::{Error, Result};
@@ -45,14 +45,22 @@ pub struct Trainable {
 impl Default for Trainable {
     /// Adapter only: the best setting of the R1V2 paper's Table 4.
     fn default() -> Self {
-        Self { vision: false, adapter: true, llm: false }
+        Self {
+            vision: false,
+            adapter: true,
+            llm: false,
+        }
     }
 }
 
 impl Trainable {
     /// Nothing trains (inference, reference policies).
     pub fn frozen() -> Self {
-        Self { vision: false, adapter: false, llm: false }
+        Self {
+            vision: false,
+            adapter: false,
+            llm: false,
+        }
     }
 
     /// Whether the checkpoint tensor `name` is trainable under this setting.
@@ -92,8 +100,7 @@ impl ChatModel {
     /// Builds the model from `vb` at the checkpoint root.
     pub fn new(config: &ChatConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
-        let llm_config: LlmConfig = serde_json::from_value(config.llm_config.clone())
-            .map_err(|e| Error::Config { key: "llm_config".into(), msg: e.to_string() })?;
+        let llm_config = config.llm()?;
         let vision = VisionModel::new(&config.vision_config, vb.pp("vision_model"))?;
         let adapter = Adapter::new(
             config.vision_config.hidden_size,
@@ -103,13 +110,24 @@ impl ChatModel {
             vb.pp("mlp1"),
         )?;
         let llm = ForCausalLM::new(&llm_config, vb.pp("language_model"))?;
-        Ok(Self { vision, adapter, llm, config: config.clone(), img_context_token_id: None })
+        Ok(Self {
+            vision,
+            adapter,
+            llm,
+            config: config.clone(),
+            img_context_token_id: None,
+        })
     }
 
     /// Loads `dir` (config.json + model.safetensors or a sharded index) in `dtype` on `device`;
     /// the tensors selected by `trainable` come back as [`Var`]s. The IMG_CONTEXT token id is read from
     /// `dir/tokenizer.json` when there is one (else set it with [`Self::set_img_context_token_id`]).
-    pub fn load(dir: &Path, dtype: DType, device: &Device, trainable: Trainable) -> Result<LoadedChat> {
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        trainable: Trainable,
+    ) -> Result<LoadedChat> {
         let config = ChatConfig::from_file(&dir.join("config.json"))?;
         let store = WeightStore::load(dir, dtype, device)?;
         let vb = store.var_builder(move |name| trainable.contains(name));
@@ -120,7 +138,12 @@ impl ChatModel {
             tracing::warn!(dir = %dir.display(), count = unexpected.len(), names = ?unexpected, "unexpected tensors in the checkpoint");
         }
         let trainable_vars = store.trainable_vars();
-        Ok(LoadedChat { model, trainable_vars, store, unexpected })
+        Ok(LoadedChat {
+            model,
+            trainable_vars,
+            store,
+            unexpected,
+        })
     }
 
     /// The configuration the model was built from.
@@ -145,7 +168,9 @@ impl ChatModel {
 
     /// `extract_feature`: pixel_values (tiles, 3, S, S) -> image tokens (tiles, tokens_per_tile, D_llm).
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let vit = self.vision.forward(pixel_values, self.config.select_layer)?; // (tiles, N, D_vit)
+        let vit = self
+            .vision
+            .forward(pixel_values, self.config.select_layer)?; // (tiles, N, D_vit)
         self.adapter.forward(&vit)
     }
 
@@ -158,7 +183,12 @@ impl ChatModel {
         let (b, t, d) = embeds.dims3()?;
         let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
         let context_positions: Vec<usize> = match self.img_context_token_id {
-            Some(ctx) => ids.iter().enumerate().filter(|(_, id)| **id == ctx).map(|(i, _)| i).collect(),
+            Some(ctx) => ids
+                .iter()
+                .enumerate()
+                .filter(|(_, id)| **id == ctx)
+                .map(|(i, _)| i)
+                .collect(),
             None => Vec::new(),
         };
         let Some(pixel_values) = pixel_values else {
@@ -186,8 +216,8 @@ impl ChatModel {
         }
         let features = self.image_features(pixel_values)?; // (tiles, n, D)
         let features = features.reshape((expected, d))?.to_dtype(embeds.dtype())?; // (tiles*n, D)
-        // Differentiable scatter: gather rows from [text embeddings; image tokens] so that gradients reach
-        // both (index_select has a backward; an in-place write would not).
+                                                                                   // Differentiable scatter: gather rows from [text embeddings; image tokens] so that gradients reach
+                                                                                   // both (index_select has a backward; an in-place write would not).
         let mut source_rows: Vec<u32> = (0..(b * t) as u32).collect();
         for (k, &pos) in context_positions.iter().enumerate() {
             source_rows[pos] = (b * t + k) as u32;
@@ -225,8 +255,17 @@ fn img_context_id_from_tokenizer(path: &Path) -> Result<Option<u32>> {
         #[serde(default)]
         added_tokens: Vec<AddedToken>,
     }
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
-    let file: TokenizerFile =
-        serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })?;
-    Ok(file.added_tokens.into_iter().find(|t| t.content == IMG_CONTEXT_TOKEN).map(|t| t.id))
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    let file: TokenizerFile = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.into(),
+        source,
+    })?;
+    Ok(file
+        .added_tokens
+        .into_iter()
+        .find(|t| t.content == IMG_CONTEXT_TOKEN)
+        .map(|t| t.id))
 }

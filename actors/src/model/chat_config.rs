@@ -8,7 +8,9 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::adapter::PixelShuffleVersion;
+use super::qwen2::Config as LlmConfig;
 use super::vision::VisionConfig;
+use super::weights::read_config;
 use crate::{Error, Result};
 
 fn default_downsample_ratio() -> f64 {
@@ -71,17 +73,28 @@ pub struct ChatConfig {
 impl ChatConfig {
     /// Reads and validates `path` (a config.json); errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.into(),
-            source,
+        let cfg: Self = read_config(path)?;
+        cfg.validate().map_err(|e| match e {
+            Error::Config { key, msg } => Error::ConfigFile {
+                path: path.into(),
+                key,
+                msg,
+            },
+            other => other,
         })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.into(),
-            source,
-        })?;
+        Ok(cfg)
+    }
+
+    /// The LLM's configuration, parsed from `llm_config`.
+    pub fn llm(&self) -> Result<LlmConfig> {
+        let cfg: LlmConfig =
+            serde_json::from_value(self.llm_config.clone()).map_err(|e| Error::Config {
+                key: "llm_config".into(),
+                msg: e.to_string(),
+            })?;
         cfg.validate().map_err(|e| match e {
             Error::Config { key, msg } => Error::Config {
-                key: format!("{}: {key}", path.display()),
+                key: format!("llm_config.{key}"),
                 msg,
             },
             other => other,
@@ -107,6 +120,7 @@ impl ChatConfig {
                 msg: format!("{llm_type:?} is not supported (only qwen2)"),
             });
         }
+        self.llm()?;
         self.pixel_shuffle_version()?;
         self.vision_config.validate("vision_config")?;
         let grid = self.tile_size() / self.vision_config.patch_size;
