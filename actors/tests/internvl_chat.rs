@@ -155,6 +155,98 @@ fn set_entry(var: &Var, values: &[f32], index: usize, value: f32) -> Result<()> 
     Ok(())
 }
 
+/// Central differences (f32, h = 5e-3) on the three largest-gradient entries and one middle entry of
+/// every var, against the analytic gradients in `grads`: |numeric - analytic| <= abs_tol + 1% |analytic|.
+/// `abs_tol` covers f32 rounding of the loss divided by 2h (about 1e-6 x |loss| / 1e-2).
+fn check_finite_differences(
+    vars: &[(String, Var)],
+    grads: &candle_core::backprop::GradStore,
+    loss: impl Fn() -> Result<f32>,
+    abs_tol: f32,
+) -> Result<()> {
+    let h = 5e-3f32;
+    let mut worst = (0f32, 0f32, String::new()); // (|numeric - analytic|, |analytic|, where)
+    for (name, var) in vars {
+        let Some(grad) = grads.get(var.as_tensor()) else {
+            anyhow::bail!("{name}: no gradient");
+        };
+        let grad = grad.flatten_all()?.to_vec1::<f32>()?;
+        let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let mut order: Vec<usize> = (0..grad.len()).collect();
+        order.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
+        for &i in order
+            .iter()
+            .take(3)
+            .chain(std::iter::once(&(values.len() / 2)))
+        {
+            set_entry(var, &values, i, values[i] + h)?;
+            let up = loss()?;
+            set_entry(var, &values, i, values[i] - h)?;
+            let down = loss()?;
+            set_entry(var, &values, i, values[i])?;
+            let numeric = (up - down) / (2.0 * h);
+            let error = (numeric - grad[i]).abs();
+            if error > worst.0 {
+                worst = (error, grad[i].abs(), format!("{name}[{i}]"));
+            }
+            let tol = abs_tol + 1e-2 * grad[i].abs();
+            ensure!(
+                error <= tol,
+                "{name}[{i}]: analytic {} vs numeric {numeric}",
+                grad[i]
+            );
+        }
+    }
+    eprintln!(
+        "finite differences over {} tensors: worst |numeric - analytic| = {:e} at {} (|analytic| = {:e})",
+        vars.len(),
+        worst.0,
+        worst.2,
+        worst.1
+    );
+    Ok(())
+}
+
+/// Vision-trainable: gradients through InternViT (patchify matmul, bicubic position interpolation at
+/// 84 px, norms, q/k norm, layer scales) match finite differences.
+fn check_vision_gradients(variant: &str) -> Result<()> {
+    let vision_only = Trainable {
+        vision: true,
+        adapter: false,
+        llm: false,
+    };
+    let (loaded, reference) = load(variant, vision_only)?;
+    let pixels = &reference["pixel_values_84"];
+    let features = loaded.model.image_features(pixels)?;
+    // A fixed, non-symmetric projection of the image tokens to one scalar.
+    let n = features.elem_count();
+    let weights = Tensor::arange(0f32, n as f32, &Device::Cpu)?
+        .affine(0.37, 0.1)?
+        .sin()?;
+    let weights = weights.reshape(features.dims())?;
+    let loss_of = |f: &Tensor| -> Result<Tensor> { Ok((f * &weights)?.mean_all()?) };
+    let grads = loss_of(&features)?.backward()?;
+    let loss_value = || -> Result<f32> {
+        Ok(loss_of(&loaded.model.image_features(pixels)?)?.to_scalar::<f32>()?)
+    };
+    ensure!(loaded
+        .trainable_vars
+        .iter()
+        .all(|(n, _)| n.starts_with("vision_model.")));
+    // The loss is ~1e-2: rounding noise ~1e-6 after dividing by 2h; gradients are up to ~1e-2.
+    check_finite_differences(&loaded.trainable_vars, &grads, loss_value, 2e-5)
+}
+
+#[test]
+fn vision_gradients_match_finite_differences_vit300m() -> Result<()> {
+    check_vision_gradients("vit300m")
+}
+
+#[test]
+fn vision_gradients_match_finite_differences_vit6b() -> Result<()> {
+    check_vision_gradients("vit6b")
+}
+
 #[test]
 fn adapter_only_step_changes_only_adapter_and_gradients_match_finite_differences() -> Result<()> {
     let (loaded, reference) = load("vit6b", Trainable::default())?;
@@ -173,44 +265,9 @@ fn adapter_only_step_changes_only_adapter_and_gradients_match_finite_differences
     }
 
     // Finite differences (central, f32) on the largest-gradient entries of each adapter tensor.
-    let h = 5e-3f32;
-    let mut worst = (0f32, 0f32); // (|numeric - analytic|, |analytic|)
-    for (name, var) in &loaded.trainable_vars {
-        let grad = grads
-            .get(var.as_tensor())
-            .expect("checked above")
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-        let mut order: Vec<usize> = (0..grad.len()).collect();
-        order.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
-        for &i in order
-            .iter()
-            .take(3)
-            .chain(std::iter::once(&(values.len() / 2)))
-        {
-            set_entry(var, &values, i, values[i] + h)?;
-            let up = lm_loss(model, ids, pixels)?.to_scalar::<f32>()?;
-            set_entry(var, &values, i, values[i] - h)?;
-            let down = lm_loss(model, ids, pixels)?.to_scalar::<f32>()?;
-            set_entry(var, &values, i, values[i])?;
-            let numeric = (up - down) / (2.0 * h);
-            let tol = 5e-4 + 1e-2 * grad[i].abs();
-            if (numeric - grad[i]).abs() > worst.0 {
-                worst = ((numeric - grad[i]).abs(), grad[i].abs());
-            }
-            ensure!(
-                (numeric - grad[i]).abs() <= tol,
-                "{name}[{i}]: analytic {} vs numeric {numeric}",
-                grad[i]
-            );
-        }
-    }
-
-    eprintln!(
-        "finite differences: worst |numeric - analytic| = {:e} (|analytic| = {:e})",
-        worst.0, worst.1
-    );
+    let loss_value = || -> Result<f32> { Ok(lm_loss(model, ids, pixels)?.to_scalar::<f32>()?) };
+    // The loss is ~4.5 (ln 96): rounding noise ~5e-4 after dividing by 2h.
+    check_finite_differences(&loaded.trainable_vars, &grads, loss_value, 5e-4)?;
 
     // One SGD step, then compare every tensor with the checkpoint on disk.
     let vars: Vec<Var> = loaded
@@ -247,6 +304,91 @@ fn adapter_only_step_changes_only_adapter_and_gradients_match_finite_differences
     ensure!(
         after < loss.to_scalar::<f32>()?,
         "the step did not lower the loss"
+    );
+    Ok(())
+}
+
+/// A copy of the vit300m fixture with its tensors edited by `edit` and its config by `edit_config`.
+fn edited_checkpoint(
+    edit: impl FnOnce(&mut HashMap<String, Tensor>) -> Result<()>,
+    edit_config: impl FnOnce(&mut serde_json::Value),
+) -> Result<tempfile::TempDir> {
+    let src = fixture_dir("vit300m");
+    let dir = tempfile::tempdir()?;
+    let mut tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu)?;
+    edit(&mut tensors)?;
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors"))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json"))?)?;
+    edit_config(&mut config);
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&config)?,
+    )?;
+    Ok(dir)
+}
+
+fn load_error(dir: &tempfile::TempDir) -> String {
+    match ChatModel::load(dir.path(), DType::F32, &Device::Cpu, Trainable::default()) {
+        Ok(_) => "loaded".to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_checkpoints_give_errors_that_name_the_tensor_or_key() -> Result<()> {
+    let missing = "vision_model.encoder.layers.1.ls2";
+    let dir = edited_checkpoint(
+        |t| {
+            t.remove(missing);
+            Ok(())
+        },
+        |_| {},
+    )?;
+    let msg = load_error(&dir);
+    ensure!(msg.contains(missing), "missing tensor: {msg}");
+
+    let reshaped = "mlp1.1.weight";
+    let dir = edited_checkpoint(
+        |t| {
+            let w = t[reshaped].t()?.contiguous()?;
+            t.insert(reshaped.to_string(), w);
+            Ok(())
+        },
+        |_| {},
+    )?;
+    let msg = load_error(&dir);
+    ensure!(msg.contains(reshaped), "mis-shaped tensor: {msg}");
+
+    let dir = edited_checkpoint(|_| Ok(()), |c| c["model_type"] = "llava".into())?;
+    let msg = load_error(&dir);
+    ensure!(
+        msg.contains("model_type") && msg.contains("config.json"),
+        "model type: {msg}"
+    );
+
+    let dir = edited_checkpoint(
+        |_| Ok(()),
+        |c| c["vision_config"]["norm_type"] = "batch_norm".into(),
+    )?;
+    let msg = load_error(&dir);
+    ensure!(msg.contains("norm_type"), "norm type: {msg}");
+
+    let dir = edited_checkpoint(
+        |t| {
+            t.insert(
+                "vision_model.extra.weight".into(),
+                Tensor::zeros(3, DType::F32, &Device::Cpu)?,
+            );
+            Ok(())
+        },
+        |c| c["model_type"] = "skywork_chat".into(),
+    )?;
+    let loaded = ChatModel::load(dir.path(), DType::F32, &Device::Cpu, Trainable::default())?;
+    ensure!(
+        loaded.unexpected == ["vision_model.extra.weight"],
+        "unexpected: {:?}",
+        loaded.unexpected
     );
     Ok(())
 }
