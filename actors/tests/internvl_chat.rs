@@ -392,3 +392,28 @@ fn bad_checkpoints_give_errors_that_name_the_tensor_or_key() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn bf16_checkpoint_runs_close_to_f32_reference() -> Result<()> {
+    let dir = fixture_dir("vit6b");
+    let mut loaded = ChatModel::load(&dir, DType::BF16, &Device::Cpu, Trainable::frozen())?;
+    let reference =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
+    let ctx = reference["img_context_token_id"].to_vec1::<i64>()?[0] as u32;
+    loaded.model.set_img_context_token_id(ctx);
+    let pixels = reference["pixel_values"].to_dtype(DType::BF16)?;
+    let logits = loaded
+        .model
+        .forward(&reference["input_ids"], Some(&pixels), None)?;
+    ensure!(logits.dtype() == DType::BF16);
+    let expected = &reference["logits"];
+    let scale = expected.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = max_abs_diff(&logits.to_dtype(DType::F32)?, expected)?;
+    eprintln!("bf16: max |logits - f32 reference| = {diff:e} (max |logit| = {scale:e})");
+    // bf16 keeps 8 mantissa bits: a few percent of the logit scale after two ViT and two LLM layers.
+    ensure!(
+        diff < 0.05 * scale,
+        "bf16 logits differ by {diff} (scale {scale})"
+    );
+    Ok(())
+}

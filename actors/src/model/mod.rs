@@ -8,4 +8,5 @@ pub mod qwen2;
 pub mod qwen2_config;
 pub mod value_head;
 pub mod vision;
+pub mod vision_config;
 pub mod weights;
