@@ -301,6 +301,26 @@ fn adapter_only_step_changes_only_adapter_and_gradients_match_finite_differences
         }
     }
     let after = lm_loss(model, ids, pixels)?.to_scalar::<f32>()?;
+
+    // Saved and reloaded (sharded, to exercise the index), the trained model computes the same logits.
+    let saved = tempfile::tempdir()?;
+    loaded.save(saved.path(), 100_000)?;
+    ensure!(saved.path().join("model.safetensors.index.json").is_file());
+    let mut reloaded =
+        ChatModel::load(saved.path(), DType::F32, &Device::Cpu, Trainable::frozen())?;
+    ensure!(
+        reloaded.unexpected.is_empty(),
+        "unexpected: {:?}",
+        reloaded.unexpected
+    );
+    reloaded
+        .model
+        .set_img_context_token_id(model.img_context_token_id().expect("set by load()"));
+    let diff = max_abs_diff(
+        &reloaded.model.forward(ids, Some(pixels), None)?,
+        &model.forward(ids, Some(pixels), None)?,
+    )?;
+    ensure!(diff == 0.0, "reloaded model differs by {diff}");
     ensure!(
         after < loss.to_scalar::<f32>()?,
         "the step did not lower the loss"

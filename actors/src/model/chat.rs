@@ -83,6 +83,26 @@ pub struct LoadedChat {
     pub unexpected: Vec<String>,
 }
 
+impl LoadedChat {
+    /// Writes the current weights (trained Vars included) in the checkpoint's layout and dtype to `dir`,
+    /// with the model's config.json, sharded like `save_pretrained` above `max_shard_bytes`.
+    pub fn save(&self, dir: &Path, max_shard_bytes: usize) -> Result<()> {
+        super::weights::save(
+            dir,
+            &self.store.tensors(),
+            self.store.dtype(),
+            max_shard_bytes,
+        )?;
+        let source = self.store.dir().join("config.json");
+        let target = dir.join("config.json");
+        std::fs::copy(&source, &target).map_err(|source_err| Error::Io {
+            path: target,
+            source: source_err,
+        })?;
+        Ok(())
+    }
+}
+
 /// InternVL-chat: InternViT, `mlp1`, Qwen2.
 #[derive(Debug, Clone)]
 pub struct ChatModel {
@@ -133,10 +153,7 @@ impl ChatModel {
         let vb = store.var_builder(move |name| trainable.contains(name));
         let mut model = Self::new(&config, vb)?;
         model.img_context_token_id = img_context_id_from_tokenizer(&dir.join("tokenizer.json"))?;
-        let unexpected = store.unexpected();
-        if !unexpected.is_empty() {
-            tracing::warn!(dir = %dir.display(), count = unexpected.len(), names = ?unexpected, "unexpected tensors in the checkpoint");
-        }
+        let unexpected = store.report_unexpected();
         let trainable_vars = store.trainable_vars();
         Ok(LoadedChat {
             model,
