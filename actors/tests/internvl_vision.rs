@@ -1,5 +1,6 @@
 //! InternViT (both variants) and the `mlp1` adapter against transformers' InternVL
-//! (fixtures from `tests/fixtures/gen_internvl.py`).
+//! (fixtures from `tests/fixtures/gen_internvl.py`): 56 px tiles (the config's size), 84 px tiles and
+//! 56x84 inputs (bicubic position-embedding interpolation), vision tower output and image tokens.
 
 use std::collections::HashMap;
 
@@ -67,6 +68,14 @@ fn check_variant(variant: &str) -> Result<()> {
             "{variant}{suffix}: image features differ by {diff}"
         );
     }
+    // Non-square input: the 4x4 position grid is interpolated to 4x6.
+    let pixels = &fx.reference["pixel_values_56x84"];
+    let hidden = fx.vision.forward_hidden(pixels, -1)?;
+    let diff = max_abs_diff(&hidden, &fx.reference["vision_out_56x84"])?;
+    assert!(
+        diff < 1e-4,
+        "{variant}_56x84: vision tower differs by {diff}"
+    );
     Ok(())
 }
 
