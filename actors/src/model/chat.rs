@@ -83,9 +83,22 @@ pub struct LoadedChat {
     pub unexpected: Vec<String>,
 }
 
+/// Files besides the weights that make a checkpoint directory usable (copied by [`LoadedChat::save`]).
+const SIDE_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+];
+
 impl LoadedChat {
     /// Writes the current weights (trained Vars included) in the checkpoint's layout and dtype to `dir`,
-    /// with the model's config.json, sharded like `save_pretrained` above `max_shard_bytes`.
+    /// sharded like `save_pretrained` above `max_shard_bytes`, with the source's config.json and
+    /// tokenizer files.
     pub fn save(&self, dir: &Path, max_shard_bytes: usize) -> Result<()> {
         super::weights::save(
             dir,
@@ -93,12 +106,22 @@ impl LoadedChat {
             self.store.dtype(),
             max_shard_bytes,
         )?;
-        let source = self.store.dir().join("config.json");
-        let target = dir.join("config.json");
-        std::fs::copy(&source, &target).map_err(|source_err| Error::Io {
-            path: target,
-            source: source_err,
-        })?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        for name in SIDE_FILES {
+            let (source, target) = (self.store.dir().join(name), dir.join(name));
+            // Saving over the source directory: the file is already there (and copying a file onto
+            // itself would truncate it).
+            let same = match (source.canonicalize(), target.canonicalize()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            };
+            if source.is_file() && !same {
+                std::fs::copy(&source, &target).map_err(io(&target))?;
+            }
+        }
         Ok(())
     }
 }
@@ -285,4 +308,47 @@ fn img_context_id_from_tokenizer(path: &Path) -> Result<Option<u32>> {
         .into_iter()
         .find(|t| t.content == IMG_CONTEXT_TOKEN)
         .map(|t| t.id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn img_context_id_comes_from_tokenizer_added_tokens() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|source| Error::Io {
+            path: "tempdir".into(),
+            source,
+        })?;
+        let dir = tmp.path();
+        let path = dir.join("tokenizer.json");
+        let json = r#"{"version": "1.0", "added_tokens": [
+            {"id": 7, "content": "<img>", "special": true},
+            {"id": 9, "content": "<IMG_CONTEXT>", "special": true}], "model": {}}"#;
+        std::fs::write(&path, json).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let found = img_context_id_from_tokenizer(&path)?;
+        assert_eq!(found, Some(9));
+        assert_eq!(
+            img_context_id_from_tokenizer(&dir.join("absent.json"))?,
+            None
+        );
+        std::fs::write(&path, "{ not json").map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let err = img_context_id_from_tokenizer(&path).expect_err("corrupt tokenizer.json");
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn default_trainable_is_adapter_only() {
+        let t = Trainable::default();
+        assert!(t.contains("mlp1.1.weight"));
+        assert!(!t.contains("vision_model.embeddings.class_embedding"));
+        assert!(!t.contains("language_model.model.embed_tokens.weight"));
+    }
 }
