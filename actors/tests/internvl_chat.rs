@@ -111,6 +111,17 @@ fn trainable_selects_module_vars() -> Result<()> {
         llm: false,
     };
     let loaded = ChatModel::load(&dir, DType::F32, &Device::Cpu, vision_only)?;
+    let counts = loaded.parameter_counts();
+    let modules: Vec<&str> = counts.iter().map(|(m, _)| m.as_str()).collect();
+    ensure!(
+        modules == ["language_model", "mlp1", "vision_model"],
+        "{modules:?}"
+    );
+    // mlp1: LayerNorm(4*32) + Linear(128, 64) + Linear(64, 64), from the fixture's sizes.
+    ensure!(
+        counts[1].1 == 2 * 128 + 128 * 64 + 64 + 64 * 64 + 64,
+        "{counts:?}"
+    );
     let total_vision = loaded
         .store
         .names()

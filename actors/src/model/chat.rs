@@ -96,6 +96,20 @@ const SIDE_FILES: &[&str] = &[
 ];
 
 impl LoadedChat {
+    /// Parameter counts per module, in checkpoint order: `vision_model`, `mlp1`, `language_model`
+    /// (and any other top-level prefix the checkpoint has), for `r1v2 inspect`.
+    pub fn parameter_counts(&self) -> Vec<(String, usize)> {
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for (name, tensor) in self.store.tensors() {
+            let module = name.split('.').next().unwrap_or(&name).to_string();
+            match counts.iter_mut().find(|(m, _)| *m == module) {
+                Some((_, n)) => *n += tensor.elem_count(),
+                None => counts.push((module, tensor.elem_count())),
+            }
+        }
+        counts
+    }
+
     /// Writes the current weights (trained Vars included) in the checkpoint's layout and dtype to `dir`,
     /// sharded like `save_pretrained` above `max_shard_bytes`, with the source's config.json and
     /// tokenizer files.
