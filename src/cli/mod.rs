@@ -1,5 +1,7 @@
 //! The `r1v2` command line: one file per subcommand, each with its clap `Args` and a `run`.
 
+pub mod report;
+
 use clap::{Parser, Subcommand};
 
 /// Fine-tune multimodal reasoning models with the Skywork R1V2 method.
@@ -11,10 +13,15 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Draw RUN_DIR/metrics.jsonl to PNG/SVG charts in RUN_DIR/report/ and print a summary table.
+    Report(report::ReportArgs),
+}
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
-        match self.command {}
+        match self.command {
+            Command::Report(args) => report::run(&args),
+        }
     }
 }
