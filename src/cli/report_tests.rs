@@ -145,3 +145,16 @@ fn missing_or_bad_metrics_name_the_file() {
     let err = write_report(dir.path()).unwrap_err().to_string();
     assert!(err.contains("line 2"), "{err}");
 }
+
+#[test]
+fn report_command_parses() {
+    use clap::Parser;
+    let cli = crate::cli::Cli::try_parse_from(["r1v2", "report", "runs/a"]).unwrap();
+    // A `match` rather than an irrefutable `let`: other commands join the enum.
+    match cli.command {
+        crate::cli::Command::Report(args) => assert_eq!(args.run_dir, PathBuf::from("runs/a")),
+        #[allow(unreachable_patterns)]
+        other => panic!("parsed as {other:?}"),
+    }
+    assert!(crate::cli::Cli::try_parse_from(["r1v2", "report"]).is_err());
+}

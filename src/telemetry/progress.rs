@@ -15,7 +15,8 @@ pub struct Progress {
 impl Progress {
     /// A bar over `total_steps`, starting at `start_step` (non-zero on resume).
     pub fn new(total_steps: u64, start_step: u64) -> Self {
-        let target = if std::io::stderr().is_terminal() {
+        let visible = std::io::stderr().is_terminal();
+        let target = if visible {
             ProgressDrawTarget::stderr()
         } else {
             ProgressDrawTarget::hidden()
@@ -27,7 +28,10 @@ impl Progress {
         bar.set_style(style.progress_chars("=> "));
         bar.set_position(start_step);
         bar.reset_eta();
-        bar.enable_steady_tick(Duration::from_millis(500));
+        if visible {
+            // Redraws the elapsed time and ETA between steps (a ticker thread: only when drawn).
+            bar.enable_steady_tick(Duration::from_millis(500));
+        }
         Self { bar }
     }
 
