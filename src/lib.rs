@@ -4,10 +4,16 @@
 //! |---|---|
 //! | [`cli`] | the `r1v2` subcommands, one file each |
 //! | [`error`] | the crate's error type |
+//! | [`data`] | JSONL prompt datasets, the seeded per-epoch shuffling loader and its resumable cursor |
+//! | [`telemetry`] | tracing setup (terminal + RUN_DIR/log.jsonl), metrics.jsonl writer/reader, progress bar |
+//! | [`checkpoint`] | the run directory layout, atomic checkpoints, trainer state |
 //!
 //! The models, verifiers and RL algorithms live in `r1v2-actors`; differentiable ops in `r1v2-kernels`.
 
+pub mod checkpoint;
 pub mod cli;
+pub mod data;
 pub mod error;
+pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -1,12 +1,9 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Human-readable lines on stderr; a command that owns a run directory (train) points the JSON log
+    // at RUN_DIR/log.jsonl by calling `telemetry::init` again. RUST_LOG overrides the level.
+    let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+    r1v2::telemetry::init(None, &level)?;
     r1v2::cli::Cli::parse().run()
 }

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod report;
 pub mod verify;
 
 /// Fine-tune multimodal reasoning models with the Skywork R1V2 method.
@@ -16,12 +17,15 @@ pub struct Cli {
 pub enum Command {
     /// Score a JSON-lines file of responses with the rule verifiers.
     Verify(verify::VerifyArgs),
+    /// Draw RUN_DIR/metrics.jsonl to PNG/SVG charts in RUN_DIR/report/ and print a summary table.
+    Report(report::ReportArgs),
 }
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Verify(args) => args.run(),
+            Command::Report(args) => report::run(&args),
         }
     }
 }
