@@ -4,6 +4,8 @@
 //! metadata, and returns a [`Verdict`]. Verifiers never panic or hang the pipeline: the registry turns an
 //! error, a panic or a timeout into a zero-score verdict that says why.
 
+pub mod grounding;
+
 use serde::{Deserialize, Serialize};
 
 /// What a verifier is asked to check.
