@@ -405,3 +405,49 @@ fn probe_set_parses_jsonl_and_names_bad_lines() -> Result<()> {
     assert!(err.contains("probes.jsonl:1"), "{err}");
     Ok(())
 }
+
+#[test]
+fn grounding_verdicts_feed_the_probe_rate() -> Result<()> {
+    use r1v2_actors::verifiers::grounding::{chair_i, GroundingConfig, GroundingVerifier};
+    use r1v2_actors::verifiers::{Verifier, VerifyInput};
+
+    let verifier = GroundingVerifier::new(GroundingConfig::default())?;
+    let meta = serde_json::json!({"objects": ["dog", "frisbee"]});
+    let responses = [
+        "A dog catches a frisbee.",
+        "A dog, a cat and a frisbee.",
+        "A horse.",
+    ];
+    let verdicts = responses
+        .iter()
+        .map(|response| {
+            verifier.verify(&VerifyInput {
+                prompt: "Describe.",
+                response,
+                answer: "",
+                meta: &meta,
+            })
+        })
+        .collect::<r1v2_actors::Result<Vec<_>>>()?;
+    let probe_flags: Vec<HallucinationFlags> = verdicts
+        .iter()
+        .filter_map(|v| v.hallucination.clone())
+        .collect();
+    let config = MonitorConfig {
+        min_claims: 1,
+        ..Default::default()
+    };
+    let mut monitor = HallucinationMonitor::new(config, Calibration::default())?;
+    monitor.observe_probe(0, &probe_flags);
+    // Claims 2 + 3 + 1 = 6, unsupported cat + horse = 2: CHAIR-i 1/3 over the 10% bound.
+    assert!(close(monitor.probe_rate().expect("rate"), 1.0 / 3.0));
+    assert!(close(chair_i(&verdicts).expect("claims"), 1.0 / 3.0));
+    assert_eq!(monitor.last_probe().map(|p| p.hallucinating), Some(2));
+    let change = monitor.calibrate(0).expect("over the bound: tightens");
+    assert!(
+        change.reason.contains("0.333 (2/6 claims, step 0)"),
+        "{}",
+        change.reason
+    );
+    Ok(())
+}
