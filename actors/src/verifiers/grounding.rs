@@ -85,7 +85,8 @@ pub enum GroundingScope {
 pub struct GroundingConfig {
     /// Where mentions are searched (default: both reasoning and answer).
     pub scope: GroundingScope,
-    /// Extra object words: canonical name -> synonyms, added to (or extending) the built-in COCO list.
+    /// Extra object words: canonical name -> synonyms (plurals added), on top of the built-in COCO list;
+    /// a word the built-in list already has is re-mapped to the extra canonical name.
     pub extra_objects: BTreeMap<String, Vec<String>>,
     /// Extra attribute words added to the built-in colours.
     pub extra_attributes: Vec<String>,
