@@ -4,11 +4,13 @@
 //! |---|---|
 //! | [`model`] | the R1V model family: Qwen2 LLM, InternViT, the `mlp1` adapter, the chat model, value head, HF checkpoint I/O |
 //! | [`verifiers`] | rule-based verifiers (math, choice, format, code, external plugins) behind the [`verifiers::Verifier`] trait |
+//! | [`monitor`] | the hallucination monitor and reward calibration as pure state |
 //! | [`rl`] | the RL algorithms as pure functions: GRPO, MPO, hybrid reward, Selective Sample Buffer |
 //! | [`error`] | the crate's error type |
 
 pub mod error;
 pub mod model;
+pub mod monitor;
 pub mod rl;
 pub mod verifiers;
 

@@ -6,6 +6,7 @@
 
 pub mod choice;
 pub mod format;
+pub mod grounding;
 pub mod math;
 
 use serde::{Deserialize, Serialize};
