@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use r1v2::images::{candidate_grids, closest_grid, load_image, Grid, TilingConfig};
-use r1v2::text::{expand_image_placeholders, ChatTemplate, Message, Role, Tokenizer};
+use r1v2::text::{
+    encode_prompt, expand_image_placeholders, ChatTemplate, Message, Role, Tokenizer,
+};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(concat!(
@@ -133,7 +135,13 @@ fn chat_template_ids_match_transformers() -> Result<()> {
             case["text"].as_str().context("text")?,
             "rendered text"
         );
-        let ids = tokenizer.encode(&text)?;
+        let ids = encode_prompt(
+            &tokenizer,
+            &template,
+            case["user"].as_str().context("user")?,
+            &tiles,
+            tokens_per_tile,
+        )?;
         let expected: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
         assert_eq!(ids, expected, "ids of {text:?}");
         assert_eq!(tokenizer.decode(&ids, false)?, text, "decode round trip");

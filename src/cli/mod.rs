@@ -2,6 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod inspect;
+pub mod model_dir;
+
 /// Fine-tune multimodal reasoning models with the Skywork R1V2 method.
 #[derive(Debug, Parser)]
 #[command(name = "r1v2", version, about)]
@@ -11,10 +14,15 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Show a model directory's architecture, parameter count per module and dtypes.
+    Inspect(inspect::InspectArgs),
+}
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
-        match self.command {}
+        match self.command {
+            Command::Inspect(args) => inspect::run(args),
+        }
     }
 }

@@ -109,6 +109,27 @@ impl TilingConfig {
         Ok(tiling)
     }
 
+    /// InternVL's `num_image_token`: `(image_size // patch_size)^2 * downsample_ratio^2`, the number of
+    /// `<IMG_CONTEXT>` tokens one tile becomes, from a chat model's `config.json`.
+    pub fn tokens_per_tile(config: &serde_json::Value, path: &Path) -> Result<usize> {
+        let field = |pointer: &str| config.pointer(pointer).and_then(|v| v.as_f64());
+        let image_size = field("/force_image_size").or_else(|| field("/vision_config/image_size"));
+        let patch_size = field("/vision_config/patch_size");
+        let ratio = field("/downsample_ratio").unwrap_or(0.5);
+        match (image_size, patch_size) {
+            (Some(image), Some(patch)) if patch >= 1.0 && image >= patch => {
+                let side = (image / patch).floor();
+                Ok((side * side * ratio * ratio) as usize)
+            }
+            _ => Err(Error::File {
+                path: path.to_path_buf(),
+                msg: "need `force_image_size` or `vision_config.image_size`, and `vision_config.patch_size`, \
+                      with image size >= patch size"
+                    .into(),
+            }),
+        }
+    }
+
     fn validate(&self) -> std::result::Result<(), String> {
         if self.tile_size == 0 {
             return Err("the tile size must be positive".into());

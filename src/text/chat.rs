@@ -145,6 +145,19 @@ pub fn expand_image_placeholders(
     Ok(expanded)
 }
 
+/// Token ids of the prompt for one question: `template`'s rendering of the question with its `<image>`
+/// placeholders expanded (see [`expand_image_placeholders`]), ready for generation.
+pub fn encode_prompt(
+    tokenizer: &super::Tokenizer,
+    template: &ChatTemplate,
+    question: &str,
+    tiles_per_image: &[usize],
+    tokens_per_tile: usize,
+) -> Result<Vec<u32>> {
+    let question = expand_image_placeholders(question, tiles_per_image, tokens_per_tile)?;
+    tokenizer.encode(&template.prompt(&question))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,5 +8,5 @@
 pub mod chat;
 pub mod tokenizer;
 
-pub use chat::{expand_image_placeholders, ChatTemplate, Message, Role};
+pub use chat::{encode_prompt, expand_image_placeholders, ChatTemplate, Message, Role};
 pub use tokenizer::{ImageTokenIds, Tokenizer};
