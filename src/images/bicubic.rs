@@ -7,10 +7,9 @@
 //! and clamping to u8. The `image` crate's Catmull-Rom is the same kernel but works in f32 without the
 //! intermediate rounding and with other window bounds: up to 7 u8 levels apart on the fixtures.
 //!
-//! Pillow 13 (the fixtures' version) sometimes runs the vertical pass first instead; on random images we saw
-//! it whenever only the height shrinks and in about a third of the cases where both shrink, by a rule we
-//! have not pinned down. With the other order the result differs by a few u8 levels (5 on the fixtures'
-//! thumbnail). Horizontal-first matched every tile grid resize we tried.
+//! Pillow 13 (the fixtures' version) runs the vertical pass first when the height shrinks by more than
+//! twice as many pixels as the width (`horizontal_first` in `ImagingResampleInner`); older Pillows always
+//! go horizontal first. The two orders differ by a few u8 levels, so the rule is transcribed too.
 
 use image::RgbImage;
 
@@ -128,18 +127,24 @@ fn resample_pass(
     out
 }
 
-/// `image.resize((width, height), Image.BICUBIC)` of Pillow for an RGB image.
+/// `image.resize((width, height), Image.BICUBIC)` of Pillow (13) for an RGB image.
 pub fn resize_bicubic(image: &RgbImage, width: u32, height: u32) -> RgbImage {
     let (in_width, in_height) = (image.width() as usize, image.height() as usize);
     let (width, height) = (width as usize, height as usize);
+    // Pillow 13: "If height is being scaled down more than twice the amount the width is, run the vertical
+    // pass first" - in pixels: (in_h - h) > 0 && (in_h - h) > (in_w - w) * 2.
+    let height_drop = in_height as i64 - height as i64;
+    let horizontal_first = !(height_drop > 0 && height_drop > (in_width as i64 - width as i64) * 2);
     let mut pixels = image.as_raw().clone();
-    let mut current_width = in_width;
-    if width != in_width {
-        pixels = resample_pass(&pixels, in_width, in_height, width, true);
-        current_width = width;
-    }
-    if height != in_height {
-        pixels = resample_pass(&pixels, current_width, in_height, height, false);
+    let (mut current_width, mut current_height) = (in_width, in_height);
+    for horizontal in [horizontal_first, !horizontal_first] {
+        if horizontal && width != current_width {
+            pixels = resample_pass(&pixels, current_width, current_height, width, true);
+            current_width = width;
+        } else if !horizontal && height != current_height {
+            pixels = resample_pass(&pixels, current_width, current_height, height, false);
+            current_height = height;
+        }
     }
     // The buffer holds exactly width x height x 3 bytes: each pass sized it so (or it is the input's own).
     RgbImage::from_raw(width as u32, height as u32, pixels)
