@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod forward;
 pub mod inspect;
 pub mod model_dir;
 
@@ -17,12 +18,15 @@ pub struct Cli {
 pub enum Command {
     /// Show a model directory's architecture, parameter count per module and dtypes.
     Inspect(inspect::InspectArgs),
+    /// Run one forward pass on token ids (and images) from a JSON file; write logits or scores.
+    Forward(forward::ForwardArgs),
 }
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Inspect(args) => inspect::run(args),
+            Command::Forward(args) => forward::run(args),
         }
     }
 }
