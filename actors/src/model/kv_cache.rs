@@ -39,6 +39,11 @@ impl KvCache {
         self.real.first().map_or(0, Vec::len)
     }
 
+    /// Number of layers the cache was made for.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Number of rows, 0 while empty.
     pub fn batch_size(&self) -> usize {
         self.real.len()

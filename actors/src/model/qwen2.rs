@@ -5,7 +5,7 @@
 //! candle-transformers' `models/qwen2.rs`, but every op on the training path has a backward
 //! (r1v2_kernels), and rows may be padded anywhere (see [`super::kv_cache`]).
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use r1v2_kernels::{rms_norm, rope, softmax_last_dim, swiglu, token_logprobs};
 
@@ -278,14 +278,27 @@ impl Model {
         self.run_layers(embeds, &layout, None)
     }
 
+    /// A fresh KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
     /// Incremental forward: the step's embeds (B, T, D) and mask (B, T) come after what `cache`
-    /// holds (made by `KvCache::new(cfg.num_hidden_layers)`), which then also holds this step. Returns the final-normed hidden states (B, T, D).
+    /// holds (see [`Self::new_cache`]), which then also holds this step. Returns the final-normed
+    /// hidden states (B, T, D). After an error the cache is unusable: clear it.
     pub fn forward_step(
         &self,
         embeds: &Tensor,
         attention_mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        if cache.num_layers() != self.layers.len() {
+            return Err(Error::msg(format!(
+                "KV cache made for {} layers, the model has {}",
+                cache.num_layers(),
+                self.layers.len()
+            )));
+        }
         let (b, t, _) = embeds.dims3()?;
         let layout = cache.begin_step(&mask_rows(attention_mask, b, t)?, embeds.device())?;
         self.run_layers(embeds, &layout, Some(cache))
@@ -371,11 +384,12 @@ impl ForCausalLM {
 
     /// A fresh KV cache sized for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config().num_hidden_layers)
+        self.model.new_cache()
     }
 
     /// Log-probabilities of next tokens, for training: input_ids (B, T), mask (B, T) ->
-    /// (B, T-1) f32 where entry t is `log p(ids[t+1] | ids[..=t])`, 0 where ids[t+1] is padding.
+    /// (B, T-1) f32 where entry t is `log p(ids[t+1] | ids[..=t])`, 0 unless both slot t and
+    /// t+1 are real (a row's first real token has no context).
     /// Sum it (times a response mask) for sequence log-probs.
     pub fn token_logprobs(
         &self,
@@ -394,7 +408,11 @@ impl ForCausalLM {
         let targets = input_ids.narrow(1, 1, t - 1)?; // (B, T-1)
         let logprobs = token_logprobs(&logits, &targets)?;
         match attention_mask {
-            Some(mask) => Ok((logprobs * mask.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?)?),
+            Some(mask) => {
+                let mask = mask.to_dtype(DType::F32)?;
+                let both_real = (mask.narrow(1, 0, t - 1)? * mask.narrow(1, 1, t - 1)?)?; // (B, T-1)
+                Ok((logprobs * both_real)?)
+            }
             None => Ok(logprobs),
         }
     }

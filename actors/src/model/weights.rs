@@ -204,6 +204,21 @@ impl WeightStore {
             .collect()
     }
 
+    /// [`Self::unexpected`], also logged as a warning naming the checkpoint: call it once every
+    /// model of the checkpoint is built.
+    pub fn report_unexpected(&self) -> Vec<String> {
+        let names = self.unexpected();
+        if !names.is_empty() {
+            tracing::warn!(
+                checkpoint = %self.inner.dir.display(),
+                count = names.len(),
+                names = ?names,
+                "checkpoint tensors no model asked for"
+            );
+        }
+        names
+    }
+
     /// Names of every tensor in the checkpoint, sorted.
     pub fn names(&self) -> Vec<String> {
         self.inner.entries.keys().cloned().collect()

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::qwen2::{Config, ForCausalLM};
-use super::weights::{read_config, save, WeightStore, INDEX_FILE, SINGLE_FILE};
+use crate::model::qwen2::{Config, ForCausalLM};
+use crate::model::weights::{read_config, save, WeightStore, INDEX_FILE, SINGLE_FILE};
 use crate::Error;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -143,6 +143,7 @@ fn unexpected_tensors_are_reported() -> anyhow::Result<()> {
     let store = WeightStore::from_tensors(tensors, "extra", DType::F32, &Device::Cpu)?;
     ForCausalLM::new(&tied_config()?, store.frozen_var_builder())?;
     assert_eq!(store.unexpected(), vec!["model.extra.weight".to_string()]);
+    assert_eq!(store.report_unexpected(), store.unexpected());
     Ok(())
 }
 
