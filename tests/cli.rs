@@ -312,3 +312,175 @@ fn forward_rejects_bad_inputs_with_clear_errors() -> Result<()> {
     );
     Ok(())
 }
+
+/// A copy of the vit300m chat fixture (tests/fixtures/gen_internvl.py) with a minimal tokenizer.json that
+/// names the fixture's `<IMG_CONTEXT>` id, and an input file asking for one image file.
+fn chat_model_with_image(
+    dir: &Path,
+    image_tokens: usize,
+) -> Result<(PathBuf, PathBuf, HashMap<String, Tensor>)> {
+    let source = fixture("internvl").join("vit300m");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model)?;
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(source.join(file), model.join(file))?;
+    }
+    let reference =
+        candle_core::safetensors::load(source.join("reference.safetensors"), &Device::Cpu)?;
+    let id = |name: &str| -> Result<i64> { Ok(reference[name].to_vec1::<i64>()?[0]) };
+    let (context, start, end) = (
+        id("img_context_token_id")?,
+        id("img_start_token_id")?,
+        id("img_end_token_id")?,
+    );
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "normalizer": null, "pre_tokenizer": null,
+        "post_processor": null, "decoder": null,
+        "added_tokens": [{"id": context, "content": "<IMG_CONTEXT>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "<IMG_CONTEXT>": context}, "unk_token": "<unk>"}
+    });
+    std::fs::write(
+        model.join("tokenizer.json"),
+        serde_json::to_string(&tokenizer)?,
+    )?;
+    std::fs::copy(
+        fixture("preprocess").join("img_wide.png"),
+        dir.join("wide.png"),
+    )?;
+    let mut ids = vec![5, 7, start];
+    ids.extend(std::iter::repeat_n(context, image_tokens));
+    ids.extend([end, 9, 11]);
+    let input = dir.join("input.json");
+    std::fs::write(
+        &input,
+        serde_json::to_string(&serde_json::json!({"input_ids": [ids], "images": ["wide.png"]}))?,
+    )?;
+    Ok((model, input, reference))
+}
+
+#[test]
+fn forward_runs_the_chat_model_on_an_image_file() -> Result<()> {
+    use r1v2::images::{load_image, TilingConfig};
+    use r1v2_actors::model::chat::{ChatModel, Trainable};
+    let dir = tempfile::tempdir()?;
+    // img_wide.png (61x23) with 56 px tiles, max 12: a 5x2 grid + thumbnail = 11 tiles x 4 tokens.
+    let (model, input, reference) = chat_model_with_image(dir.path(), 44)?;
+    let out = run_forward(&model, &input, dir.path())?;
+    let logits = &out["logits"];
+    // The same pass through the library: preprocessing (checked against PIL in tests/preprocess.rs) and the
+    // chat model (checked against transformers in actors/tests/internvl_chat.rs).
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json"))?)?;
+    let tiling = TilingConfig::from_model_config(&config, &model.join("config.json"))?;
+    let image = load_image(&dir.path().join("wide.png"), &tiling, &Device::Cpu)?;
+    assert_eq!(image.num_tiles(), 11);
+    let mut loaded = ChatModel::load(&model, DType::F32, &Device::Cpu, Trainable::frozen())?;
+    loaded
+        .model
+        .set_img_context_token_id(reference["img_context_token_id"].to_vec1::<i64>()?[0] as u32);
+    let input_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&input)?)?;
+    let ids: Vec<Vec<u32>> = serde_json::from_value(input_json["input_ids"].clone())?;
+    let ids = Tensor::new(ids, &Device::Cpu)?;
+    let expected = loaded
+        .model
+        .forward(&ids, Some(&image.pixel_values), None)?;
+    assert_eq!(logits.dims(), expected.dims());
+    let diff = (logits - &expected)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "CLI vs library: {diff}");
+    // The image matters: a different image gives different logits.
+    let other = (&image.pixel_values * 0.5)?;
+    let moved = (loaded.model.forward(&ids, Some(&other), None)? - &expected)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?;
+    assert!(
+        moved.to_scalar::<f32>()? > 1e-3,
+        "the image does not change the logits"
+    );
+    Ok(())
+}
+
+#[test]
+fn chat_forward_errors_name_the_problem() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("out.safetensors");
+    // Wrong number of IMG_CONTEXT tokens for the image.
+    let (model, input, _) = chat_model_with_image(dir.path(), 43)?;
+    let output = r1v2(&[
+        "forward",
+        "--model",
+        path_str(&model),
+        "--input",
+        path_str(&input),
+        "--output",
+        path_str(&out),
+    ]);
+    let err = stderr(&output);
+    assert!(
+        !output.status.success()
+            && err.contains("input.json")
+            && err.contains("hold 43")
+            && err.contains("need 44"),
+        "{err}"
+    );
+    // A missing image names the file.
+    let (model, input, _) = chat_model_with_image(dir.path(), 44)?;
+    std::fs::remove_file(dir.path().join("wide.png"))?;
+    let err = stderr(&r1v2(&[
+        "forward",
+        "--model",
+        path_str(&model),
+        "--input",
+        path_str(&input),
+        "--output",
+        path_str(&out),
+    ]));
+    assert!(err.contains("wide.png"), "{err}");
+    // No tokenizer.json: the IMG_CONTEXT id cannot be known.
+    let (model, input, _) = chat_model_with_image(dir.path(), 44)?;
+    std::fs::remove_file(model.join("tokenizer.json"))?;
+    let err = stderr(&r1v2(&[
+        "forward",
+        "--model",
+        path_str(&model),
+        "--input",
+        path_str(&input),
+        "--output",
+        path_str(&out),
+    ]));
+    assert!(err.contains("tokenizer.json"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn inspect_agrees_with_the_loaded_fixture_models() -> Result<()> {
+    use r1v2_actors::model::chat::{ChatModel, Trainable};
+    let chat = fixture("internvl").join("vit300m");
+    let output = r1v2(&["inspect", "--model", path_str(&chat), "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let loaded = ChatModel::load(&chat, DType::F32, &Device::Cpu, Trainable::frozen())?;
+    let counts: HashMap<String, usize> = loaded.parameter_counts().into_iter().collect();
+    let parameters = &summary["parameters"];
+    assert_eq!(parameters["vision"], counts["vision_model"]);
+    assert_eq!(parameters["adapter"], counts["mlp1"]);
+    let llm_and_head =
+        parameters["llm"].as_u64().unwrap_or(0) + parameters["head"].as_u64().unwrap_or(0);
+    assert_eq!(llm_and_head as usize, counts["language_model"]);
+    assert_eq!(summary["vision"]["tile_size"], 56);
+    // A sharded checkpoint: every shard is counted.
+    let sharded = r1v2(&[
+        "inspect",
+        "--model",
+        path_str(&fixture("qwen2").join("tied")),
+    ]);
+    assert!(sharded.status.success(), "{}", stderr(&sharded));
+    let text = String::from_utf8(sharded.stdout)?;
+    assert!(text.contains("(tied to embed_tokens)"), "{text}");
+    Ok(())
+}

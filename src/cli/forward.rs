@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use serde::Deserialize;
 
+use r1v2_actors::model::chat::{ChatModel, Trainable};
 use r1v2_actors::model::qwen2;
 use r1v2_actors::model::value_head::ValueModel;
 use r1v2_actors::model::weights::WeightStore;
@@ -295,17 +296,25 @@ fn forward_chat(
 ) -> Result<ForwardOutput> {
     let tiling = TilingConfig::from_model_config(config, config_path)?;
     let tokens_per_tile = TilingConfig::tokens_per_tile(config, config_path)?;
-    if !input.images.is_empty() {
+    let mut loaded = ChatModel::load(model_dir, DType::F32, device, Trainable::frozen())?;
+    check_vocab(input, input_path, loaded.model.config().llm()?.vocab_size)?;
+    let pixel_values = if input.images.is_empty() {
+        None
+    } else {
+        // The IMG_CONTEXT id comes from the model's tokenizer.json (an error naming it when absent).
         let tokenizer = Tokenizer::from_model_dir(model_dir)?;
         let context_id = tokenizer.token_id(IMG_CONTEXT)?;
-        let (_pixel_values, tiles) = load_input_images(input, input_path, &tiling, device)?;
+        loaded.model.set_img_context_token_id(context_id);
+        let (pixel_values, tiles) = load_input_images(input, input_path, &tiling, device)?;
         check_image_tokens(input, input_path, context_id, &tiles, tokens_per_tile)?;
-    }
-    // The InternVL-chat model (vision branch) is not merged into this build yet.
-    Err(Error::File {
-        path: config_path.to_path_buf(),
-        msg: "the InternVL-chat model is not available in this build yet".into(),
-    })
+        Some(pixel_values)
+    };
+    let logits = loaded.model.forward(
+        &input.ids_tensor(device)?,
+        pixel_values.as_ref(),
+        input.mask_tensor(device)?.as_ref(),
+    )?;
+    Ok(ForwardOutput::Logits(logits))
 }
 
 /// Runs `r1v2 forward`.
