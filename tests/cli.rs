@@ -160,7 +160,10 @@ fn missing_config_or_weights_name_the_path() -> Result<()> {
     );
     std::fs::write(dir.path().join("config.json"), r#"{"model_type": "qwen2"}"#)?;
     let err = stderr(&r1v2(&["inspect", "--model", path_str(dir.path())]));
-    assert!(err.contains("no *.safetensors"), "{err}");
+    assert!(
+        err.contains("neither model.safetensors nor model.safetensors.index.json"),
+        "{err}"
+    );
     std::fs::write(dir.path().join("model.safetensors"), b"\x05\x00")?;
     let err = stderr(&r1v2(&["inspect", "--model", path_str(dir.path())]));
     assert!(
@@ -472,6 +475,8 @@ fn inspect_agrees_with_the_loaded_fixture_models() -> Result<()> {
     let llm_and_head =
         parameters["llm"].as_u64().unwrap_or(0) + parameters["head"].as_u64().unwrap_or(0);
     assert_eq!(llm_and_head as usize, counts["language_model"]);
+    assert_eq!(summary["total_parameters"], counts.values().sum::<usize>());
+    assert!(summary["parameters"].get("other").is_none(), "{summary}");
     assert_eq!(summary["vision"]["tile_size"], 56);
     // A sharded checkpoint: every shard is counted.
     let sharded = r1v2(&[

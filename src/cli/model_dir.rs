@@ -91,8 +91,9 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     })
 }
 
-/// The weight files of a model directory: `model.safetensors.index.json`'s shards, else every
-/// `*.safetensors` file. No weights at all is an error naming the directory.
+/// The weight files of a model directory, as the checkpoint loader reads them: the shards named by
+/// `model.safetensors.index.json`, else `model.safetensors` (other files, e.g. test references, are not
+/// weights). Neither is an error naming the directory.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
@@ -113,22 +114,14 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.dedup();
         return Ok(files);
     }
-    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::File {
-            path: dir.to_path_buf(),
-            msg: "no *.safetensors weights in the model directory".into(),
-        });
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
     }
-    Ok(files)
+    Err(Error::File {
+        path: dir.to_path_buf(),
+        msg: "no weights: neither model.safetensors nor model.safetensors.index.json".into(),
+    })
 }
 
 /// Name, dtype and shape of one stored tensor (from a safetensors header, without reading the data).
