@@ -3,10 +3,12 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`cli`] | the `r1v2` subcommands, one file each |
-//! | [`error`] | the crate's error type |
+//! | [`text`] | `tokenizer.json` wrapper and the Qwen / InternVL-chat template |
+//! | [`images`] | InternVL image preprocessing: dynamic tiling, bicubic resize, normalisation |
 //! | [`data`] | JSONL prompt datasets, the seeded per-epoch shuffling loader and its resumable cursor |
 //! | [`telemetry`] | tracing setup (terminal + RUN_DIR/log.jsonl), metrics.jsonl writer/reader, progress bar |
 //! | [`checkpoint`] | the run directory layout, atomic checkpoints, trainer state |
+//! | [`error`] | the crate's error type |
 //!
 //! The models, verifiers and RL algorithms live in `r1v2-actors`; differentiable ops in `r1v2-kernels`.
 
@@ -14,6 +16,8 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod images;
 pub mod telemetry;
+pub mod text;
 
 pub use error::{Error, Result};

@@ -2,6 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod forward;
+pub mod inspect;
+pub mod model_dir;
 pub mod report;
 pub mod verify;
 
@@ -15,6 +18,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show a model directory's architecture, parameter count per module and dtypes.
+    Inspect(inspect::InspectArgs),
+    /// Run one forward pass on token ids (and images) from a JSON file; write logits or scores.
+    Forward(forward::ForwardArgs),
     /// Score a JSON-lines file of responses with the rule verifiers.
     Verify(verify::VerifyArgs),
     /// Draw RUN_DIR/metrics.jsonl to PNG/SVG charts in RUN_DIR/report/ and print a summary table.
@@ -24,6 +31,8 @@ pub enum Command {
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
+            Command::Inspect(args) => inspect::run(args),
+            Command::Forward(args) => forward::run(args),
             Command::Verify(args) => args.run(),
             Command::Report(args) => report::run(&args),
         }
