@@ -8,6 +8,7 @@
 //! | [`error`] | the crate's error type |
 
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod rl;
 pub mod verifiers;
