@@ -32,6 +32,14 @@ pub enum Error {
 
     #[error("{0}")]
     Msg(String),
+
+    /// A JSON config file whose `key` (a path like `rope_scaling.type`) cannot be used.
+    #[error("{path}: key `{key}`: {msg}")]
+    ConfigFile {
+        path: PathBuf,
+        key: String,
+        msg: String,
+    },
 }
 
 /// The crate's result type.

@@ -1,0 +1,442 @@
+//! Qwen2 decoder-only LLM (Qwen2 / Qwen2.5 / QwQ-32B): GQA attention with q/k/v bias, RoPE,
+//! RMSNorm, SwiGLU MLP, tied or separate `lm_head`.
+//!
+//! Reference: transformers `models/qwen2/modeling_qwen2.py` (eager attention); the file follows
+//! candle-transformers' `models/qwen2.rs`, but every op on the training path has a backward
+//! (r1v2_kernels), and rows may be padded anywhere (see [`super::kv_cache`]).
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use r1v2_kernels::{rms_norm, rope, softmax_last_dim, swiglu, token_logprobs};
+
+use super::kv_cache::{mask_rows, KvCache, Layout};
+pub use super::qwen2_config::Config;
+use crate::{Error, Result};
+
+/// Rotary embedding: inverse frequencies `theta^(-2i/d)`, angles computed in f32 per position.
+#[derive(Debug, Clone)]
+struct RotaryEmbedding {
+    /// (1, 1, D/2) f32.
+    inv_freq: Tensor,
+}
+
+impl RotaryEmbedding {
+    fn new(cfg: &Config, device: &Device) -> Result<Self> {
+        let dim = cfg.head_dim();
+        let inv_freq: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dim as f64) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, 1, dim / 2), device)?;
+        Ok(Self { inv_freq })
+    }
+
+    /// positions (B, T) f32 -> cos, sin (B, T, D/2) in `dtype`.
+    fn cos_sin(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let angles = positions.unsqueeze(2)?.broadcast_mul(&self.inv_freq)?; // (B, T, D/2)
+        Ok((
+            angles.cos()?.to_dtype(dtype)?,
+            angles.sin()?.to_dtype(dtype)?,
+        ))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (hidden, head_dim) = (cfg.hidden_size, cfg.head_dim());
+        let (num_heads, num_kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q_proj: candle_nn::linear(hidden, num_heads * head_dim, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear(hidden, num_kv_heads * head_dim, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear(hidden, num_kv_heads * head_dim, vb.pp("v_proj"))?,
+            o_proj: candle_nn::linear_no_bias(num_heads * head_dim, hidden, vb.pp("o_proj"))?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        })
+    }
+
+    /// x (B, T, D) -> (B, T, D). `mask` (B, 1, 1, T, S) f32 additive; the cache supplies the
+    /// S - T earlier keys and values and receives this step's.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, h_kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let group = h / h_kv;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?; // (B, H, T, D)
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, h_kv, d))?
+            .transpose(1, 2)?; // (B, Hkv, T, D)
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, h_kv, d))?
+            .transpose(1, 2)?; // (B, Hkv, T, D)
+        let q = rope(&q.contiguous()?, cos, sin)?;
+        let k = rope(&k.contiguous()?, cos, sin)?;
+        let v = v.contiguous()?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // GQA without copying K/V: the `group` query heads of one KV head become one longer
+        // query sequence. Head h uses KV head h / group, as transformers' repeat_kv.
+        let q = q.reshape((b, h_kv, group * t, d))?; // (B, Hkv, G*T, D)
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // (B, Hkv, G*T, S)
+                                                    // Softmax in f32 at least (as transformers' eager attention); f64 stays f64.
+        let softmax_dtype = if v.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let scores = scores
+            .to_dtype(softmax_dtype)?
+            .reshape((b, h_kv, group, t, s))?; // (B, Hkv, G, T, S)
+        let probs = softmax_last_dim(&scores.broadcast_add(&mask.to_dtype(softmax_dtype)?)?)?;
+        let probs = probs
+            .to_dtype(v.dtype())?
+            .reshape((b, h_kv, group * t, s))?; // (B, Hkv, G*T, S)
+        let out = probs.matmul(&v)?.reshape((b, h, t, d))?; // (B, H, T, D)
+        let out = out.transpose(1, 2)?.reshape((b, t, h * d))?; // (B, T, H*D)
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("gate_proj"))?,
+            up_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("up_proj"))?,
+            down_proj: candle_nn::linear_no_bias(inter, hidden, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&gated)?)
+    }
+}
+
+/// RMSNorm weight and epsilon, applied through the differentiable kernel.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let eps = cfg.rms_norm_eps;
+        Ok(Self {
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            input_layernorm: RmsNorm::new(cfg.hidden_size, eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let attn = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            cos,
+            sin,
+            mask,
+            layer,
+            cache,
+        )?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// The Qwen2 decoder (`Qwen2Model`): token embeddings, decoder layers, final norm.
+/// Its `VarBuilder` sits at the checkpoint's `model` prefix.
+#[derive(Debug, Clone)]
+pub struct Model {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    rotary: RotaryEmbedding,
+    cfg: Config,
+}
+
+impl Model {
+    /// Builds the decoder from `vb` (tensors `embed_tokens.weight`, `layers.N.*`, `norm.weight`).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let embed_tokens =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
+        let rotary = RotaryEmbedding::new(cfg, vb.device())?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            rotary,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The embedding matrix (V, D) (the tied `lm_head` reuses it).
+    pub fn embedding_weight(&self) -> &Tensor {
+        self.embed_tokens.embeddings()
+    }
+
+    /// input_ids (B, T) u32 -> embeddings (B, T, D).
+    pub fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.forward(input_ids)?)
+    }
+
+    /// Full-sequence forward: embeds (B, T, D), attention mask (B, T) with 1 = token, 0 = padding
+    /// (`None`: no padding); causal inside. Returns the final-normed hidden states (B, T, D);
+    /// states at padding slots are finite but meaningless.
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = embeds.dims3()?;
+        let mut scratch = KvCache::new(0);
+        let layout = scratch.begin_step(&mask_rows(attention_mask, b, t)?, embeds.device())?;
+        self.run_layers(embeds, &layout, None)
+    }
+
+    /// A fresh KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Incremental forward: the step's embeds (B, T, D) and mask (B, T) come after what `cache`
+    /// holds (see [`Self::new_cache`]), which then also holds this step. Returns the final-normed
+    /// hidden states (B, T, D). After an error the cache is unusable: clear it.
+    pub fn forward_step(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        if cache.num_layers() != self.layers.len() {
+            return Err(Error::msg(format!(
+                "KV cache made for {} layers, the model has {}",
+                cache.num_layers(),
+                self.layers.len()
+            )));
+        }
+        let (b, t, _) = embeds.dims3()?;
+        let layout = cache.begin_step(&mask_rows(attention_mask, b, t)?, embeds.device())?;
+        self.run_layers(embeds, &layout, Some(cache))
+    }
+
+    fn run_layers(
+        &self,
+        embeds: &Tensor,
+        layout: &Layout,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (cos, sin) = self.rotary.cos_sin(&layout.positions, embeds.dtype())?;
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &cos, &sin, &layout.mask, i, cache.as_deref_mut())?;
+        }
+        self.norm.forward(&x)
+    }
+}
+
+/// Qwen2 with its language-modelling head (`Qwen2ForCausalLM`); `VarBuilder` at the checkpoint
+/// root (`model.*`, `lm_head.weight` unless `tie_word_embeddings`).
+#[derive(Debug, Clone)]
+pub struct ForCausalLM {
+    /// The decoder.
+    pub model: Model,
+    lm_head: Linear,
+}
+
+impl ForCausalLM {
+    /// Builds the model; a tied head reuses `model.embed_tokens.weight` (the same tensor, so a
+    /// trainable embedding gets the gradient of both uses).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let model = Model::new(cfg, vb.pp("model"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(model.embedding_weight().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        Ok(Self { model, lm_head })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &Config {
+        self.model.config()
+    }
+
+    /// input_ids (B, T) u32, mask (B, T) -> logits (B, T, V).
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_embeds(&self.model.embed_tokens(input_ids)?, attention_mask)
+    }
+
+    /// embeds (B, T, D), mask (B, T) -> logits (B, T, V).
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let hidden = self.model.forward_embeds(embeds, attention_mask)?;
+        Ok(self.lm_head.forward(&hidden)?)
+    }
+
+    /// Incremental forward on embeddings (see [`Model::forward_step`]) -> logits (B, T, V).
+    pub fn forward_step(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let hidden = self.model.forward_step(embeds, attention_mask, cache)?;
+        Ok(self.lm_head.forward(&hidden)?)
+    }
+
+    /// Incremental forward on token ids (B, T) -> logits (B, T, V).
+    pub fn forward_step_ids(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.forward_step(&self.model.embed_tokens(input_ids)?, attention_mask, cache)
+    }
+
+    /// A fresh KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        self.model.new_cache()
+    }
+
+    /// Log-probabilities of next tokens, for training: input_ids (B, T), mask (B, T) ->
+    /// (B, T-1) f32 where entry t is `log p(ids[t+1] | ids[..=t])`, 0 unless both slot t and
+    /// t+1 are real (a row's first real token has no context).
+    /// Sum it (times a response mask) for sequence log-probs.
+    pub fn token_logprobs(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let t = input_ids.dim(1)?;
+        if t < 2 {
+            return Err(Error::msg(format!(
+                "token_logprobs needs at least 2 tokens per row, got {t}"
+            )));
+        }
+        let logits = self
+            .forward(input_ids, attention_mask)?
+            .narrow(1, 0, t - 1)?; // (B, T-1, V)
+        let targets = input_ids.narrow(1, 1, t - 1)?; // (B, T-1)
+        let logprobs = token_logprobs(&logits, &targets)?;
+        match attention_mask {
+            Some(mask) => {
+                let mask = mask.to_dtype(DType::F32)?;
+                let both_real = (mask.narrow(1, 0, t - 1)? * mask.narrow(1, 1, t - 1)?)?; // (B, T-1)
+                Ok((logprobs * both_real)?)
+            }
+            None => Ok(logprobs),
+        }
+    }
+
+    /// Log-probabilities of given targets: embeds (B, T, D), mask (B, T), targets (B, T) u32 ->
+    /// (B, T) f32, entry t = `log softmax(logits[t])[targets[t]]` (no masking applied).
+    pub fn token_logprobs_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        targets: &Tensor,
+    ) -> Result<Tensor> {
+        let logits = self.forward_embeds(embeds, attention_mask)?;
+        if targets.dims() != &logits.dims()[..2] {
+            return Err(Error::msg(format!(
+                "targets have shape {:?}, logits {:?}",
+                targets.dims(),
+                logits.dims()
+            )));
+        }
+        Ok(token_logprobs(&logits, targets)?)
+    }
+}
+
+#[cfg(test)]
+#[path = "qwen2_tests.rs"]
+mod tests;
