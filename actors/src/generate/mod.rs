@@ -7,9 +7,11 @@
 //! | [`stop`] | stop-string detection on decoded text across token boundaries |
 //! | [`rollout`] | the engine's inputs and outputs: [`PromptInput`], [`Rollout`], [`Group`], [`FinishReason`] |
 //! | [`engine`] | [`generate_groups`]: grouped sampling with a shared prefix, over any [`StepModel`] |
+//! | [`qwen2`] | [`StepModel`] for the Qwen2 LLM and its KV cache |
 
 pub mod engine;
 pub mod processors;
+pub mod qwen2;
 pub mod rollout;
 pub mod sampling;
 pub mod stop;
