@@ -9,6 +9,7 @@
 //! | [`error`] | the crate's error type |
 
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod monitor;
 pub mod rl;

@@ -1,0 +1,23 @@
+//! The generation engine of the policy generator: sampling parameters, logits processors, stop strings.
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | [`sampling`] | [`SamplingParams`] (serde, validated) and [`RowRng`], the per-response random stream |
+//! | [`processors`] | transformers' logits processors and [`sample_next`], the choice of one token with its log-probs |
+//! | [`stop`] | stop-string detection on decoded text across token boundaries |
+//! | [`rollout`] | the engine's inputs and outputs: [`PromptInput`], [`Rollout`], [`Group`], [`FinishReason`] |
+//! | [`engine`] | [`generate_groups`]: grouped sampling with a shared prefix, over any [`StepModel`] |
+//! | [`qwen2`] | [`StepModel`] for the Qwen2 LLM and its KV cache |
+
+pub mod engine;
+pub mod processors;
+pub mod qwen2;
+pub mod rollout;
+pub mod sampling;
+pub mod stop;
+
+pub use engine::{generate_groups, generate_one_uncached, StepModel};
+pub use processors::{sample_next, SampledToken, Scratch, SeenTokens, TokenLogprobs};
+pub use rollout::{FinishReason, Group, PromptInput, Rollout};
+pub use sampling::{validate_group_size, RowRng, SamplingParams};
+pub use stop::{DecodeFn, StopStrings};

@@ -1,0 +1,124 @@
+//! The engine on the Qwen2 LLM (the tiny untied checkpoint of tests/fixtures/qwen2): cached, batched,
+//! grouped generation equals the uncached reference that reruns the full forward for every token.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use r1v2_actors::generate::qwen2::Qwen2Generator;
+use r1v2_actors::generate::{
+    generate_groups, generate_one_uncached, Group, PromptInput, Rollout, SamplingParams,
+};
+use r1v2_actors::model::qwen2::{Config, ForCausalLM};
+use r1v2_actors::model::weights::WeightStore;
+
+fn load_model() -> anyhow::Result<ForCausalLM> {
+    let dir = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/qwen2/untied"
+    ));
+    let cfg = Config::from_file(&dir.join("config.json"))?;
+    let store = WeightStore::load(dir, DType::F32, &Device::Cpu)?;
+    Ok(ForCausalLM::new(&cfg, store.frozen_var_builder())?)
+}
+
+/// Next-token logits after `sequence`, from a full forward without cache.
+fn full_logits(model: &ForCausalLM, sequence: &[u32]) -> r1v2_actors::Result<Vec<f32>> {
+    let ids = Tensor::new(sequence, &Device::Cpu)?.unsqueeze(0)?; // (1, T)
+    let logits = model.forward(&ids, None)?; // (1, T, V)
+    Ok(logits.i((0, sequence.len() - 1))?.to_vec1::<f32>()?)
+}
+
+fn prompts() -> Vec<PromptInput> {
+    vec![
+        PromptInput {
+            token_ids: vec![17, 42, 99, 3, 250, 8],
+            prompt_index: 0,
+        },
+        PromptInput {
+            token_ids: vec![5, 77],
+            prompt_index: 1,
+        },
+    ]
+}
+
+/// Every rollout equals the uncached reference: same tokens and finish reason, log-probs within 1e-4.
+fn check_against_uncached(model: &ForCausalLM, groups: &[Group<Rollout>], params: &SamplingParams) {
+    let cfg = model.config();
+    for (group, prompt) in groups.iter().zip(prompts()) {
+        for rollout in &group.rollouts {
+            let reference = generate_one_uncached(
+                |seq| full_logits(model, seq),
+                cfg.vocab_size,
+                cfg.max_position_embeddings,
+                &prompt,
+                rollout.sample_index,
+                params,
+                None,
+            )
+            .unwrap();
+            assert_eq!(rollout.token_ids, reference.token_ids);
+            assert_eq!(rollout.finish_reason, reference.finish_reason);
+            for (ours, theirs) in rollout.logprobs.iter().zip(&reference.logprobs) {
+                assert!(
+                    (ours.policy - theirs.policy).abs() < 1e-4,
+                    "{ours:?} vs {theirs:?}"
+                );
+                assert!((ours.processed - theirs.processed).abs() < 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_equals_argmax_of_repeated_full_forwards() -> anyhow::Result<()> {
+    let model = load_model()?;
+    let params = SamplingParams {
+        temperature: 0.0,
+        repetition_penalty: 1.0,
+        max_new_tokens: 10,
+        ..SamplingParams::default()
+    };
+    let generator = Qwen2Generator::new(&model, &Device::Cpu);
+    let groups = generate_groups(&generator, &prompts(), 2, &params, None)?;
+    check_against_uncached(&model, &groups, &params);
+    // Greedy rows of one prompt are identical.
+    assert_eq!(
+        groups[0].rollouts[0].token_ids,
+        groups[0].rollouts[1].token_ids
+    );
+    Ok(())
+}
+
+#[test]
+fn sampled_groups_equal_uncached_rows_whatever_the_batch() -> anyhow::Result<()> {
+    let model = load_model()?;
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        repetition_penalty: 1.05,
+        max_new_tokens: 12,
+        // A tenth of the vocabulary stops a row, so rows finish at different steps and leave the batch.
+        stop_token_ids: (0..26).collect(),
+        seed: 9,
+        ..SamplingParams::default()
+    };
+    let generator = Qwen2Generator::new(&model, &Device::Cpu);
+    let groups = generate_groups(&generator, &prompts(), 4, &params, None)?;
+    check_against_uncached(&model, &groups, &params);
+    let lengths: Vec<usize> = groups
+        .iter()
+        .flat_map(|g| g.rollouts.iter().map(|r| r.token_ids.len()))
+        .collect();
+    assert!(lengths.iter().any(|&l| l != lengths[0]), "{lengths:?}");
+    // The second prompt alone, with a smaller group: its first two responses keep their tokens. Their
+    // log-probs move in the last bits only (the matmuls' rounding depends on the batch size).
+    let alone = generate_groups(&generator, &prompts()[1..], 2, &params, None)?;
+    for (ours, batched) in alone[0].rollouts.iter().zip(&groups[1].rollouts) {
+        assert_eq!(ours.token_ids, batched.token_ids);
+        assert_eq!(ours.finish_reason, batched.finish_reason);
+        for (a, b) in ours.logprobs.iter().zip(&batched.logprobs) {
+            assert!((a.policy - b.policy).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+    }
+    Ok(())
+}
