@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`model`] | the R1V model family: Qwen2 LLM, InternViT, the `mlp1` adapter, the chat model, value head, HF checkpoint I/O |
 //! | [`verifiers`] | rule-based verifiers (math, choice, format, code, external plugins) behind the [`verifiers::Verifier`] trait |
+//! | [`generate`] | batched grouped sampling for the policy generator: logits processors, stop strings, the engine |
 //! | [`monitor`] | the hallucination monitor and reward calibration as pure state |
 //! | [`rl`] | the RL algorithms as pure functions: GRPO, MPO, hybrid reward, Selective Sample Buffer |
 //! | [`error`] | the crate's error type |
