@@ -1,0 +1,162 @@
+//! Shared plumbing of the CPU kernels: element types and their accumulator, reading a storage through its
+//! layout, and the dtype dispatch every `cpu_fwd` uses.
+//!
+//! Kernels are written once, generic over [`Elem`]: f32 and f64 compute in their own precision, bf16 and
+//! f16 load each element into f32, compute there, and round once on the way out.
+
+use std::borrow::Cow;
+
+use candle_core::{CpuStorage, Layout, Result, WithDType};
+use half::{bf16, f16};
+
+/// Accumulator type a kernel computes in: f32 or f64.
+pub(crate) trait Acc:
+    WithDType + num_traits::Float + std::ops::AddAssign + std::iter::Sum + Send + Sync
+{
+    /// Converts an f64 constant (an epsilon) into the accumulator type.
+    fn of_f64(v: f64) -> Self;
+    /// Converts a count (a row length) into the accumulator type.
+    fn of_usize(n: usize) -> Self;
+}
+
+impl Acc for f32 {
+    fn of_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn of_usize(n: usize) -> Self {
+        n as f32
+    }
+}
+
+impl Acc for f64 {
+    fn of_f64(v: f64) -> Self {
+        v
+    }
+    fn of_usize(n: usize) -> Self {
+        n as f64
+    }
+}
+
+/// A floating element type a kernel reads and writes, with the accumulator it computes in.
+pub(crate) trait Elem: WithDType {
+    /// f64 for f64, f32 for everything else.
+    type A: Acc;
+    /// Widens one element to the accumulator.
+    fn load(self) -> Self::A;
+    /// Rounds an accumulator value back to the element type.
+    fn store(a: Self::A) -> Self;
+}
+
+impl Elem for f32 {
+    type A = f32;
+    fn load(self) -> f32 {
+        self
+    }
+    fn store(a: f32) -> Self {
+        a
+    }
+}
+
+impl Elem for f64 {
+    type A = f64;
+    fn load(self) -> f64 {
+        self
+    }
+    fn store(a: f64) -> Self {
+        a
+    }
+}
+
+impl Elem for bf16 {
+    type A = f32;
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    fn store(a: f32) -> Self {
+        bf16::from_f32(a)
+    }
+}
+
+impl Elem for f16 {
+    type A = f32;
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    fn store(a: f32) -> Self {
+        f16::from_f32(a)
+    }
+}
+
+/// The elements of `storage` seen through `layout`, in row-major order: borrowed when the layout is
+/// contiguous, gathered into a fresh buffer otherwise (transposed or broadcast inputs).
+/// Errors when the storage does not hold `T` (a dtype mismatch between the inputs of an op).
+pub(crate) fn contiguous<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<Cow<'a, [T]>> {
+    let data = T::cpu_storage_as_slice(storage)?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(Cow::Borrowed(&data[start..end])),
+        None => Ok(Cow::Owned(gather_strided(data, layout))),
+    }
+}
+
+/// Copies a strided view into a row-major buffer by walking its multi-index.
+fn gather_strided<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {
+    let dims = layout.dims();
+    let stride = layout.stride();
+    let count = layout.shape().elem_count();
+    let mut out = Vec::with_capacity(count);
+    let mut index = vec![0usize; dims.len()];
+    let mut offset = layout.start_offset();
+    for _ in 0..count {
+        out.push(data[offset]);
+        // Odometer step from the last dimension; a dimension that wraps rewinds its offset.
+        for dim in (0..dims.len()).rev() {
+            index[dim] += 1;
+            offset += stride[dim];
+            if index[dim] < dims[dim] {
+                break;
+            }
+            offset -= stride[dim] * dims[dim];
+            index[dim] = 0;
+        }
+    }
+    out
+}
+
+/// Calls `$kernel::<T>($args)` for the float dtype `$dtype`, or errors naming `$op` for other dtypes.
+macro_rules! float_dispatch {
+    ($dtype:expr, $op:expr, $kernel:ident ( $($arg:expr),* $(,)? )) => {
+        match $dtype {
+            candle_core::DType::F32 => $kernel::<f32>($($arg),*),
+            candle_core::DType::F64 => $kernel::<f64>($($arg),*),
+            candle_core::DType::BF16 => $kernel::<half::bf16>($($arg),*),
+            candle_core::DType::F16 => $kernel::<half::f16>($($arg),*),
+            other => candle_core::bail!(
+                "{}: unsupported dtype {other:?} (expected f32, f64, bf16 or f16)",
+                $op
+            ),
+        }
+    };
+}
+pub(crate) use float_dispatch;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Storage, Tensor};
+
+    #[test]
+    fn gather_strided_matches_candle_contiguous() -> Result<()> {
+        let t = Tensor::arange(0f32, 24., &Device::Cpu)?.reshape((2, 3, 4))?;
+        let view = t.permute((2, 0, 1))?.narrow(0, 1, 2)?; // (2, 2, 3), offset 1
+        let (storage, layout) = view.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("expected a cpu storage")
+        };
+        let gathered = contiguous::<f32>(cpu, layout)?.into_owned();
+        assert_eq!(gathered, view.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+}
