@@ -5,10 +5,14 @@
 //! | [`model`] | the R1V model family: Qwen2 LLM, InternViT, the `mlp1` adapter, the chat model, value head, HF checkpoint I/O |
 //! | [`verifiers`] | rule-based verifiers (math, choice, format, code, external plugins) behind the [`verifiers::Verifier`] trait |
 //! | [`rl`] | the RL algorithms as pure functions: GRPO, MPO, hybrid reward, Selective Sample Buffer |
+//! | [`protocol`] | the typed messages the actors exchange |
+//! | [`actor`] | the actix actors: rule verifier pool, reward model, sample buffer |
 //! | [`error`] | the crate's error type |
 
+pub mod actor;
 pub mod error;
 pub mod model;
+pub mod protocol;
 pub mod rl;
 pub mod verifiers;
 
