@@ -7,12 +7,16 @@
 //! | [`generate`] | batched grouped sampling for the policy generator: logits processors, stop strings, the engine |
 //! | [`monitor`] | the hallucination monitor and reward calibration as pure state |
 //! | [`rl`] | the RL algorithms as pure functions: GRPO, MPO, hybrid reward, Selective Sample Buffer |
+//! | [`protocol`] | the typed messages the actors exchange |
+//! | [`actor`] | the actix actors: rule verifier pool, reward model, sample buffer |
 //! | [`error`] | the crate's error type |
 
+pub mod actor;
 pub mod error;
 pub mod generate;
 pub mod model;
 pub mod monitor;
+pub mod protocol;
 pub mod rl;
 pub mod verifiers;
 
