@@ -125,7 +125,7 @@ mod tests {
 
     #[actix::test]
     async fn verdicts_come_back_in_order_and_failures_cost_only_their_item() -> anyhow::Result<()> {
-        // A generous timeout: the machine is shared, and only the 3 s hang must pass it.
+        // A generous timeout: the machine is shared, and only the 3 s hang may run past it.
         let pool = RuleVerifier::start_pool(registry(Duration::from_secs(1)), 2);
         let items = vec![
             request("exact", "42", "42"),
@@ -136,12 +136,7 @@ mod tests {
             request("nope", "42", "42"),
             request("exact", " 7 ", "7"),
         ];
-        let started = Instant::now();
         let reply = pool.send(Verify { items }).await?;
-        assert!(
-            started.elapsed() < Duration::from_millis(2800),
-            "the hang was not cut off"
-        );
         let scores: Vec<f32> = reply.verdicts.iter().map(|v| v.score).collect();
         assert_eq!(scores, vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
         let reasons: Vec<&str> = reply.verdicts.iter().map(|v| v.reason.as_str()).collect();
@@ -153,7 +148,8 @@ mod tests {
         );
         assert_eq!(reasons[2], "mismatch");
         assert!(reasons[3].contains("verifier bug"), "{}", reasons[3]);
-        assert!(reasons[4].contains("hangs"), "{}", reasons[4]);
+        // Cut off by the timeout: had it run to the end, its own verdict would say "late".
+        assert!(reasons[4].contains("`hangs` timed out"), "{}", reasons[4]);
         assert!(reasons[5].contains("nope"), "{}", reasons[5]);
 
         // The pool survived all of it.
