@@ -15,6 +15,8 @@ mod eval;
 mod expr;
 mod extract;
 mod normalize;
+mod shape;
+mod token;
 
 #[cfg(test)]
 mod tests;
