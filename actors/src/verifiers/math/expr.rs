@@ -312,8 +312,9 @@ impl Parser {
 
     /// A function's argument: `(x)`, `{x}`, or an implicit product of factors (`\sin 2x`).
     fn function_argument(&mut self) -> Option<Expr> {
+        // `\sin(x)^2` is `(\sin x)^2`: a bracketed argument ends at its bracket.
         if matches!(self.peek(), Some(Tok::Sym('(')) | Some(Tok::Sym('{'))) {
-            return self.power();
+            return self.atom();
         }
         let mut arg = self.power()?;
         while matches!(self.peek(), Some(Tok::Num(..)) | Some(Tok::Var(_))) {

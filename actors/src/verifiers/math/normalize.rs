@@ -64,7 +64,9 @@ const DELETIONS: [&str; 42] = [
 ];
 
 /// Replacements, applied in order after the deletions.
-const REPLACEMENTS: [(&str, &str); 43] = [
+const REPLACEMENTS: [(&str, &str); 45] = [
+    ("\\approx", "="),
+    ("~", " "),
     ("\\mathbb{R}", "(-\\infty,\\infty)"),
     ("²", "^2"),
     ("³", "^3"),
@@ -167,6 +169,7 @@ pub fn normalize_answer(answer: &str) -> Normalized {
         .replace("\\text{or}", ",");
     s = s.replace("\\text{ or }", ",");
     s = unwrap_text(&s);
+    s = plain_function_names(&s);
     s = strip_unit_words(&s);
     s = s.replace(ROW_BREAK, "\\\\");
     s = collapse_spaces(&s);
@@ -346,4 +349,44 @@ fn decimal_comma(s: &str) -> Option<String> {
     }
     let thousands = frac.len() == 3 && int_digits != "0" && int_digits.len() <= 3;
     (!thousands).then(|| format!("{int}.{frac}"))
+}
+
+/// Function and constant names written without a backslash (`sqrt(2)`, `2pi`, `infinity`), as
+/// plain-text answers and sympy-style references have them, as LaTeX commands.
+fn plain_function_names(s: &str) -> String {
+    const NAMES: [(&str, &str); 10] = [
+        ("infinity", "\\infty"),
+        ("sqrt", "\\sqrt"),
+        ("sin", "\\sin"),
+        ("cos", "\\cos"),
+        ("tan", "\\tan"),
+        ("log", "\\log"),
+        ("ln", "\\ln"),
+        ("exp", "\\exp"),
+        ("pi", "\\pi"),
+        ("inf", "\\infty"),
+    ];
+    if !s.is_ascii() || !NAMES.iter().any(|(n, _)| s.contains(n)) {
+        return s.to_string();
+    }
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len() + 8);
+    let mut i = 0;
+    'scan: while i < bytes.len() {
+        let preceded_ok = i == 0 || !(bytes[i - 1].is_ascii_alphabetic() || bytes[i - 1] == b'\\');
+        if preceded_ok {
+            for (name, command) in NAMES {
+                let end = i + name.len();
+                let followed_ok = bytes.get(end).is_none_or(|b| !b.is_ascii_alphabetic());
+                if s[i..].starts_with(name) && followed_ok {
+                    out.push_str(command);
+                    i = end;
+                    continue 'scan;
+                }
+            }
+        }
+        out.push(bytes[i] as char);
+        i += 1;
+    }
+    out
 }

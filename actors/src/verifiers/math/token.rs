@@ -146,6 +146,10 @@ pub(crate) fn tokenize(text: &str) -> Option<Vec<Tok>> {
             let (name, next) = with_subscript(c.to_string(), &chars, i + 1);
             toks.push(Tok::Var(name));
             i = next;
+        } else if c == '*' && chars.get(i + 1) == Some(&'*') {
+            // `x**2`: Python / sympy power.
+            toks.push(Tok::Sym('^'));
+            i += 2;
         } else if "+-*/^_!()[]{}|,=<>'".contains(c) {
             toks.push(Tok::Sym(c));
             i += 1;
