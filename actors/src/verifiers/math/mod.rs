@@ -36,7 +36,7 @@ use super::{Verdict, Verifier, VerifyInput};
 pub struct MathConfig {
     /// Relative tolerance for numeric comparison (Qwen2.5-Math uses 1e-4).
     pub relative_tolerance: f64,
-    /// Absolute tolerance for numeric comparison near zero.
+    /// Absolute tolerance for numeric comparison near zero; kept tiny so `1e-10` is not `2e-10`.
     pub absolute_tolerance: f64,
     /// Accept a percentage written as its fraction or vice versa (`50%` vs `0.5`), as
     /// Qwen2.5-Math's `include_percentage` does.
@@ -61,7 +61,7 @@ impl Default for MathConfig {
     fn default() -> Self {
         MathConfig {
             relative_tolerance: 1e-4,
-            absolute_tolerance: 1e-8,
+            absolute_tolerance: 1e-12,
             percent_equivalence: true,
             symbolic: true,
             symbolic_points: 8,
