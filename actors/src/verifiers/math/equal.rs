@@ -153,6 +153,11 @@ impl Comparer<'_> {
         if plain_text(a) == plain_text(b) && !plain_text(a).is_empty() {
             return true;
         }
+        // A word (`no`, `Monday`) is text: as a product of letters `no` would equal `on`.
+        let is_word = |t: &str| t.len() >= 2 && t.chars().all(|c| c.is_ascii_alphabetic());
+        if is_word(a) || is_word(b) {
+            return false;
+        }
         let (Some(ea), Some(eb)) = (parse(a), parse(b)) else {
             return false;
         };

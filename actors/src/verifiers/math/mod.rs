@@ -9,6 +9,20 @@
 //!   (Qwen2.5-Math `math_equal`), structures (tuples, intervals, sets, matrices, equations), and
 //!   symbolic expressions parsed into an AST and compared by evaluation at random points (the
 //!   role sympy's `simplify(a - b) == 0` plays in PRM800K's grader).
+//!
+//! | file | role |
+//! |---|---|
+//! | `extract.rs` | final answer out of a response |
+//! | `normalize.rs` | LaTeX / unit / separator normalisation of one answer |
+//! | `shape.rs` | answer structure: matrix, tuple, interval, set, union, inequality, equation |
+//! | `token.rs`, `expr.rs` | bounded tokenizer and recursive-descent parser to an AST |
+//! | `eval.rs` | AST evaluation, random-point identity test |
+//! | `equal.rs` | [`math_equal`]: ties the above together |
+//! | `testdata/pairs.tsv` | the answer-pair table the tests assert |
+//!
+//! Robustness: every step is linear or bounded (answer length, token count, nesting depth,
+//! element counts, factorial size), so no input panics or hangs; `examples/fuzz_math.rs` drives
+//! it with a million generated inputs.
 
 mod equal;
 mod eval;
