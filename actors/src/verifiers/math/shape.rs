@@ -92,6 +92,12 @@ pub(crate) fn shape(s: &str) -> Shape {
     if let Some(rows) = matrix_rows(s) {
         return Shape::Matrix(rows);
     }
+    // `(\begin{pmatrix}...\end{pmatrix})`, as Qwen2.5-Math's references write matrices.
+    if let Some(inner) = s.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+        if let Some(rows) = matrix_rows(inner.trim()).filter(|_| wraps_whole(s)) {
+            return Shape::Matrix(rows);
+        }
+    }
     // One `\pm` is two answers; more would multiply, so they stay a (non-parsing) scalar.
     if let (Some(pos), 1) = (s.find("\\pm"), s.matches("\\pm").count()) {
         let plus = format!("{}+{}", &s[..pos], &s[pos + 3..]);
@@ -145,7 +151,7 @@ fn matrix_rows(s: &str) -> Option<Vec<Vec<String>>> {
     let body = body.strip_suffix(&format!("\\end{{{env}}}"))?;
     let rows = body
         .split("\\\\")
-        .filter(|r| !r.is_empty())
+        .filter(|r| !r.trim().is_empty())
         .take(MAX_ELEMENTS)
         .map(|r| {
             r.split('&')
