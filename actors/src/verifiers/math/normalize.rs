@@ -177,8 +177,9 @@ pub fn normalize_answer(answer: &str) -> Normalized {
     if is_space_grouped_number(&s) {
         s.retain(|c| c != ' ');
     }
+    // Trailing punctuation and a dangling backslash (`5.\`) are not part of the answer.
     let s = s
-        .trim_end_matches(['.', ',', ' '])
+        .trim_end_matches(['.', ',', ' ', '\\'])
         .trim_start_matches(['=', ' ']);
     let s = if s.replace(' ', "") == "\\{\\}" {
         "\\emptyset"
