@@ -162,7 +162,7 @@ fn random_answer(rng: &mut ChaCha8Rng, table: &[&str]) -> String {
         // Deep nesting, balanced or not.
         4 => {
             let piece = NESTERS[rng.gen_range(0..NESTERS.len())];
-            let depth = rng.gen_range(1..1500);
+            let depth = rng.gen_range(1..700);
             let mut s = piece.repeat(depth) + PIECES[rng.gen_range(0..PIECES.len())];
             if rng.gen_bool(0.5) {
                 s += &"}".repeat(rng.gen_range(0..depth));
@@ -197,7 +197,7 @@ fn random_answer(rng: &mut ChaCha8Rng, table: &[&str]) -> String {
         }
         // Huge numbers, towers and factorials.
         _ => match rng.gen_range(0..4) {
-            0 => "9".repeat(rng.gen_range(1..5000)),
+            0 => "9".repeat(rng.gen_range(1..2500)),
             1 => "2^".repeat(rng.gen_range(1..500)) + "2",
             2 => format!("{}!", rng.gen_range(0..u32::MAX)),
             _ => format!(

@@ -9,7 +9,7 @@
 /// Box commands whose argument is the final answer.
 const BOX_COMMANDS: [&str; 2] = ["\\boxed", "\\fbox"];
 /// How many unbalanced boxes are skipped before giving up on boxes.
-const MAX_BOX_TRIES: usize = 64;
+const MAX_BOX_TRIES: usize = 16;
 /// Phrases that introduce a final answer, searched case-insensitively, longest first.
 const ANSWER_MARKERS: [&str; 4] = ["answer is", "answer:", "answer :", "answer ="];
 
@@ -52,22 +52,21 @@ pub(crate) fn answer_region<'a>(response: &'a str, think_open: &str, think_close
 }
 
 /// The argument of the last balanced `\boxed{...}` / `\fbox{...}` (or `\boxed 5`), trimmed.
+/// Up to [`MAX_BOX_TRIES`] boxes are tried from the last one back.
 pub(crate) fn last_boxed(text: &str) -> Option<String> {
-    let mut end = text.len();
-    for _ in 0..MAX_BOX_TRIES {
-        let (start, cmd) = BOX_COMMANDS
-            .iter()
-            .filter_map(|cmd| text[..end].rfind(cmd).map(|p| (p, *cmd)))
-            .max_by_key(|(p, _)| *p)?;
-        if let Some(arg) = box_argument(&text[start + cmd.len()..]) {
-            let arg = arg.trim();
-            if !arg.is_empty() {
-                return Some(arg.to_string());
-            }
-        }
-        end = start;
-    }
-    None
+    let mut starts: Vec<(usize, usize)> = BOX_COMMANDS
+        .iter()
+        .flat_map(|cmd| text.match_indices(cmd).map(|(p, c)| (p, c.len())))
+        .collect();
+    starts.sort_unstable();
+    starts
+        .iter()
+        .rev()
+        .take(MAX_BOX_TRIES)
+        .find_map(|&(start, len)| {
+            let arg = box_argument(&text[start + len..])?.trim();
+            (!arg.is_empty()).then(|| arg.to_string())
+        })
 }
 
 /// The argument following a box command: a balanced `{...}` group or a bare token after a space.

@@ -18,49 +18,49 @@ pub struct Normalized {
 const ROW_BREAK: &str = "\u{1}";
 
 /// Pure deletions, applied in order (spacing, sizing, delimiters, degrees).
-const DELETIONS: [&str; 42] = [
-    "\\displaystyle",
-    "\\textstyle",
-    "\\left",
-    "\\right",
-    "\\bigl",
-    "\\bigr",
-    "\\Bigl",
-    "\\Bigr",
-    "\\biggl",
-    "\\biggr",
-    "\\Biggl",
-    "\\Biggr",
-    "\\big",
-    "\\Big",
-    "\\bigg",
-    "\\Bigg",
-    "\\!",
-    "\\,",
-    "\\;",
-    "\\:",
-    "\\ ",
-    "\\quad",
-    "\\qquad",
-    "\\hspace",
-    "\\limits",
-    "^{\\circ}",
-    "^\\circ",
-    "^{\\degree}",
-    "\\degree",
-    "\\circ",
-    "°",
-    "\\(",
-    "\\)",
-    "\\[",
-    "\\]",
-    "\\$",
-    "$",
-    "{,}",
-    "\\dots",
-    "\\ldots",
-    "€",
-    "£",
+const DELETIONS: [(&str, &str); 42] = [
+    ("\\displaystyle", ""),
+    ("\\textstyle", ""),
+    ("\\left", ""),
+    ("\\right", ""),
+    ("\\bigl", ""),
+    ("\\bigr", ""),
+    ("\\Bigl", ""),
+    ("\\Bigr", ""),
+    ("\\biggl", ""),
+    ("\\biggr", ""),
+    ("\\Biggl", ""),
+    ("\\Biggr", ""),
+    ("\\bigg", ""),
+    ("\\Bigg", ""),
+    ("\\big", ""),
+    ("\\Big", ""),
+    ("\\!", ""),
+    ("\\,", ""),
+    ("\\;", ""),
+    ("\\:", ""),
+    ("\\ ", ""),
+    ("\\quad", ""),
+    ("\\qquad", ""),
+    ("\\hspace", ""),
+    ("\\limits", ""),
+    ("^{\\circ}", ""),
+    ("^\\circ", ""),
+    ("^{\\degree}", ""),
+    ("\\degree", ""),
+    ("\\circ", ""),
+    ("°", ""),
+    ("\\(", ""),
+    ("\\)", ""),
+    ("\\[", ""),
+    ("\\]", ""),
+    ("\\$", ""),
+    ("$", ""),
+    ("{,}", ""),
+    ("\\dots", ""),
+    ("\\ldots", ""),
+    ("€", ""),
+    ("£", ""),
 ];
 
 /// Replacements, applied in order after the deletions.
@@ -143,13 +143,12 @@ pub fn normalize_answer(answer: &str) -> Normalized {
         .trim()
         .replace(['\n', '\r', '\t'], " ")
         .replace("\\\\", ROW_BREAK);
-    s = unwrap_command(&s, "\\boxed");
-    s = unwrap_command(&s, "\\fbox");
-    for d in DELETIONS {
-        if s.contains(d) {
-            s = s.replace(d, "");
-        }
+    let latex = s.contains('\\');
+    if latex {
+        s = unwrap_command(&s, "\\boxed");
+        s = unwrap_command(&s, "\\fbox");
     }
+    s = replace_in_one_pass(&s, &DELETIONS);
     let mut percent = s.contains('%');
     s = s.replace("\\%", "").replace('%', "");
     for word in [" percentage", " percent", " pct"] {
@@ -158,17 +157,17 @@ pub fn normalize_answer(answer: &str) -> Normalized {
             percent = true;
         }
     }
-    for (from, to) in REPLACEMENTS {
-        if s.contains(from) {
-            s = s.replace(from, to);
-        }
+    s = replace_in_one_pass(&s, &REPLACEMENTS);
+    if latex && s.contains("\\text{") {
+        s = s
+            .replace("\\text{and}", ",")
+            .replace("\\text{ and }", ",")
+            .replace("\\text{or}", ",")
+            .replace("\\text{ or }", ",");
     }
-    s = s
-        .replace("\\text{and}", ",")
-        .replace("\\text{ and }", ",")
-        .replace("\\text{or}", ",");
-    s = s.replace("\\text{ or }", ",");
-    s = unwrap_text(&s);
+    if latex {
+        s = unwrap_text(&s);
+    }
     s = plain_function_names(&s);
     s = strip_unit_words(&s);
     s = s.replace(ROW_BREAK, "\\\\");
@@ -367,7 +366,11 @@ fn plain_function_names(s: &str) -> String {
         ("pi", "\\pi"),
         ("inf", "\\infty"),
     ];
-    if !s.is_ascii() || !NAMES.iter().any(|(n, _)| s.contains(n)) {
+    let has_word = s
+        .as_bytes()
+        .windows(2)
+        .any(|w| w[0].is_ascii_lowercase() && w[1].is_ascii_lowercase());
+    if !has_word || !s.is_ascii() || !NAMES.iter().any(|(n, _)| s.contains(n)) {
         return s.to_string();
     }
     let bytes = s.as_bytes();
@@ -388,6 +391,32 @@ fn plain_function_names(s: &str) -> String {
         }
         out.push(bytes[i] as char);
         i += 1;
+    }
+    out
+}
+
+/// Replace every occurrence of a table pattern by its replacement in one left-to-right pass;
+/// where several patterns match at a position the first listed wins (so `\\left` is listed
+/// before `\\le...`). Linear in `s` times the few patterns sharing a first byte.
+fn replace_in_one_pass(s: &str, table: &[(&str, &str)]) -> String {
+    let mut starts = [false; 256];
+    for (from, _) in table {
+        if let Some(b) = from.bytes().next() {
+            starts[usize::from(b)] = true;
+        }
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        if starts[usize::from(rest.as_bytes()[0])] {
+            if let Some((from, to)) = table.iter().find(|(from, _)| rest.starts_with(from)) {
+                out.push_str(to);
+                rest = &rest[from.len()..];
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
     }
     out
 }

@@ -180,7 +180,11 @@ fn relation(s: &str) -> Option<Shape> {
     let mut start = 0;
     let mut i = 0;
     while i < s.len() {
-        match OPS.iter().find(|(op, _)| s[i..].starts_with(op)) {
+        let could_start = matches!(s.as_bytes()[i], b'<' | b'>' | b'\\');
+        match OPS
+            .iter()
+            .find(|(op, _)| could_start && s[i..].starts_with(op))
+        {
             Some((op, rel)) => {
                 sides.push(s[start..i].to_string());
                 rels.push(*rel);
