@@ -34,9 +34,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     let mean = xf.mean_keepdim(D::Minus1)?;
     let centred = xf.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = centred
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .to_dtype(dtype)?;
+    let y = centred.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
     let y = y.broadcast_mul(weight)?;
     match bias {
         Some(b) => y.broadcast_add(b),
