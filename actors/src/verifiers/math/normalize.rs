@@ -127,13 +127,14 @@ const TEXT_WRAPPERS: [&str; 9] = [
 
 /// Unit and filler words dropped after a numeric answer (Minerva's `REMOVED_EXPRESSIONS` and
 /// Hendrycks' `_remove_right_units`, extended with common units).
-const UNIT_WORDS: [&str; 64] = [
+const UNIT_WORDS: [&str; 67] = [
     "square", "sq", "ways", "integers", "dollars", "dollar", "cents", "cent", "mph", "inches",
     "inch", "feet", "foot", "ft", "yards", "miles", "mile", "hours", "hour", "hrs", "minutes",
     "minute", "mins", "seconds", "second", "sec", "days", "day", "weeks", "years", "year", "km",
     "cm", "mm", "m", "meters", "meter", "metres", "kg", "g", "grams", "gm", "pounds", "lbs", "lb",
     "units", "unit", "points", "digits", "degrees", "degree", "students", "people", "edges",
-    "liters", "litres", "l", "ml", "gallons", "percent", "cubic", "s", "times", "per",
+    "liters", "litres", "l", "ml", "gallons", "percent", "cubic", "s", "times", "per", "radians",
+    "radian", "rad",
 ];
 
 /// Normalise one answer. Work is linear in the answer length.
