@@ -212,13 +212,15 @@ impl Comparer<'_> {
         };
         let d1 = Expr::Sub(Box::new(l1), Box::new(r1));
         let d2 = Expr::Sub(Box::new(l2), Box::new(r2));
-        let mut names = variables(&d1);
-        names.extend(variables(&d2));
-        names.sort();
-        names.dedup();
-        if names.is_empty() {
+        // Both sides must be equations in some variable (a constant `1e-301 = 0` is not).
+        let (vars1, vars2) = (variables(&d1), variables(&d2));
+        if vars1.is_empty() || vars2.is_empty() {
             return false;
         }
+        let mut names = vars1;
+        names.extend(vars2);
+        names.sort();
+        names.dedup();
         // Ratio at one point, then check d1 == ratio * d2 everywhere.
         let probe: Vec<(String, f64)> = names
             .iter()
@@ -226,7 +228,7 @@ impl Comparer<'_> {
             .map(|(i, n)| (n.clone(), 1.37 + 0.71 * i as f64))
             .collect();
         let ratio = eval(&d1, &probe) / eval(&d2, &probe);
-        if !ratio.is_finite() || ratio == 0.0 {
+        if !ratio.is_finite() || !(1e-9..=1e9).contains(&ratio.abs()) {
             return false;
         }
         let scaled = Expr::Mul(Box::new(Expr::Num(ratio)), Box::new(d2));

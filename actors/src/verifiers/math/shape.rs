@@ -133,7 +133,7 @@ pub(crate) fn shape(s: &str) -> Shape {
     if let Some(rel) = relation(s) {
         return rel;
     }
-    let mut sides = split_top(&s.replace("\\in", "="), "=");
+    let mut sides = split_top(&membership_as_equals(s), "=");
     if sides.len() > 2 {
         // `x = 2 + 1 = 3`: the last side is the value.
         return Shape::Scalar(sides.pop().unwrap_or_default());
@@ -253,4 +253,22 @@ pub(crate) fn as_interval(shape: &Shape) -> Option<(char, Vec<String>, char)> {
         }
         _ => None,
     }
+}
+
+/// `x \\in S` as `x = S`, leaving `\\infty` / `\\int` alone.
+fn membership_as_equals(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find("\\in") {
+        let after = &rest[pos + 3..];
+        out.push_str(&rest[..pos]);
+        if after.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            out.push_str("\\in");
+        } else {
+            out.push('=');
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
