@@ -227,7 +227,9 @@ impl Verifier for ChoiceVerifier {
                     .count()
                     == 1
             })
-            .or_else(|| self.option_by_text(input.answer, &options));
+            .or_else(|| self.option_by_text(input.answer, &options))
+            // `B. Paris` / `(B) 12`: a labelled reference.
+            .or_else(|| self.letter_of(input.answer));
         let Some(reference) = reference else {
             return Err(crate::Error::msg(format!(
                 "choice: reference answer `{}` is neither an option letter nor an option's text",

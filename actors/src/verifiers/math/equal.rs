@@ -12,12 +12,11 @@ use super::eval::{close, equal_at_random_points, eval, mentions_infinity, variab
 use super::expr::{parse, Expr};
 use super::extract::{extract_answer_with_tags, last_boxed};
 use super::normalize::{normalize_answer, Normalized};
+use super::shape::{as_interval, is_variable, shape, Shape};
 use super::MathConfig;
 
 /// Deepest structural nesting compared (tuples of tuples of ...).
 const MAX_NESTING: usize = 8;
-/// Most elements compared in one tuple / set / list / matrix.
-const MAX_ELEMENTS: usize = 64;
 
 /// Whether the predicted answer `pred` is mathematically equal to `reference`.
 pub fn math_equal(pred: &str, reference: &str, cfg: &MathConfig) -> bool {
@@ -78,29 +77,6 @@ fn values_equal(p: &Normalized, r: &Normalized, cfg: &MathConfig) -> bool {
     Comparer { cfg, percent_side }.equal(&p.text, &r.text, 0)
 }
 
-/// The shape of an answer, found from its top-level separators and brackets.
-#[derive(Debug)]
-enum Shape {
-    Matrix(Vec<Vec<String>>),
-    /// `(a, b)` / `[a, b)` ...: opening bracket, items, closing bracket.
-    Bracketed(char, Vec<String>, char),
-    /// `\{a, b\}`, or a bare `a, b`: order does not matter.
-    Unordered(Vec<String>),
-    Union(Vec<String>),
-    Relation(Vec<String>, Vec<Rel>),
-    Equation(String, String),
-    Scalar(String),
-}
-
-/// An order relation in an inequality chain.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Rel {
-    Less,
-    LessEq,
-    Greater,
-    GreaterEq,
-}
-
 struct Comparer<'a> {
     cfg: &'a MathConfig,
     /// Which sides carried a `%`, when percent equivalence is on.
@@ -125,6 +101,10 @@ impl Comparer<'_> {
             (Shape::Bracketed(o1, x, c1), Shape::Bracketed(o2, y, c2)) => {
                 o1 == o2 && c1 == c2 && self.ordered(x, y, d)
             }
+            // A bare list against a tuple reads as the tuple, in order (math-verify:
+            // `(1,3)` matches `{1,3}`, `(3,1)` does not).
+            (Shape::Bracketed('(', x, ')'), Shape::Unordered(y))
+            | (Shape::Unordered(x), Shape::Bracketed('(', y, ')')) => self.ordered(x, y, d),
             // `x<1, x>2` (a list of inequalities) may match `(-\infty,1)\cup(2,\infty)`.
             (Shape::Unordered(x) | Shape::Union(x), Shape::Unordered(y) | Shape::Union(y)) => {
                 self.unordered(x, y, d)
@@ -172,6 +152,11 @@ impl Comparer<'_> {
     fn scalar(&self, a: &str, b: &str) -> bool {
         if plain_text(a) == plain_text(b) && !plain_text(a).is_empty() {
             return true;
+        }
+        // A word (`no`, `Monday`) is text: as a product of letters `no` would equal `on`.
+        let is_word = |t: &str| t.len() >= 2 && t.chars().all(|c| c.is_ascii_alphabetic());
+        if is_word(a) || is_word(b) {
+            return false;
         }
         let (Some(ea), Some(eb)) = (parse(a), parse(b)) else {
             return false;
@@ -227,13 +212,15 @@ impl Comparer<'_> {
         };
         let d1 = Expr::Sub(Box::new(l1), Box::new(r1));
         let d2 = Expr::Sub(Box::new(l2), Box::new(r2));
-        let mut names = variables(&d1);
-        names.extend(variables(&d2));
-        names.sort();
-        names.dedup();
-        if names.is_empty() {
+        // Both sides must be equations in some variable (a constant `1e-301 = 0` is not).
+        let (vars1, vars2) = (variables(&d1), variables(&d2));
+        if vars1.is_empty() || vars2.is_empty() {
             return false;
         }
+        let mut names = vars1;
+        names.extend(vars2);
+        names.sort();
+        names.dedup();
         // Ratio at one point, then check d1 == ratio * d2 everywhere.
         let probe: Vec<(String, f64)> = names
             .iter()
@@ -241,7 +228,7 @@ impl Comparer<'_> {
             .map(|(i, n)| (n.clone(), 1.37 + 0.71 * i as f64))
             .collect();
         let ratio = eval(&d1, &probe) / eval(&d2, &probe);
-        if !ratio.is_finite() || ratio == 0.0 {
+        if !ratio.is_finite() || !(1e-9..=1e9).contains(&ratio.abs()) {
             return false;
         }
         let scaled = Expr::Mul(Box::new(Expr::Num(ratio)), Box::new(d2));
@@ -260,214 +247,4 @@ fn plain_text(s: &str) -> String {
         .filter(|c| !matches!(c, '{' | '}' | '\\' | '"' | '\'' | ' '))
         .flat_map(char::to_lowercase)
         .collect()
-}
-
-/// Whether `s` is a lone variable name such as `x`, `y_1`, `\theta`, `f(x)`.
-fn is_variable(s: &str) -> bool {
-    match parse(s) {
-        Some(Expr::Var(_)) => true,
-        Some(Expr::Mul(f, x)) => {
-            matches!((*f, *x), (Expr::Var(_), Expr::Var(_))) && s.ends_with(')')
-        }
-        _ => false,
-    }
-}
-
-/// Split `s` at `sep` where no bracket is open.
-fn split_top(s: &str, sep: &str) -> Vec<String> {
-    let bytes = s.as_bytes();
-    let mut parts = Vec::new();
-    let mut depth: i64 = 0;
-    let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'(' | b'[' | b'{' => depth += 1,
-            b')' | b']' | b'}' => depth -= 1,
-            _ => {}
-        }
-        if depth == 0 && bytes[i..].starts_with(sep.as_bytes()) {
-            parts.push(s[start..i].to_string());
-            i += sep.len();
-            start = i;
-            continue;
-        }
-        i += 1;
-    }
-    parts.push(s[start..].to_string());
-    parts
-}
-
-/// Whether the bracket opening at byte 0 closes at the last byte.
-fn wraps_whole(s: &str) -> bool {
-    let bytes = s.as_bytes();
-    let mut depth = 0i64;
-    for (i, b) in bytes.iter().enumerate() {
-        match b {
-            b'(' | b'[' | b'{' => depth += 1,
-            b')' | b']' | b'}' => depth -= 1,
-            _ => {}
-        }
-        if depth <= 0 {
-            return i == bytes.len() - 1;
-        }
-    }
-    false
-}
-
-fn shape(s: &str) -> Shape {
-    if let Some(rows) = matrix_rows(s) {
-        return Shape::Matrix(rows);
-    }
-    // One `\pm` is two answers; more would multiply, so they stay a (non-parsing) scalar.
-    if let (Some(pos), 1) = (s.find("\\pm"), s.matches("\\pm").count()) {
-        let plus = format!("{}+{}", &s[..pos], &s[pos + 3..]);
-        let minus = format!("{}-{}", &s[..pos], &s[pos + 3..]);
-        return Shape::Unordered(vec![plus, minus]);
-    }
-    let union = split_top(s, "\\cup");
-    if union.len() > 1 {
-        return Shape::Union(union.into_iter().take(MAX_ELEMENTS).collect());
-    }
-    if let Some(inner) = s.strip_prefix("\\{").and_then(|t| t.strip_suffix("\\}")) {
-        if wraps_whole(&s[1..]) {
-            return Shape::Unordered(
-                split_top(inner, ",")
-                    .into_iter()
-                    .take(MAX_ELEMENTS)
-                    .collect(),
-            );
-        }
-    }
-    let items = split_top(s, ",");
-    if items.len() > 1 {
-        return Shape::Unordered(items.into_iter().take(MAX_ELEMENTS).collect());
-    }
-    let first = s.chars().next().unwrap_or(' ');
-    let last = s.chars().last().unwrap_or(' ');
-    if matches!(first, '(' | '[') && matches!(last, ')' | ']') && wraps_whole(s) {
-        let items = split_top(&s[1..s.len() - 1], ",");
-        if items.len() > 1 {
-            return Shape::Bracketed(first, items.into_iter().take(MAX_ELEMENTS).collect(), last);
-        }
-    }
-    if let Some(rel) = relation(s) {
-        return rel;
-    }
-    let mut sides = split_top(&s.replace("\\in", "="), "=");
-    if sides.len() > 2 {
-        // `x = 2 + 1 = 3`: the last side is the value.
-        return Shape::Scalar(sides.pop().unwrap_or_default());
-    }
-    if let (Some(rhs), Some(lhs)) = (sides.pop(), sides.pop()) {
-        return Shape::Equation(lhs, rhs);
-    }
-    Shape::Scalar(s.to_string())
-}
-
-/// Rows of a `pmatrix` / `bmatrix` / `matrix` environment, cells split at `&`.
-fn matrix_rows(s: &str) -> Option<Vec<Vec<String>>> {
-    let rest = s.strip_prefix("\\begin{")?;
-    let (env, body) = rest.split_once('}')?;
-    let body = body.strip_suffix(&format!("\\end{{{env}}}"))?;
-    let rows = body
-        .split("\\\\")
-        .filter(|r| !r.is_empty())
-        .take(MAX_ELEMENTS)
-        .map(|r| {
-            r.split('&')
-                .take(MAX_ELEMENTS)
-                .map(str::to_string)
-                .collect()
-        })
-        .collect();
-    Some(rows)
-}
-
-/// An inequality chain `a < x \le b` split into its sides and relations.
-fn relation(s: &str) -> Option<Shape> {
-    const OPS: [(&str, Rel); 8] = [
-        ("\\le", Rel::LessEq),
-        ("\\ge", Rel::GreaterEq),
-        ("<=", Rel::LessEq),
-        (">=", Rel::GreaterEq),
-        ("\\lt", Rel::Less),
-        ("\\gt", Rel::Greater),
-        ("<", Rel::Less),
-        (">", Rel::Greater),
-    ];
-    let mut sides = Vec::new();
-    let mut rels = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i < s.len() {
-        match OPS.iter().find(|(op, _)| s[i..].starts_with(op)) {
-            Some((op, rel)) => {
-                sides.push(s[start..i].to_string());
-                rels.push(*rel);
-                i += op.len();
-                start = i;
-            }
-            None => i += s[i..].chars().next().map_or(1, char::len_utf8),
-        }
-    }
-    if rels.is_empty() || rels.len() > 2 {
-        return None;
-    }
-    sides.push(s[start..].to_string());
-    Some(Shape::Relation(sides, rels))
-}
-
-/// An inequality in one variable as an interval `(open, [lo, hi], close)`; an interval as itself.
-fn as_interval(shape: &Shape) -> Option<(char, Vec<String>, char)> {
-    let (sides, rels) = match shape {
-        Shape::Bracketed(o, items, c) if items.len() == 2 => return Some((*o, items.clone(), *c)),
-        Shape::Relation(sides, rels) => (sides, rels),
-        _ => return None,
-    };
-    let inf = || "\\infty".to_string();
-    let neg_inf = || "-\\infty".to_string();
-    let open = |r: Rel| matches!(r, Rel::Less | Rel::Greater);
-    match (sides.as_slice(), rels.as_slice()) {
-        ([v, a], [r]) | ([a, v], [r]) if is_variable(v) && !is_variable(a) => {
-            // `x < a` bounds above; `a < x` bounds below.
-            let var_left = is_variable(&sides[0]);
-            let upper = matches!(r, Rel::Less | Rel::LessEq) == var_left;
-            Some(if upper {
-                (
-                    '(',
-                    vec![neg_inf(), a.clone()],
-                    if open(*r) { ')' } else { ']' },
-                )
-            } else {
-                (
-                    if open(*r) { '(' } else { '[' },
-                    vec![a.clone(), inf()],
-                    ')',
-                )
-            })
-        }
-        ([lo, v, hi], [r1, r2]) if is_variable(v) => {
-            let ascending =
-                matches!(r1, Rel::Less | Rel::LessEq) && matches!(r2, Rel::Less | Rel::LessEq);
-            let descending =
-                !matches!(r1, Rel::Less | Rel::LessEq) && !matches!(r2, Rel::Less | Rel::LessEq);
-            if ascending {
-                Some((
-                    if open(*r1) { '(' } else { '[' },
-                    vec![lo.clone(), hi.clone()],
-                    if open(*r2) { ')' } else { ']' },
-                ))
-            } else if descending {
-                Some((
-                    if open(*r2) { '(' } else { '[' },
-                    vec![hi.clone(), lo.clone()],
-                    if open(*r1) { ')' } else { ']' },
-                ))
-            } else {
-                None
-            }
-        }
-        _ => None,
-    }
 }

@@ -7,6 +7,8 @@
 //! (`2\frac{1}{2}`). Work is bounded: at most [`MAX_TOKENS`] tokens and [`MAX_DEPTH`] nesting, so
 //! adversarial input fails to parse instead of recursing deeply.
 
+use super::token::{tokenize, Tok};
+
 /// Most tokens an expression may have.
 pub(crate) const MAX_TOKENS: usize = 1000;
 /// Deepest nesting the recursive-descent parser follows.
@@ -54,70 +56,6 @@ pub(crate) enum Expr {
     Binom(Box<Expr>, Box<Expr>),
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum Tok {
-    Num(f64, bool),
-    Var(String),
-    Cmd(&'static str),
-    Sym(char),
-}
-
-/// Commands the tokenizer knows; unknown commands make the expression unparsable.
-const COMMANDS: [&str; 52] = [
-    "frac",
-    "sqrt",
-    "binom",
-    "pi",
-    "infty",
-    "inf",
-    "sin",
-    "cos",
-    "tan",
-    "cot",
-    "sec",
-    "csc",
-    "arcsin",
-    "arccos",
-    "arctan",
-    "sinh",
-    "cosh",
-    "tanh",
-    "ln",
-    "log",
-    "exp",
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "varepsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "vartheta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-    "nu",
-    "xi",
-    "rho",
-    "sigma",
-    "tau",
-    "phi",
-    "varphi",
-    "chi",
-    "psi",
-    "omega",
-    "Gamma",
-    "Delta",
-    "Theta",
-    "Lambda",
-    "Sigma",
-    "Phi",
-    "Omega",
-];
-
 /// Parse a normalised answer into an expression; `None` when it is not a single expression.
 pub(crate) fn parse(text: &str) -> Option<Expr> {
     let toks = tokenize(text)?;
@@ -128,121 +66,6 @@ pub(crate) fn parse(text: &str) -> Option<Expr> {
     };
     let expr = parser.expr()?;
     (parser.pos == parser.toks.len()).then_some(expr)
-}
-
-fn tokenize(text: &str) -> Option<Vec<Tok>> {
-    let chars: Vec<char> = text.chars().collect();
-    let mut toks = Vec::new();
-    let mut i = 0;
-    while i < chars.len() {
-        if toks.len() > MAX_TOKENS {
-            return None;
-        }
-        let c = chars[i];
-        if c.is_whitespace() {
-            i += 1;
-        } else if c.is_ascii_digit()
-            || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit))
-        {
-            let start = i;
-            while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.') {
-                i += 1;
-            }
-            // Scientific notation: 1e-3, 2.5E+4.
-            if i < chars.len() && (chars[i] == 'e' || chars[i] == 'E') {
-                let mut j = i + 1;
-                if j < chars.len() && (chars[j] == '-' || chars[j] == '+') {
-                    j += 1;
-                }
-                if j < chars.len() && chars[j].is_ascii_digit() {
-                    while j < chars.len() && chars[j].is_ascii_digit() {
-                        j += 1;
-                    }
-                    i = j;
-                }
-            }
-            let literal: String = chars[start..i].iter().collect();
-            let value: f64 = literal.parse().ok()?;
-            toks.push(Tok::Num(value, literal.chars().all(|c| c.is_ascii_digit())));
-        } else if c == '\\' {
-            let start = i + 1;
-            let mut end = start;
-            while end < chars.len() && chars[end].is_ascii_alphabetic() {
-                end += 1;
-            }
-            if end == start {
-                // `\{`, `\}`, `\|` and friends: keep the symbol.
-                let sym = *chars.get(start)?;
-                toks.push(Tok::Sym(if sym == '{' {
-                    '⦃'
-                } else if sym == '}' {
-                    '⦄'
-                } else {
-                    sym
-                }));
-                i = start + 1;
-                continue;
-            }
-            let word: String = chars[start..end].iter().collect();
-            // Longest known command that prefixes the letters (`\pix` is `\pi x`).
-            let cmd = COMMANDS
-                .iter()
-                .filter(|c| word.starts_with(*c))
-                .max_by_key(|c| c.len())?;
-            i = start + cmd.len();
-            if is_greek(cmd) {
-                let name = format!("\\{cmd}");
-                let (name, next) = with_subscript(name, &chars, i);
-                toks.push(Tok::Var(name));
-                i = next;
-            } else {
-                toks.push(Tok::Cmd(cmd));
-            }
-        } else if c.is_alphabetic() {
-            let (name, next) = with_subscript(c.to_string(), &chars, i + 1);
-            toks.push(Tok::Var(name));
-            i = next;
-        } else if "+-*/^_!()[]{}|,=<>'".contains(c) {
-            toks.push(Tok::Sym(c));
-            i += 1;
-        } else {
-            return None;
-        }
-    }
-    Some(toks)
-}
-
-fn is_greek(cmd: &str) -> bool {
-    COMMANDS
-        .iter()
-        .position(|c| *c == cmd)
-        .is_some_and(|p| p >= 21)
-}
-
-/// Append a `_x` / `_{...}` subscript to a variable name; returns the name and the next index.
-fn with_subscript(mut name: String, chars: &[char], i: usize) -> (String, usize) {
-    if chars.get(i) != Some(&'_') {
-        return (name, i);
-    }
-    match chars.get(i + 1) {
-        Some('{') => {
-            let close = chars[i + 2..].iter().take(32).position(|c| *c == '}');
-            match close {
-                Some(len) => {
-                    name.push('_');
-                    name.extend(&chars[i + 2..i + 2 + len]);
-                    (name, i + 3 + len)
-                }
-                None => (name, i),
-            }
-        }
-        Some(c) if c.is_alphanumeric() => {
-            name.push('_');
-            name.push(*c);
-            (name, i + 2)
-        }
-        _ => (name, i),
-    }
 }
 
 struct Parser {
@@ -489,8 +312,9 @@ impl Parser {
 
     /// A function's argument: `(x)`, `{x}`, or an implicit product of factors (`\sin 2x`).
     fn function_argument(&mut self) -> Option<Expr> {
+        // `\sin(x)^2` is `(\sin x)^2`: a bracketed argument ends at its bracket.
         if matches!(self.peek(), Some(Tok::Sym('(')) | Some(Tok::Sym('{'))) {
-            return self.power();
+            return self.atom();
         }
         let mut arg = self.power()?;
         while matches!(self.peek(), Some(Tok::Num(..)) | Some(Tok::Var(_))) {

@@ -9,7 +9,7 @@
 /// Box commands whose argument is the final answer.
 const BOX_COMMANDS: [&str; 2] = ["\\boxed", "\\fbox"];
 /// How many unbalanced boxes are skipped before giving up on boxes.
-const MAX_BOX_TRIES: usize = 64;
+const MAX_BOX_TRIES: usize = 16;
 /// Phrases that introduce a final answer, searched case-insensitively, longest first.
 const ANSWER_MARKERS: [&str; 4] = ["answer is", "answer:", "answer :", "answer ="];
 
@@ -52,22 +52,21 @@ pub(crate) fn answer_region<'a>(response: &'a str, think_open: &str, think_close
 }
 
 /// The argument of the last balanced `\boxed{...}` / `\fbox{...}` (or `\boxed 5`), trimmed.
+/// Up to [`MAX_BOX_TRIES`] boxes are tried from the last one back.
 pub(crate) fn last_boxed(text: &str) -> Option<String> {
-    let mut end = text.len();
-    for _ in 0..MAX_BOX_TRIES {
-        let (start, cmd) = BOX_COMMANDS
-            .iter()
-            .filter_map(|cmd| text[..end].rfind(cmd).map(|p| (p, *cmd)))
-            .max_by_key(|(p, _)| *p)?;
-        if let Some(arg) = box_argument(&text[start + cmd.len()..]) {
-            let arg = arg.trim();
-            if !arg.is_empty() {
-                return Some(arg.to_string());
-            }
-        }
-        end = start;
-    }
-    None
+    let mut starts: Vec<(usize, usize)> = BOX_COMMANDS
+        .iter()
+        .flat_map(|cmd| text.match_indices(cmd).map(|(p, c)| (p, c.len())))
+        .collect();
+    starts.sort_unstable();
+    starts
+        .iter()
+        .rev()
+        .take(MAX_BOX_TRIES)
+        .find_map(|&(start, len)| {
+            let arg = box_argument(&text[start + len..])?.trim();
+            (!arg.is_empty()).then(|| arg.to_string())
+        })
 }
 
 /// The argument following a box command: a balanced `{...}` group or a bare token after a space.
@@ -120,9 +119,44 @@ fn after_answer_marker(text: &str) -> Option<String> {
     if let Some(p) = sentence_end(phrase) {
         phrase = &phrase[..p];
     }
-    let phrase = strip_math_delimiters(phrase.trim());
+    let phrase = phrase.trim();
+    // "Answer: The largest $n$ is 34." holds prose: a number after its last math span, else
+    // that span; without spans, what precedes the first word ("1/2 because ..."), else the last
+    // number ("Jane started 3 hours ago").
+    let is_word = |w: &str| w.len() > 2 && w.chars().all(char::is_alphabetic);
+    if let Some(first_word) = phrase.split_whitespace().find(|w| is_word(w)) {
+        let (span, after) = match last_math_span(phrase) {
+            Some((span, end)) => (Some(span), &phrase[end..]),
+            None => (None, phrase),
+        };
+        if let Some(number) = last_number(after).filter(|_| span.is_some()) {
+            return Some(number);
+        }
+        if let Some(span) = span {
+            return Some(span.to_string());
+        }
+        let word_at = phrase.find(first_word).unwrap_or(0);
+        let before = phrase[..word_at].trim();
+        if before.contains(|c: char| c.is_ascii_digit() || c == '\\') {
+            return Some(before.trim_end_matches([',', '.', ' ']).to_string());
+        }
+        if let Some(number) = last_number(phrase) {
+            return Some(number);
+        }
+    }
+    let phrase = strip_math_delimiters(phrase);
     let phrase = phrase.trim_end_matches(['.', '*', ' ']).trim();
     (!phrase.is_empty()).then(|| phrase.to_string())
+}
+
+/// The content of the last non-empty `$...$` span in `text`, and the offset after it.
+fn last_math_span(text: &str) -> Option<(&str, usize)> {
+    let dollars: Vec<usize> = text.match_indices('$').map(|(i, _)| i).collect();
+    dollars
+        .chunks_exact(2)
+        .rev()
+        .map(|pair| (text[pair[0] + 1..pair[1]].trim(), pair[1] + 1))
+        .find(|(span, _)| !span.is_empty())
 }
 
 /// Byte offset of the first ". " / ".\t" sentence end in `text`.

@@ -9,12 +9,28 @@
 //!   (Qwen2.5-Math `math_equal`), structures (tuples, intervals, sets, matrices, equations), and
 //!   symbolic expressions parsed into an AST and compared by evaluation at random points (the
 //!   role sympy's `simplify(a - b) == 0` plays in PRM800K's grader).
+//!
+//! | file | role |
+//! |---|---|
+//! | `extract.rs` | final answer out of a response |
+//! | `normalize.rs` | LaTeX / unit / separator normalisation of one answer |
+//! | `shape.rs` | answer structure: matrix, tuple, interval, set, union, inequality, equation |
+//! | `token.rs`, `expr.rs` | bounded tokenizer and recursive-descent parser to an AST |
+//! | `eval.rs` | AST evaluation, random-point identity test |
+//! | `equal.rs` | [`math_equal`]: ties the above together |
+//! | `testdata/pairs.tsv` | the answer-pair table the tests assert |
+//!
+//! Robustness: every step is linear or bounded (answer length, token count, nesting depth,
+//! element counts, factorial size), so no input panics or hangs; `examples/fuzz_math.rs` drives
+//! it with a million generated inputs.
 
 mod equal;
 mod eval;
 mod expr;
 mod extract;
 mod normalize;
+mod shape;
+mod token;
 
 #[cfg(test)]
 mod tests;
@@ -34,7 +50,7 @@ use super::{Verdict, Verifier, VerifyInput};
 pub struct MathConfig {
     /// Relative tolerance for numeric comparison (Qwen2.5-Math uses 1e-4).
     pub relative_tolerance: f64,
-    /// Absolute tolerance for numeric comparison near zero.
+    /// Absolute tolerance for numeric comparison near zero; kept tiny so `1e-10` is not `2e-10`.
     pub absolute_tolerance: f64,
     /// Accept a percentage written as its fraction or vice versa (`50%` vs `0.5`), as
     /// Qwen2.5-Math's `include_percentage` does.
@@ -59,7 +75,7 @@ impl Default for MathConfig {
     fn default() -> Self {
         MathConfig {
             relative_tolerance: 1e-4,
-            absolute_tolerance: 1e-8,
+            absolute_tolerance: 1e-12,
             percent_equivalence: true,
             symbolic: true,
             symbolic_points: 8,

@@ -18,53 +18,55 @@ pub struct Normalized {
 const ROW_BREAK: &str = "\u{1}";
 
 /// Pure deletions, applied in order (spacing, sizing, delimiters, degrees).
-const DELETIONS: [&str; 42] = [
-    "\\displaystyle",
-    "\\textstyle",
-    "\\left",
-    "\\right",
-    "\\bigl",
-    "\\bigr",
-    "\\Bigl",
-    "\\Bigr",
-    "\\biggl",
-    "\\biggr",
-    "\\Biggl",
-    "\\Biggr",
-    "\\big",
-    "\\Big",
-    "\\bigg",
-    "\\Bigg",
-    "\\!",
-    "\\,",
-    "\\;",
-    "\\:",
-    "\\ ",
-    "\\quad",
-    "\\qquad",
-    "\\hspace",
-    "\\limits",
-    "^{\\circ}",
-    "^\\circ",
-    "^{\\degree}",
-    "\\degree",
-    "\\circ",
-    "°",
-    "\\(",
-    "\\)",
-    "\\[",
-    "\\]",
-    "\\$",
-    "$",
-    "{,}",
-    "\\dots",
-    "\\ldots",
-    "€",
-    "£",
+const DELETIONS: [(&str, &str); 42] = [
+    ("\\displaystyle", ""),
+    ("\\textstyle", ""),
+    ("\\left", ""),
+    ("\\right", ""),
+    ("\\bigl", ""),
+    ("\\bigr", ""),
+    ("\\Bigl", ""),
+    ("\\Bigr", ""),
+    ("\\biggl", ""),
+    ("\\biggr", ""),
+    ("\\Biggl", ""),
+    ("\\Biggr", ""),
+    ("\\bigg", ""),
+    ("\\Bigg", ""),
+    ("\\big", ""),
+    ("\\Big", ""),
+    ("\\!", ""),
+    ("\\,", ""),
+    ("\\;", ""),
+    ("\\:", ""),
+    ("\\ ", ""),
+    ("\\quad", ""),
+    ("\\qquad", ""),
+    ("\\hspace", ""),
+    ("\\limits", ""),
+    ("^{\\circ}", ""),
+    ("^\\circ", ""),
+    ("^{\\degree}", ""),
+    ("\\degree", ""),
+    ("\\circ", ""),
+    ("°", ""),
+    ("\\(", ""),
+    ("\\)", ""),
+    ("\\[", ""),
+    ("\\]", ""),
+    ("\\$", ""),
+    ("$", ""),
+    ("{,}", ""),
+    ("\\dots", ""),
+    ("\\ldots", ""),
+    ("€", ""),
+    ("£", ""),
 ];
 
 /// Replacements, applied in order after the deletions.
-const REPLACEMENTS: [(&str, &str); 43] = [
+const REPLACEMENTS: [(&str, &str); 45] = [
+    ("\\approx", "="),
+    ("~", " "),
     ("\\mathbb{R}", "(-\\infty,\\infty)"),
     ("²", "^2"),
     ("³", "^3"),
@@ -125,13 +127,14 @@ const TEXT_WRAPPERS: [&str; 9] = [
 
 /// Unit and filler words dropped after a numeric answer (Minerva's `REMOVED_EXPRESSIONS` and
 /// Hendrycks' `_remove_right_units`, extended with common units).
-const UNIT_WORDS: [&str; 64] = [
+const UNIT_WORDS: [&str; 67] = [
     "square", "sq", "ways", "integers", "dollars", "dollar", "cents", "cent", "mph", "inches",
     "inch", "feet", "foot", "ft", "yards", "miles", "mile", "hours", "hour", "hrs", "minutes",
     "minute", "mins", "seconds", "second", "sec", "days", "day", "weeks", "years", "year", "km",
     "cm", "mm", "m", "meters", "meter", "metres", "kg", "g", "grams", "gm", "pounds", "lbs", "lb",
     "units", "unit", "points", "digits", "degrees", "degree", "students", "people", "edges",
-    "liters", "litres", "l", "ml", "gallons", "percent", "cubic", "s", "times", "per",
+    "liters", "litres", "l", "ml", "gallons", "percent", "cubic", "s", "times", "per", "radians",
+    "radian", "rad",
 ];
 
 /// Normalise one answer. Work is linear in the answer length.
@@ -141,13 +144,12 @@ pub fn normalize_answer(answer: &str) -> Normalized {
         .trim()
         .replace(['\n', '\r', '\t'], " ")
         .replace("\\\\", ROW_BREAK);
-    s = unwrap_command(&s, "\\boxed");
-    s = unwrap_command(&s, "\\fbox");
-    for d in DELETIONS {
-        if s.contains(d) {
-            s = s.replace(d, "");
-        }
+    let latex = s.contains('\\');
+    if latex {
+        s = unwrap_command(&s, "\\boxed");
+        s = unwrap_command(&s, "\\fbox");
     }
+    s = replace_in_one_pass(&s, &DELETIONS);
     let mut percent = s.contains('%');
     s = s.replace("\\%", "").replace('%', "");
     for word in [" percentage", " percent", " pct"] {
@@ -156,17 +158,18 @@ pub fn normalize_answer(answer: &str) -> Normalized {
             percent = true;
         }
     }
-    for (from, to) in REPLACEMENTS {
-        if s.contains(from) {
-            s = s.replace(from, to);
-        }
+    s = replace_in_one_pass(&s, &REPLACEMENTS);
+    if latex && s.contains("\\text{") {
+        s = s
+            .replace("\\text{and}", ",")
+            .replace("\\text{ and }", ",")
+            .replace("\\text{or}", ",")
+            .replace("\\text{ or }", ",");
     }
-    s = s
-        .replace("\\text{and}", ",")
-        .replace("\\text{ and }", ",")
-        .replace("\\text{or}", ",");
-    s = s.replace("\\text{ or }", ",");
-    s = unwrap_text(&s);
+    if latex {
+        s = unwrap_text(&s);
+    }
+    s = plain_function_names(&s);
     s = strip_unit_words(&s);
     s = s.replace(ROW_BREAK, "\\\\");
     s = collapse_spaces(&s);
@@ -174,8 +177,9 @@ pub fn normalize_answer(answer: &str) -> Normalized {
     if is_space_grouped_number(&s) {
         s.retain(|c| c != ' ');
     }
+    // Trailing punctuation and a dangling backslash (`5.\`) are not part of the answer.
     let s = s
-        .trim_end_matches(['.', ',', ' '])
+        .trim_end_matches(['.', ',', ' ', '\\'])
         .trim_start_matches(['=', ' ']);
     let s = if s.replace(' ', "") == "\\{\\}" {
         "\\emptyset"
@@ -346,4 +350,74 @@ fn decimal_comma(s: &str) -> Option<String> {
     }
     let thousands = frac.len() == 3 && int_digits != "0" && int_digits.len() <= 3;
     (!thousands).then(|| format!("{int}.{frac}"))
+}
+
+/// Function and constant names written without a backslash (`sqrt(2)`, `2pi`, `infinity`), as
+/// plain-text answers and sympy-style references have them, as LaTeX commands.
+fn plain_function_names(s: &str) -> String {
+    const NAMES: [(&str, &str); 10] = [
+        ("infinity", "\\infty"),
+        ("sqrt", "\\sqrt"),
+        ("sin", "\\sin"),
+        ("cos", "\\cos"),
+        ("tan", "\\tan"),
+        ("log", "\\log"),
+        ("ln", "\\ln"),
+        ("exp", "\\exp"),
+        ("pi", "\\pi"),
+        ("inf", "\\infty"),
+    ];
+    let has_word = s
+        .as_bytes()
+        .windows(2)
+        .any(|w| w[0].is_ascii_lowercase() && w[1].is_ascii_lowercase());
+    if !has_word || !s.is_ascii() || !NAMES.iter().any(|(n, _)| s.contains(n)) {
+        return s.to_string();
+    }
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len() + 8);
+    let mut i = 0;
+    'scan: while i < bytes.len() {
+        let preceded_ok = i == 0 || !(bytes[i - 1].is_ascii_alphabetic() || bytes[i - 1] == b'\\');
+        if preceded_ok {
+            for (name, command) in NAMES {
+                let end = i + name.len();
+                let followed_ok = bytes.get(end).is_none_or(|b| !b.is_ascii_alphabetic());
+                if s[i..].starts_with(name) && followed_ok {
+                    out.push_str(command);
+                    i = end;
+                    continue 'scan;
+                }
+            }
+        }
+        out.push(bytes[i] as char);
+        i += 1;
+    }
+    out
+}
+
+/// Replace every occurrence of a table pattern by its replacement in one left-to-right pass;
+/// where several patterns match at a position the first listed wins (so `\\left` is listed
+/// before `\\le...`). Linear in `s` times the few patterns sharing a first byte.
+fn replace_in_one_pass(s: &str, table: &[(&str, &str)]) -> String {
+    let mut starts = [false; 256];
+    for (from, _) in table {
+        if let Some(b) = from.bytes().next() {
+            starts[usize::from(b)] = true;
+        }
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        if starts[usize::from(rest.as_bytes()[0])] {
+            if let Some((from, to)) = table.iter().find(|(from, _)| rest.starts_with(from)) {
+                out.push_str(to);
+                rest = &rest[from.len()..];
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }

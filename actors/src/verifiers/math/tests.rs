@@ -110,6 +110,24 @@ fn extraction_phrases_and_numbers() {
     );
     assert_eq!(extract_answer("value 2.75."), Some("2.75".to_string()));
     assert_eq!(extract_answer("no digits here"), None);
+    assert_eq!(
+        extract_answer("Final Answer: The largest $n$ is 34.").as_deref(),
+        Some("34")
+    );
+    assert_eq!(
+        extract_answer("Final Answer: Jane started 3 hours ago.").as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        extract_answer("The answer is \\frac{1}{2} because 2 halves").as_deref(),
+        Some("\\frac{1}{2}")
+    );
+    assert_eq!(extract_answer("Answer: 10 dollars").as_deref(), Some("10"));
+    assert_eq!(extract_answer("Answer: Monday").as_deref(), Some("Monday"));
+    assert_eq!(
+        extract_answer("Final Answer: so it is $x=\\frac{1}{2}$ here").as_deref(),
+        Some("x=\\frac{1}{2}")
+    );
 }
 
 #[test]

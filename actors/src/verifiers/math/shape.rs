@@ -1,0 +1,274 @@
+//! The shape of an answer: matrix, tuple / interval, set or list, union, inequality chain,
+//! equation or scalar, found from top-level separators and brackets (nesting-aware splits, so
+//! `(1,(2,3))` has two items). Inequalities in one variable become intervals, as math-verify does.
+
+use super::expr::{parse, Expr};
+
+/// Most elements kept in one tuple / set / list / matrix row.
+const MAX_ELEMENTS: usize = 64;
+
+/// The shape of an answer, found from its top-level separators and brackets.
+#[derive(Debug)]
+pub(crate) enum Shape {
+    Matrix(Vec<Vec<String>>),
+    /// `(a, b)` / `[a, b)` ...: opening bracket, items, closing bracket.
+    Bracketed(char, Vec<String>, char),
+    /// `\{a, b\}`, or a bare `a, b`: order does not matter.
+    Unordered(Vec<String>),
+    Union(Vec<String>),
+    Relation(Vec<String>, Vec<Rel>),
+    Equation(String, String),
+    Scalar(String),
+}
+
+/// An order relation in an inequality chain.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Rel {
+    Less,
+    LessEq,
+    Greater,
+    GreaterEq,
+}
+
+/// Whether `s` is a lone variable name such as `x`, `y_1`, `\theta`, `f(x)`.
+pub(crate) fn is_variable(s: &str) -> bool {
+    match parse(s) {
+        Some(Expr::Var(_)) => true,
+        Some(Expr::Mul(f, x)) => {
+            matches!((*f, *x), (Expr::Var(_), Expr::Var(_))) && s.ends_with(')')
+        }
+        _ => false,
+    }
+}
+
+/// Split `s` at `sep` where no bracket is open.
+fn split_top(s: &str, sep: &str) -> Vec<String> {
+    let bytes = s.as_bytes();
+    let mut parts = Vec::new();
+    let mut depth: i64 = 0;
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth -= 1,
+            _ => {}
+        }
+        if depth == 0 && bytes[i..].starts_with(sep.as_bytes()) {
+            parts.push(s[start..i].to_string());
+            i += sep.len();
+            start = i;
+            continue;
+        }
+        i += 1;
+    }
+    parts.push(s[start..].to_string());
+    parts
+}
+
+/// Whether the bracket opening at byte 0 closes at the last byte.
+fn wraps_whole(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    let mut depth = 0i64;
+    for (i, b) in bytes.iter().enumerate() {
+        match b {
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth -= 1,
+            _ => {}
+        }
+        if depth <= 0 {
+            return i == bytes.len() - 1;
+        }
+    }
+    false
+}
+
+pub(crate) fn shape(s: &str) -> Shape {
+    // A plain `{...}` around the whole answer is LaTeX grouping.
+    let s = match s.strip_prefix('{').and_then(|t| t.strip_suffix('}')) {
+        Some(inner) if wraps_whole(s) => inner.trim(),
+        _ => s,
+    };
+    if let Some(rows) = matrix_rows(s) {
+        return Shape::Matrix(rows);
+    }
+    // `(\begin{pmatrix}...\end{pmatrix})`, as Qwen2.5-Math's references write matrices.
+    if let Some(inner) = s.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+        if let Some(rows) = matrix_rows(inner.trim()).filter(|_| wraps_whole(s)) {
+            return Shape::Matrix(rows);
+        }
+    }
+    // One `\pm` is two answers; more would multiply, so they stay a (non-parsing) scalar.
+    if let (Some(pos), 1) = (s.find("\\pm"), s.matches("\\pm").count()) {
+        let plus = format!("{}+{}", &s[..pos], &s[pos + 3..]);
+        let minus = format!("{}-{}", &s[..pos], &s[pos + 3..]);
+        return Shape::Unordered(vec![plus, minus]);
+    }
+    let union = split_top(s, "\\cup");
+    if union.len() > 1 {
+        return Shape::Union(union.into_iter().take(MAX_ELEMENTS).collect());
+    }
+    if let Some(inner) = s.strip_prefix("\\{").and_then(|t| t.strip_suffix("\\}")) {
+        if wraps_whole(&s[1..]) {
+            return Shape::Unordered(
+                split_top(inner, ",")
+                    .into_iter()
+                    .take(MAX_ELEMENTS)
+                    .collect(),
+            );
+        }
+    }
+    let items = split_top(s, ",");
+    if items.len() > 1 {
+        return Shape::Unordered(items.into_iter().take(MAX_ELEMENTS).collect());
+    }
+    let first = s.chars().next().unwrap_or(' ');
+    let last = s.chars().last().unwrap_or(' ');
+    if matches!(first, '(' | '[') && matches!(last, ')' | ']') && wraps_whole(s) {
+        let items = split_top(&s[1..s.len() - 1], ",");
+        if items.len() > 1 {
+            return Shape::Bracketed(first, items.into_iter().take(MAX_ELEMENTS).collect(), last);
+        }
+    }
+    if let Some(rel) = relation(s) {
+        return rel;
+    }
+    let mut sides = split_top(&membership_as_equals(s), "=");
+    if sides.len() > 2 {
+        // `x = 2 + 1 = 3`: the last side is the value.
+        return Shape::Scalar(sides.pop().unwrap_or_default());
+    }
+    if let (Some(rhs), Some(lhs)) = (sides.pop(), sides.pop()) {
+        return Shape::Equation(lhs, rhs);
+    }
+    Shape::Scalar(s.to_string())
+}
+
+/// Rows of a `pmatrix` / `bmatrix` / `matrix` environment, cells split at `&`.
+fn matrix_rows(s: &str) -> Option<Vec<Vec<String>>> {
+    let rest = s.strip_prefix("\\begin{")?;
+    let (env, body) = rest.split_once('}')?;
+    let body = body.strip_suffix(&format!("\\end{{{env}}}"))?;
+    let rows = body
+        .split("\\\\")
+        .filter(|r| !r.trim().is_empty())
+        .take(MAX_ELEMENTS)
+        .map(|r| {
+            r.split('&')
+                .take(MAX_ELEMENTS)
+                .map(str::to_string)
+                .collect()
+        })
+        .collect();
+    Some(rows)
+}
+
+/// An inequality chain `a < x \le b` split into its sides and relations.
+fn relation(s: &str) -> Option<Shape> {
+    const OPS: [(&str, Rel); 8] = [
+        ("\\le", Rel::LessEq),
+        ("\\ge", Rel::GreaterEq),
+        ("<=", Rel::LessEq),
+        (">=", Rel::GreaterEq),
+        ("\\lt", Rel::Less),
+        ("\\gt", Rel::Greater),
+        ("<", Rel::Less),
+        (">", Rel::Greater),
+    ];
+    let mut sides = Vec::new();
+    let mut rels = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < s.len() {
+        let could_start = matches!(s.as_bytes()[i], b'<' | b'>' | b'\\');
+        match OPS
+            .iter()
+            .find(|(op, _)| could_start && s[i..].starts_with(op))
+        {
+            Some((op, rel)) => {
+                sides.push(s[start..i].to_string());
+                rels.push(*rel);
+                i += op.len();
+                start = i;
+            }
+            None => i += s[i..].chars().next().map_or(1, char::len_utf8),
+        }
+    }
+    if rels.is_empty() || rels.len() > 2 {
+        return None;
+    }
+    sides.push(s[start..].to_string());
+    Some(Shape::Relation(sides, rels))
+}
+
+/// An inequality in one variable as an interval `(open, [lo, hi], close)`; an interval as itself.
+pub(crate) fn as_interval(shape: &Shape) -> Option<(char, Vec<String>, char)> {
+    let (sides, rels) = match shape {
+        Shape::Bracketed(o, items, c) if items.len() == 2 => return Some((*o, items.clone(), *c)),
+        Shape::Relation(sides, rels) => (sides, rels),
+        _ => return None,
+    };
+    let inf = || "\\infty".to_string();
+    let neg_inf = || "-\\infty".to_string();
+    let open = |r: Rel| matches!(r, Rel::Less | Rel::Greater);
+    match (sides.as_slice(), rels.as_slice()) {
+        ([v, a], [r]) | ([a, v], [r]) if is_variable(v) && !is_variable(a) => {
+            // `x < a` bounds above; `a < x` bounds below.
+            let var_left = is_variable(&sides[0]);
+            let upper = matches!(r, Rel::Less | Rel::LessEq) == var_left;
+            Some(if upper {
+                (
+                    '(',
+                    vec![neg_inf(), a.clone()],
+                    if open(*r) { ')' } else { ']' },
+                )
+            } else {
+                (
+                    if open(*r) { '(' } else { '[' },
+                    vec![a.clone(), inf()],
+                    ')',
+                )
+            })
+        }
+        ([lo, v, hi], [r1, r2]) if is_variable(v) => {
+            let ascending =
+                matches!(r1, Rel::Less | Rel::LessEq) && matches!(r2, Rel::Less | Rel::LessEq);
+            let descending =
+                !matches!(r1, Rel::Less | Rel::LessEq) && !matches!(r2, Rel::Less | Rel::LessEq);
+            if ascending {
+                Some((
+                    if open(*r1) { '(' } else { '[' },
+                    vec![lo.clone(), hi.clone()],
+                    if open(*r2) { ')' } else { ']' },
+                ))
+            } else if descending {
+                Some((
+                    if open(*r2) { '(' } else { '[' },
+                    vec![hi.clone(), lo.clone()],
+                    if open(*r1) { ')' } else { ']' },
+                ))
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+/// `x \\in S` as `x = S`, leaving `\\infty` / `\\int` alone.
+fn membership_as_equals(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find("\\in") {
+        let after = &rest[pos + 3..];
+        out.push_str(&rest[..pos]);
+        if after.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            out.push_str("\\in");
+        } else {
+            out.push('=');
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
