@@ -210,7 +210,11 @@ mod tests {
         });
         let (a, b) = (first.await?, second.await?);
         for verdict in [&a.verdicts[0], &b.verdicts[0]] {
-            assert_eq!(verdict.score, 1.0, "not run concurrently: {}", verdict.reason);
+            assert_eq!(
+                verdict.score, 1.0,
+                "not run concurrently: {}",
+                verdict.reason
+            );
         }
         Ok(())
     }
