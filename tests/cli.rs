@@ -230,9 +230,7 @@ fn forward_matches_transformers_qwen2_logits() -> Result<()> {
         assert_eq!(logits.dims(), reference.dims(), "{name}");
         let diff = max_diff_real_positions(logits, reference, &io["attention_mask"])?;
         println!("{name}: max |logits - transformers| = {diff:.2e}");
-        // untied: 2.1e-4 measured (3 layers, rope_theta 1e6, weights bf16-rounded); flagged to the llm owner.
-        let tolerance = if name == "tied" { 1e-4 } else { 5e-4 };
-        assert!(diff < tolerance, "{name}: max |diff| {diff}");
+        assert!(diff < 1e-4, "{name}: max |diff| {diff}");
     }
     Ok(())
 }
