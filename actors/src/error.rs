@@ -50,3 +50,16 @@ impl Error {
         Error::Msg(s.into())
     }
 }
+
+/// `Ok(())` when `ok`, else a [`Error::Config`] naming `key`: the one-line validation the config
+/// structs use.
+pub(crate) fn check(ok: bool, key: &str, msg: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config {
+            key: key.to_string(),
+            msg: msg.to_string(),
+        })
+    }
+}

@@ -2,18 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::Result;
 
-fn check(ok: bool, key: &str, msg: &str) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config {
-            key: key.to_string(),
-            msg: msg.to_string(),
-        })
-    }
-}
+use crate::error::check;
 
 /// Which measured rate is compared with [`MonitorConfig::rate_bound`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

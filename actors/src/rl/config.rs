@@ -6,18 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::Result;
 
-fn check(ok: bool, key: &str, msg: &str) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config {
-            key: key.to_string(),
-            msg: msg.to_string(),
-        })
-    }
-}
+use crate::error::check;
 
 /// How group advantages are scaled after subtracting the group mean (TRL `scale_rewards`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
