@@ -5,9 +5,15 @@
 //! error, a panic or a timeout into a zero-score verdict that says why.
 
 pub mod choice;
+pub mod code;
+pub mod code_cases;
+pub mod config;
 pub mod format;
 pub mod grounding;
 pub mod math;
+pub mod plugin;
+pub mod registry;
+pub mod sandbox;
 
 use serde::{Deserialize, Serialize};
 
@@ -69,10 +75,3 @@ pub trait Verifier: Send + Sync {
     /// Judge one response. An `Err` becomes a zero-score verdict carrying the error as its reason.
     fn verify(&self, input: &VerifyInput<'_>) -> crate::Result<Verdict>;
 }
-
-pub mod code;
-pub mod code_cases;
-pub mod config;
-pub mod plugin;
-pub mod registry;
-pub mod sandbox;
