@@ -61,6 +61,38 @@ impl KvCache {
         self.next_position.clear();
     }
 
+    /// Keeps rows `rows` of the cache, in that order; an index may repeat. Repeating row 0 `G` times
+    /// turns one prefilled prompt into a group's `G` rows (prefix sharing); leaving rows out drops
+    /// finished ones so no more compute is spent on them.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let batch = self.batch_size();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= batch) {
+            return Err(Error::msg(format!(
+                "KV cache has {batch} rows, row {bad} was selected"
+            )));
+        }
+        if rows.is_empty() {
+            self.clear();
+            return Ok(());
+        }
+        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let mut selected = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            selected.push(match layer {
+                Some((k, v)) => {
+                    let index = Tensor::new(index.as_slice(), k.device())?;
+                    Some((k.index_select(&index, 0)?, v.index_select(&index, 0)?))
+                    // (B', H_kv, S, D)
+                }
+                None => None,
+            });
+        }
+        self.layers = selected;
+        self.real = rows.iter().map(|&r| self.real[r].clone()).collect();
+        self.next_position = rows.iter().map(|&r| self.next_position[r]).collect();
+        Ok(())
+    }
+
     /// Appends this step's keys and values (B, H_kv, T, D) to layer `layer`; returns all of them.
     pub(crate) fn append(
         &mut self,

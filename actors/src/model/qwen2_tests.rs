@@ -335,3 +335,34 @@ fn gradients_match_finite_differences() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn selected_rows_continue_like_their_source_rows() -> anyhow::Result<()> {
+    let (model, _) = load_lm("untied", DType::F32)?;
+    let device = Device::Cpu;
+    let prompts: [&[u32]; 2] = [&[3, 17, 42, 5], &[9, 8, 7, 6]];
+    let ids = Tensor::from_vec(prompts.concat(), (2, 4), &device)?; // (2, T)
+    let mut cache = model.new_cache();
+    model.forward_step_ids(&ids, None, &mut cache)?;
+    // Repeat row 1, reorder: what prefix sharing (repeat) and finished rows (drop) do.
+    let sources = [1usize, 0, 1];
+    let next_tokens = [11u32, 12, 13];
+    cache.select_rows(&sources)?;
+    assert_eq!(cache.batch_size(), 3);
+    let next = Tensor::from_vec(next_tokens.to_vec(), (3, 1), &device)?; // (3, 1)
+    let stepped = model.forward_step_ids(&next, None, &mut cache)?; // (3, 1, V)
+    for (row, (&source, &token)) in sources.iter().zip(&next_tokens).enumerate() {
+        let mut full = prompts[source].to_vec();
+        full.push(token);
+        let full_ids = Tensor::new(full.as_slice(), &device)?.unsqueeze(0)?; // (1, 5)
+        let want = model.forward(&full_ids, None)?.i((0, 4))?; // (V)
+        let got = stepped.i((row, 0))?;
+        let diff = (want - got)?.abs()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "row {row} (from {source}): max diff {diff}");
+    }
+    // Dropping rows keeps the rest intact; an index past the batch is an error.
+    cache.select_rows(&[2])?;
+    assert_eq!(cache.next_positions(), &[5]);
+    assert!(cache.select_rows(&[1]).is_err());
+    Ok(())
+}
