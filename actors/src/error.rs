@@ -49,6 +49,19 @@ impl Error {
     pub fn msg(s: impl Into<String>) -> Self {
         Error::Msg(s.into())
     }
+
+    /// A [`Error::Config`] raised while validating what was read from `path` becomes a
+    /// [`Error::ConfigFile`] naming that file; other errors pass through.
+    pub fn in_file(self, path: &std::path::Path) -> Self {
+        match self {
+            Error::Config { key, msg } => Error::ConfigFile {
+                path: path.to_path_buf(),
+                key,
+                msg,
+            },
+            other => other,
+        }
+    }
 }
 
 /// `Ok(())` when `ok`, else a [`Error::Config`] naming `key`: the one-line validation the config

@@ -297,7 +297,7 @@ fn forward_chat(
     let tiling = TilingConfig::from_model_config(config, config_path)?;
     let tokens_per_tile = TilingConfig::tokens_per_tile(config, config_path)?;
     let mut loaded = ChatModel::load(model_dir, DType::F32, device, Trainable::frozen())?;
-    check_vocab(input, input_path, loaded.model.config().llm()?.vocab_size)?;
+    check_vocab(input, input_path, loaded.model.llm.config().vocab_size)?;
     let pixel_values = if input.images.is_empty() {
         None
     } else {

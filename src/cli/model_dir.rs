@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
+use r1v2_actors::model::weights::{INDEX_FILE, SINGLE_FILE};
 
 /// The supported model families, from `config.json`'s `model_type` (and `architectures` for qwen2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +96,7 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
 /// `model.safetensors.index.json`, else `model.safetensors` (other files, e.g. test references, are not
 /// weights). Neither is an error naming the directory.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
+    let index = dir.join(INDEX_FILE);
     if index.exists() {
         let json = read_json(&index)?;
         let map = json
@@ -114,7 +115,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.dedup();
         return Ok(files);
     }
-    let single = dir.join("model.safetensors");
+    let single = dir.join(SINGLE_FILE);
     if single.is_file() {
         return Ok(vec![single]);
     }

@@ -74,14 +74,7 @@ impl ChatConfig {
     /// Reads and validates `path` (a config.json); errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = read_config(path)?;
-        cfg.validate().map_err(|e| match e {
-            Error::Config { key, msg } => Error::ConfigFile {
-                path: path.into(),
-                key,
-                msg,
-            },
-            other => other,
-        })?;
+        cfg.validate().map_err(|err| err.in_file(path))?;
         Ok(cfg)
     }
 

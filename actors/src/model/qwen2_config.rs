@@ -48,14 +48,7 @@ impl Config {
     /// Reads and validates `config.json`; errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Config = read_config(path)?;
-        cfg.validate().map_err(|err| match err {
-            Error::Config { key, msg } => Error::ConfigFile {
-                path: path.to_path_buf(),
-                key,
-                msg,
-            },
-            other => other,
-        })?;
+        cfg.validate().map_err(|err| err.in_file(path))?;
         Ok(cfg)
     }
 
