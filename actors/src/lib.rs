@@ -7,6 +7,7 @@
 //! | [`generate`] | batched grouped sampling for the policy generator: logits processors, stop strings, the engine |
 //! | [`monitor`] | the hallucination monitor and reward calibration as pure state |
 //! | [`rl`] | the RL algorithms as pure functions: GRPO, MPO, hybrid reward, Selective Sample Buffer |
+//! | [`prompt`] | encoded prompts shared by generator and optimizer ([`prompt::PromptBank`]) |
 //! | [`protocol`] | the typed messages the actors exchange |
 //! | [`actor`] | the actix actors: rule verifier pool, reward model, sample buffer |
 //! | [`error`] | the crate's error type |
@@ -16,6 +17,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod monitor;
+pub mod prompt;
 pub mod protocol;
 pub mod rl;
 pub mod verifiers;

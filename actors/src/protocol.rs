@@ -194,3 +194,105 @@ pub struct HeartbeatReply {
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
+
+// ---- Policy generator and optimizer -------------------------------------------------------------------
+
+/// The trainable tensors of one policy version, by checkpoint name: what the optimizer publishes and the
+/// generators load. Cheap to clone (the tensors are shared).
+#[derive(Debug, Clone)]
+pub struct PolicyWeights {
+    /// The policy version these weights are (0 = the initial checkpoint; +1 per optimizer step).
+    pub version: u64,
+    /// `(checkpoint name, tensor)` for every trainable parameter.
+    pub tensors: std::sync::Arc<Vec<(String, candle_core::Tensor)>>,
+}
+
+/// One prompt to sample a group for: which prompt of the [`crate::prompt::PromptBank`], and its position
+/// in the run's stream of prompts (keys the random streams of its responses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRequest {
+    /// The prompt.
+    pub prompt_id: PromptId,
+    /// Its index in the run's prompt stream (`generate::PromptInput::prompt_index`).
+    pub prompt_index: u64,
+}
+
+/// Sample `n` responses for each prompt with the generator's current policy.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<Rollouts>")]
+pub struct GenerateGroups {
+    /// The prompts, in order.
+    pub prompts: Vec<GroupRequest>,
+    /// Responses per prompt (G).
+    pub n: usize,
+    /// Sampling parameters (seed included).
+    pub params: crate::generate::SamplingParams,
+}
+
+/// Reply to [`GenerateGroups`]: one group per prompt, in order, each stamped with the policy version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollouts {
+    /// The groups.
+    pub groups: Vec<Group>,
+    /// The policy version that sampled them.
+    pub policy_version: u64,
+    /// Response tokens generated.
+    pub tokens: usize,
+}
+
+/// Load these weights; the reply is the version the generator now holds.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<u64>")]
+pub struct SyncWeights {
+    /// The weights.
+    pub weights: PolicyWeights,
+}
+
+/// One preference pair for an MPO update: two responses to the same prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MpoPair {
+    /// The prompt (in the prompt bank).
+    pub prompt_id: PromptId,
+    /// The chosen response's token ids.
+    pub chosen: Vec<u32>,
+    /// The rejected response's token ids.
+    pub rejected: Vec<u32>,
+}
+
+/// Run one GRPO update (with gradient accumulation over micro-batches) on this batch.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<UpdateReport>")]
+pub struct TrainGrpo {
+    /// The batch from the sample buffer.
+    pub batch: TrainBatch,
+}
+
+/// Run one MPO update on these pairs.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<UpdateReport>")]
+pub struct TrainMpo {
+    /// The pairs.
+    pub pairs: Vec<MpoPair>,
+}
+
+/// Reply to [`TrainGrpo`] / [`TrainMpo`]: the new policy and the update's metrics.
+#[derive(Debug, Clone)]
+pub struct UpdateReport {
+    /// The weights after the update (`weights.version` = the new version).
+    pub weights: PolicyWeights,
+    /// Metrics by design.md name: `actor/pg_loss`, `actor/kl`, `actor/clipfrac`, `actor/entropy`,
+    /// `actor/grad_norm`, `actor/lr` for GRPO; `mpo/dpo`, `mpo/bco`, `mpo/sft`, `mpo/delta`,
+    /// `actor/grad_norm`, `actor/lr` for MPO.
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Response tokens the update trained on.
+    pub tokens: usize,
+}
+
+/// Write the trainable state to `dir`: the model in the HF layout under `dir/model`, the optimizer state
+/// beside it. The reply is the version written.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<u64>")]
+pub struct SaveState {
+    /// The (temporary) checkpoint directory.
+    pub dir: std::path::PathBuf,
+}
