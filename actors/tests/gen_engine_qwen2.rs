@@ -30,14 +30,8 @@ fn full_logits(model: &ForCausalLM, sequence: &[u32]) -> r1v2_actors::Result<Vec
 
 fn prompts() -> Vec<PromptInput> {
     vec![
-        PromptInput {
-            token_ids: vec![17, 42, 99, 3, 250, 8],
-            prompt_index: 0,
-        },
-        PromptInput {
-            token_ids: vec![5, 77],
-            prompt_index: 1,
-        },
+        PromptInput::text(vec![17, 42, 99, 3, 250, 8], 0),
+        PromptInput::text(vec![5, 77], 1),
     ]
 }
 

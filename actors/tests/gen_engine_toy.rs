@@ -40,8 +40,9 @@ impl StepModel for ToyLm {
         40
     }
 
-    fn prefill(&self, prompt: &[u32], rows: usize) -> Result<(Vec<f32>, Self::Cache)> {
+    fn prefill(&self, prompt: &PromptInput, rows: usize) -> Result<(Vec<f32>, Self::Cache)> {
         *self.prefills.borrow_mut() += 1;
+        let prompt = &prompt.token_ids;
         Ok((toy_logits(prompt), vec![prompt.to_vec(); rows]))
     }
 
@@ -66,10 +67,7 @@ impl StepModel for ToyLm {
 }
 
 fn prompt(index: u64, ids: &[u32]) -> PromptInput {
-    PromptInput {
-        token_ids: ids.to_vec(),
-        prompt_index: index,
-    }
+    PromptInput::text(ids.to_vec(), index)
 }
 
 fn params() -> SamplingParams {

@@ -24,9 +24,10 @@ pub trait StepModel {
     /// The longest sequence (prompt + response) the model takes.
     fn max_sequence_len(&self) -> usize;
 
-    /// Runs `prompt` from an empty cache; returns the logits (V) after its last token and a cache holding
-    /// `rows` copies of the prompt (the rows of one group).
-    fn prefill(&self, prompt: &[u32], rows: usize) -> Result<(Vec<f32>, Self::Cache)>;
+    /// Runs `prompt` (its tokens, and its images for a model that takes them) from an empty cache; returns
+    /// the logits (V) after its last token and a cache holding `rows` copies of the prompt (the rows of one
+    /// group). A model that takes no images rejects a prompt that has some.
+    fn prefill(&self, prompt: &PromptInput, rows: usize) -> Result<(Vec<f32>, Self::Cache)>;
 
     /// Appends one token per cached row (`tokens[b]` to row `b`); returns each row's next-token logits (V).
     fn decode_step(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<Vec<f32>>>;
@@ -86,6 +87,10 @@ fn validate_request<M: StepModel>(
     Ok(())
 }
 
+/// Called with every sampled token, as soon as it is drawn: `(position of its prompt in the request,
+/// sample index, token id)`. Streaming output hangs on it.
+pub type TokenSink<'a> = &'a mut dyn FnMut(usize, u64, u32);
+
 /// Samples `n` responses to every prompt; returns one [`Group`] per prompt, in the prompts' order.
 ///
 /// `decode` (the tokenizer's decode) is needed for stop strings and fills [`Rollout::text`].
@@ -96,10 +101,27 @@ pub fn generate_groups<M: StepModel>(
     params: &SamplingParams,
     decode: Option<DecodeFn>,
 ) -> Result<Vec<Group<Rollout>>> {
+    generate_groups_streaming(model, prompts, n, params, decode, &mut |_, _, _| {})
+}
+
+/// [`generate_groups`] that hands every token to `on_token` as soon as it is sampled.
+pub fn generate_groups_streaming<M: StepModel>(
+    model: &M,
+    prompts: &[PromptInput],
+    n: usize,
+    params: &SamplingParams,
+    decode: Option<DecodeFn>,
+    on_token: TokenSink,
+) -> Result<Vec<Group<Rollout>>> {
     validate_request(model, prompts, n, params, decode)?;
     prompts
         .iter()
-        .map(|prompt| generate_group(model, prompt, n, params, decode))
+        .enumerate()
+        .map(|(at, prompt)| {
+            generate_group(model, prompt, n, params, decode, &mut |sample, token| {
+                on_token(at, sample, token)
+            })
+        })
         .collect()
 }
 
@@ -134,6 +156,7 @@ fn generate_group<M: StepModel>(
     n: usize,
     params: &SamplingParams,
     decode: Option<DecodeFn>,
+    on_token: &mut dyn FnMut(u64, u32),
 ) -> Result<Group<Rollout>> {
     let vocab = model.vocab_size();
     let prompt_len = prompt.token_ids.len();
@@ -154,7 +177,7 @@ fn generate_group<M: StepModel>(
         .collect();
 
     // Prefill the prompt for the group; every row starts from the same logits.
-    let (prefill_logits, mut cache) = model.prefill(&prompt.token_ids, n)?;
+    let (prefill_logits, mut cache) = model.prefill(prompt, n)?;
     let mut running: Vec<usize> = (0..n).collect();
     let mut logits: Vec<Vec<f32>> = vec![prefill_logits];
     let mut scratch = Scratch::default();
@@ -175,6 +198,7 @@ fn generate_group<M: StepModel>(
             row.tokens.push(token.token_id);
             row.logprobs.push(token.logprobs);
             row.seen.insert(token.token_id);
+            on_token(r as u64, token.token_id);
             row.finish_reason = finish_reason(row, params, &stop_strings, max_new_tokens, decode)?;
         }
         // Finished rows leave the batch, and the cache keeps only the rows still running.

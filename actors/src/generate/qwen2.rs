@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::engine::StepModel;
+use super::rollout::PromptInput;
 use crate::model::kv_cache::KvCache;
 use crate::model::qwen2::ForCausalLM;
 use crate::Result;
@@ -39,9 +40,15 @@ impl StepModel for Qwen2Generator<'_> {
         self.model.config().max_position_embeddings
     }
 
-    fn prefill(&self, prompt: &[u32], rows: usize) -> Result<(Vec<f32>, Self::Cache)> {
-        let len = prompt.len();
-        let ids = Tensor::new(prompt, &self.device)?.unsqueeze(0)?; // (1, T)
+    fn prefill(&self, prompt: &PromptInput, rows: usize) -> Result<(Vec<f32>, Self::Cache)> {
+        if prompt.pixel_values.is_some() {
+            return Err(crate::Error::msg(format!(
+                "generate: prompt {} has images, but a Qwen2 LLM takes text only (use the chat model)",
+                prompt.prompt_index
+            )));
+        }
+        let len = prompt.token_ids.len();
+        let ids = Tensor::new(prompt.token_ids.as_slice(), &self.device)?.unsqueeze(0)?; // (1, T)
         let mut cache = self.model.new_cache();
         let logits = self.model.forward_step_ids(&ids, None, &mut cache)?; // (1, T, V)
         let last = logits

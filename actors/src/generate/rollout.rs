@@ -3,7 +3,7 @@
 use super::processors::TokenLogprobs;
 
 /// One prompt to answer `n` times.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct PromptInput {
     /// The prompt's token ids (chat template already applied). Must not be empty.
     pub token_ids: Vec<u32>,
@@ -11,6 +11,20 @@ pub struct PromptInput {
     /// (with the seed and the sample index), so give a prompt the same index to get the same responses
     /// whatever else is generated beside it.
     pub prompt_index: u64,
+    /// The image tiles `(tiles, 3, S, S)` whose features replace the prompt's `<IMG_CONTEXT>` tokens, for a
+    /// model that takes images; none for a text-only prompt.
+    pub pixel_values: Option<candle_core::Tensor>,
+}
+
+impl PromptInput {
+    /// A text-only prompt.
+    pub fn text(token_ids: Vec<u32>, prompt_index: u64) -> Self {
+        Self {
+            token_ids,
+            prompt_index,
+            pixel_values: None,
+        }
+    }
 }
 
 /// Why a response ended.
