@@ -259,6 +259,23 @@ pub struct MpoPair {
     pub rejected: Vec<u32>,
 }
 
+/// One supervised example: a prompt and the response to learn (the SFT warm start).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SftExample {
+    /// The prompt (in the prompt bank).
+    pub prompt_id: PromptId,
+    /// The target response's token ids (end-of-turn token included).
+    pub response: Vec<u32>,
+}
+
+/// Run one supervised update (token-mean negative log-likelihood of the responses) on these examples.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<UpdateReport>")]
+pub struct TrainSft {
+    /// The examples.
+    pub examples: Vec<SftExample>,
+}
+
 /// Run one GRPO update (with gradient accumulation over micro-batches) on this batch.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "crate::Result<UpdateReport>")]

@@ -6,6 +6,7 @@ pub mod forward;
 pub mod inspect;
 pub mod model_dir;
 pub mod report;
+pub mod train;
 pub mod verify;
 
 /// Fine-tune multimodal reasoning models with the Skywork R1V2 method.
@@ -24,6 +25,10 @@ pub enum Command {
     Forward(forward::ForwardArgs),
     /// Score a JSON-lines file of responses with the rule verifiers.
     Verify(verify::VerifyArgs),
+    /// Train: SFT warm start, MPO rounds and GRPO steps over the actors, as the config's [[stages]] say.
+    Train(train::TrainArgs),
+    /// The main job on the embedded default task with a random tiny model, on the CPU (about a minute).
+    Demo(train::DemoArgs),
     /// Draw RUN_DIR/metrics.jsonl to PNG/SVG charts in RUN_DIR/report/ and print a summary table.
     Report(report::ReportArgs),
 }
@@ -35,6 +40,8 @@ impl Cli {
             Command::Forward(args) => forward::run(args),
             Command::Verify(args) => args.run(),
             Command::Report(args) => report::run(&args),
+            Command::Train(args) => train::run(args),
+            Command::Demo(args) => train::run_demo(args),
         }
     }
 }

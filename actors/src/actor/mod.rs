@@ -5,6 +5,8 @@
 //! | [`rule_verifier::RuleVerifier`] | a `SyncArbiter` pool | the verifier registry |
 //! | [`reward_model::RewardModel`] | a `SyncArbiter` of one thread | the frozen reward model |
 //! | [`sample_buffer::SampleBuffer`] | any arbiter, under a `Supervisor` | the Selective Sample Buffer |
+//! | [`policy_generator::PolicyGenerator`] | a `SyncArbiter` of one thread | a policy snapshot and its version |
+//! | [`monitor::MonitorActor`] | any arbiter | the hallucination monitor and the calibration |
 //!
 //! Handlers are thin: they call the pure functions of `verifiers`, `model` and `rl`. Every actor answers
 //! [`crate::protocol::Heartbeat`] from its [`Liveness`] record.
@@ -14,6 +16,8 @@ use std::panic::AssertUnwindSafe;
 use crate::protocol::HeartbeatReply;
 use crate::Error;
 
+pub mod monitor;
+pub mod policy_generator;
 pub mod reward_model;
 pub mod rule_verifier;
 pub mod sample_buffer;

@@ -37,6 +37,9 @@ pub struct SampleBuffer {
     last_good: Option<BufferSnapshot>,
     /// Set by [`Shutdown`]: work messages are refused.
     closed: bool,
+    /// Fault injection: the [`NextBatch`] for these policy versions panics once each (see
+    /// [`SampleBuffer::inject_panics_at`]). Kept across restarts, so each fires once.
+    panic_at_versions: Vec<u64>,
     liveness: Liveness,
 }
 
@@ -63,8 +66,16 @@ impl SampleBuffer {
             pending_kinds: GroupKindCounts::default(),
             last_good: None,
             closed: false,
+            panic_at_versions: Vec::new(),
             liveness: Liveness::new("sample_buffer"),
         }
+    }
+
+    /// Fault drill: the first [`NextBatch`] for each of `versions` panics inside the handler (after the state
+    /// was remembered), so the supervisor restart, the rollback and the caller's retry are exercised for real.
+    pub fn inject_panics_at(mut self, versions: Vec<u64>) -> Self {
+        self.panic_at_versions = versions;
+        self
     }
 
     /// Starts the actor under a supervisor on the current arbiter.
@@ -181,7 +192,20 @@ impl Handler<NextBatch> for SampleBuffer {
     type Result = Result<TrainBatch>;
 
     fn handle(&mut self, msg: NextBatch, ctx: &mut Context<Self>) -> Result<TrainBatch> {
-        self.guarded(ctx, "NextBatch", |actor| actor.next_batch(msg))
+        self.guarded(ctx, "NextBatch", |actor| {
+            if let Some(at) = actor
+                .panic_at_versions
+                .iter()
+                .position(|&v| v == msg.policy_version)
+            {
+                actor.panic_at_versions.remove(at);
+                panic!(
+                    "injected fault at policy version {}",
+                    msg.policy_version
+                );
+            }
+            actor.next_batch(msg)
+        })
     }
 }
 

@@ -1,0 +1,185 @@
+//! PolicyGenerator: owns a snapshot of the policy (the chat model, its trainable tensors as `Var`s) and its
+//! version.
+//!
+//! - [`GenerateGroups`]: samples G responses per prompt with the generation engine (prompt and image encoded
+//!   once per group, finished rows leave the batch); prompts come from the shared [`PromptBank`]. Every
+//!   rollout carries the policy version that sampled it.
+//! - [`SyncWeights`]: loads a published [`crate::protocol::PolicyWeights`] into the snapshot; the reply is the
+//!   version now held, which the controller checks.
+//!
+//! The forward passes run on the actor's own thread (`SyncArbiter` of one). The snapshot lives in an `Arc`
+//! shared with the arbiter's factory, so a worker restarted after a panic keeps the synced weights.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
+use candle_core::{Device, Var};
+
+use super::{catch_panic, Liveness};
+use crate::generate::chat::ChatGenerator;
+use crate::generate::{self, PromptInput};
+use crate::model::chat::ChatModel;
+use crate::prompt::PromptBank;
+use crate::protocol::{
+    FinishReason, GenerateGroups, Group, Heartbeat, HeartbeatReply, Rollout, Rollouts, SyncWeights,
+};
+use crate::{Error, Result};
+
+/// Turns response token ids into text (the tokenizer's decode, special tokens skipped).
+pub type Decoder = Arc<dyn Fn(&[u32]) -> Result<String> + Send + Sync>;
+
+/// What the generator's workers share.
+struct Snapshot {
+    model: ChatModel,
+    /// The trainable tensors, by checkpoint name: what [`SyncWeights`] overwrites.
+    vars: HashMap<String, Var>,
+    device: Device,
+    prompts: PromptBank,
+    decode: Decoder,
+    version: AtomicU64,
+}
+
+/// The policy generator actor.
+pub struct PolicyGenerator {
+    snapshot: Arc<Snapshot>,
+    liveness: Liveness,
+}
+
+impl PolicyGenerator {
+    /// Starts the generator on its own thread with `model` (its trainable tensors as `vars`) at policy
+    /// `version`. Needs a running actix `System`.
+    pub fn start(
+        model: ChatModel,
+        vars: Vec<(String, Var)>,
+        device: Device,
+        prompts: PromptBank,
+        decode: Decoder,
+        version: u64,
+    ) -> Addr<Self> {
+        let snapshot = Arc::new(Snapshot {
+            model,
+            vars: vars.into_iter().collect(),
+            device,
+            prompts,
+            decode,
+            version: AtomicU64::new(version),
+        });
+        SyncArbiter::start(1, move || PolicyGenerator {
+            snapshot: Arc::clone(&snapshot),
+            liveness: Liveness::new("policy_generator"),
+        })
+    }
+}
+
+impl Snapshot {
+    fn generate(&self, msg: &GenerateGroups) -> Result<Rollouts> {
+        let version = self.version.load(Ordering::SeqCst);
+        let inputs = msg
+            .prompts
+            .iter()
+            .map(|request| {
+                let prompt = self.prompts.get(request.prompt_id)?;
+                Ok(PromptInput {
+                    token_ids: prompt.token_ids.clone(),
+                    prompt_index: request.prompt_index,
+                    pixel_values: prompt.pixel_values.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let generator = ChatGenerator::new(&self.model, &self.device);
+        let decode = |ids: &[u32]| (self.decode)(ids);
+        let groups =
+            generate::generate_groups(&generator, &inputs, msg.n, &msg.params, Some(&decode))?;
+        let mut tokens = 0;
+        let groups = groups
+            .into_iter()
+            .zip(&msg.prompts)
+            .map(|(group, request)| {
+                let rollouts = group
+                    .rollouts
+                    .into_iter()
+                    .map(|r| {
+                        tokens += r.token_ids.len();
+                        Rollout {
+                            prompt_id: request.prompt_id,
+                            sample_index: r.sample_index as u32,
+                            behaviour_logprobs: r.behaviour_logprobs(),
+                            token_ids: r.token_ids,
+                            text: r.text.unwrap_or_default(),
+                            finish_reason: match r.finish_reason {
+                                generate::FinishReason::Length => FinishReason::Length,
+                                _ => FinishReason::Stop,
+                            },
+                            policy_version: version,
+                        }
+                    })
+                    .collect();
+                Group {
+                    prompt_id: request.prompt_id,
+                    rollouts,
+                }
+            })
+            .collect();
+        Ok(Rollouts {
+            groups,
+            policy_version: version,
+            tokens,
+        })
+    }
+
+    fn sync(&self, msg: &SyncWeights) -> Result<u64> {
+        let weights = &msg.weights;
+        if weights.tensors.len() != self.vars.len() {
+            return Err(Error::msg(format!(
+                "SyncWeights: {} tensors for {} trainable parameters",
+                weights.tensors.len(),
+                self.vars.len()
+            )));
+        }
+        for (name, tensor) in weights.tensors.iter() {
+            let var = self.vars.get(name).ok_or_else(|| {
+                Error::msg(format!(
+                    "SyncWeights: `{name}` is not a trainable parameter here"
+                ))
+            })?;
+            let tensor = tensor.to_device(&self.device)?.to_dtype(var.dtype())?;
+            var.set(&tensor)?;
+        }
+        self.version.store(weights.version, Ordering::SeqCst);
+        Ok(weights.version)
+    }
+}
+
+impl Actor for PolicyGenerator {
+    type Context = SyncContext<Self>;
+}
+
+impl Handler<GenerateGroups> for PolicyGenerator {
+    type Result = Result<Rollouts>;
+
+    fn handle(&mut self, msg: GenerateGroups, _: &mut SyncContext<Self>) -> Result<Rollouts> {
+        self.liveness.handling("GenerateGroups");
+        catch_panic("policy_generator", "GenerateGroups", || {
+            self.snapshot.generate(&msg)
+        })?
+    }
+}
+
+impl Handler<SyncWeights> for PolicyGenerator {
+    type Result = Result<u64>;
+
+    fn handle(&mut self, msg: SyncWeights, _: &mut SyncContext<Self>) -> Result<u64> {
+        self.liveness.handling("SyncWeights");
+        catch_panic("policy_generator", "SyncWeights", || self.snapshot.sync(&msg))?
+    }
+}
+
+impl Handler<Heartbeat> for PolicyGenerator {
+    type Result = HeartbeatReply;
+
+    fn handle(&mut self, _: Heartbeat, _: &mut SyncContext<Self>) -> HeartbeatReply {
+        self.liveness.reply()
+    }
+}

@@ -1,0 +1,484 @@
+//! The run config of `r1v2 train CONFIG.toml`: one TOML file, every section typed and validated.
+//!
+//! ```toml
+//! [run]                       # seed, schedule mode, checkpoints, determinism
+//! [model]                     # dir = "path/to/internvl_chat" (or tiny = { seed = 0 } for a random tiny model)
+//! [data]                      # path = "train.jsonl", prompts_per_step = 8
+//! [generation]                # group_size = 8 + the sampling parameters (temperature, top_p, ...)
+//! [[stages]]                  # kind = "sft" | "mpo" | "grpo", with steps / rounds
+//! [rl.grpo] [rl.mpo] [rl.reward] [rl.ssb] [rl.advantage]
+//! [verifiers]                 # rule verifiers and plugins
+//! [reward_model]              # optional: dir = ... or tiny = { seed = 1 }
+//! [monitor]                   # hallucination monitor and calibration (+ probe_set = "probes.jsonl")
+//! [optimizer]                 # AdamW, schedule, clipping, accumulation, trainable modules
+//! [watchdog]                  # heartbeat period and stall timeout
+//! [faults]                    # fault injection, for tests
+//! ```
+//!
+//! Unknown keys are errors; every error names the file and the key (TOML syntax errors also the line).
+
+use std::path::{Path, PathBuf};
+
+use r1v2_actors::generate::SamplingParams;
+use r1v2_actors::monitor::config::MonitorConfig;
+use r1v2_actors::rl::config::RlConfig;
+// MERGE-OPTIM use r1v2_actors::train::OptimConfig;
+use r1v2_actors::verifiers::config::VerifiersConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{DatasetConfig, OnBadLine};
+use crate::{Error, Result};
+
+/// How generation and training interleave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleMode {
+    /// On-policy: generate -> score -> update -> sync, one after another.
+    #[default]
+    Sync,
+    /// The generator samples the next step's groups while the optimizer trains on this step's; rollouts more
+    /// than `max_staleness` policy versions old are dropped and counted.
+    Async,
+}
+
+/// `[run]`: the run as a whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// Seed of the data order and of every sampling stream.
+    pub seed: u64,
+    /// `sync` or `async`.
+    pub mode: ScheduleMode,
+    /// Async mode: the most policy versions a rollout may lag behind the policy it trains (>= 1).
+    pub max_staleness: u64,
+    /// With `true` (sync mode only) an interrupted and resumed run ends with the same weights as an
+    /// uninterrupted one: nothing depends on timing or thread scheduling.
+    pub deterministic: bool,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Keep this many most recent checkpoints.
+    pub keep_checkpoints: usize,
+    /// Log filter for the terminal and log.jsonl (`info`, `debug`, `r1v2=debug` ...).
+    pub log_level: String,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            mode: ScheduleMode::Sync,
+            max_staleness: 1,
+            deterministic: true,
+            checkpoint_every: 50,
+            keep_checkpoints: 2,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// A random tiny chat model made at the start of the run (CI, demos, tests).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TinySpec {
+    /// Seed of the random weights.
+    pub seed: u64,
+    /// LLM hidden size.
+    pub hidden: usize,
+    /// LLM layers.
+    pub layers: usize,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            hidden: 64,
+            layers: 2,
+        }
+    }
+}
+
+/// `[model]`: the policy's starting checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// An InternVL-chat / Skywork-R1V checkpoint directory (relative paths: to the config file).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Or a random tiny model.
+    #[serde(default)]
+    pub tiny: Option<TinySpec>,
+    /// The device of every role for now: `cpu` (or `cuda:N` with the `cuda` feature).
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// `[data]`: the prompt set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// The JSONL file (relative paths: to the config file). `"demo"` uses the embedded demo task.
+    pub path: PathBuf,
+    /// `skip` or `error`: what a bad line does.
+    #[serde(default)]
+    pub on_bad_line: OnBadLine,
+    /// Prompts per step (each gets `generation.group_size` responses).
+    #[serde(default = "default_prompts_per_step")]
+    pub prompts_per_step: usize,
+}
+
+fn default_prompts_per_step() -> usize {
+    8
+}
+
+impl DataSection {
+    /// The dataset part as the loader takes it.
+    pub fn dataset(&self) -> DatasetConfig {
+        DatasetConfig {
+            path: self.path.clone(),
+            on_bad_line: self.on_bad_line,
+        }
+    }
+}
+
+/// `[generation]`: the group size and the sampling parameters of the policy generator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerationSection {
+    /// Responses per prompt (G).
+    pub group_size: usize,
+    /// Sampling parameters (`[generation.sampling]`); the seed is `run.seed` unless given here.
+    pub sampling: SamplingParams,
+}
+
+impl Default for GenerationSection {
+    fn default() -> Self {
+        Self {
+            group_size: 8,
+            sampling: SamplingParams::default(),
+        }
+    }
+}
+
+/// One stage of the schedule (`[[stages]]`), run in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Stage {
+    /// Supervised warm start on the dataset's reference answers.
+    Sft {
+        /// Optimizer steps.
+        steps: u64,
+    },
+    /// Iterative MPO: each round samples groups, scores them, mines pairs and trains on them.
+    Mpo {
+        /// Rounds.
+        rounds: u64,
+        /// Optimizer steps per round (each on `data.prompts_per_step` prompts' pairs).
+        steps_per_round: u64,
+    },
+    /// GRPO with the hybrid reward and the Selective Sample Buffer.
+    Grpo {
+        /// Optimizer steps.
+        steps: u64,
+    },
+}
+
+impl Stage {
+    /// Optimizer steps this stage takes.
+    pub fn steps(&self) -> u64 {
+        match *self {
+            Stage::Sft { steps } | Stage::Grpo { steps } => steps,
+            Stage::Mpo {
+                rounds,
+                steps_per_round,
+            } => rounds * steps_per_round,
+        }
+    }
+
+    /// `sft`, `mpo` or `grpo`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stage::Sft { .. } => "sft",
+            Stage::Mpo { .. } => "mpo",
+            Stage::Grpo { .. } => "grpo",
+        }
+    }
+}
+
+/// `[reward_model]`: the frozen Skywork-VL-style reward model (a Qwen2ForSequenceClassification dir).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardModelSection {
+    /// Checkpoint directory.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Or a random tiny reward model sharing the policy's vocabulary.
+    #[serde(default)]
+    pub tiny: Option<TinySpec>,
+    /// Sequences per forward pass.
+    #[serde(default = "default_rm_batch")]
+    pub max_batch: usize,
+}
+
+fn default_rm_batch() -> usize {
+    16
+}
+
+/// `[monitor]`: the hallucination monitor's settings (every key of `MonitorConfig`) plus `probe_set`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "toml::Table", into = "toml::Table")]
+pub struct MonitorSection {
+    /// Probe prompts (JSONL with annotations, see `monitor::probe`); none: the monitor uses the training
+    /// verdicts only.
+    pub probe_set: Option<PathBuf>,
+    /// The monitor and calibration policy.
+    pub config: MonitorConfig,
+}
+
+impl TryFrom<toml::Table> for MonitorSection {
+    type Error = String;
+
+    /// `probe_set` is taken out; the rest must be exactly `MonitorConfig`'s keys (serde's `flatten` would
+    /// lose `deny_unknown_fields`).
+    fn try_from(mut table: toml::Table) -> std::result::Result<Self, String> {
+        let probe_set = match table.remove("probe_set") {
+            None => None,
+            Some(toml::Value::String(path)) => Some(PathBuf::from(path)),
+            Some(_) => return Err("monitor.probe_set: must be a path string".into()),
+        };
+        let config = MonitorConfig::deserialize(table).map_err(|e| format!("monitor: {e}"))?;
+        Ok(Self { probe_set, config })
+    }
+}
+
+impl From<MonitorSection> for toml::Table {
+    fn from(section: MonitorSection) -> Self {
+        // MonitorConfig is plain numbers and enums: it always serialises to a table.
+        let mut table = toml::Table::try_from(section.config).unwrap_or_default();
+        if let Some(path) = section.probe_set {
+            table.insert(
+                "probe_set".into(),
+                toml::Value::String(path.display().to_string()),
+            );
+        }
+        table
+    }
+}
+
+/// `[watchdog]`: liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogSection {
+    /// Seconds between heartbeats to every actor.
+    pub heartbeat_every_s: f64,
+    /// An actor that does not answer a heartbeat, or a step request that takes longer than this, stops the
+    /// run with a checkpoint and an error naming the actor and the message.
+    pub stall_timeout_s: f64,
+}
+
+impl Default for WatchdogSection {
+    fn default() -> Self {
+        Self {
+            heartbeat_every_s: 5.0,
+            stall_timeout_s: 600.0,
+        }
+    }
+}
+
+/// `[faults]`: deliberate failures, to prove the run survives them (tests and drills).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultSection {
+    /// The sample buffer panics (once each) while handling the batch request for these policy versions; the
+    /// supervisor restarts it with its state rolled back and the controller re-sends the request.
+    pub panic_sample_buffer_at_versions: Vec<u64>,
+}
+
+/// The whole run config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// `[run]`.
+    #[serde(default)]
+    pub run: RunSection,
+    /// `[model]`.
+    pub model: ModelSection,
+    /// `[data]`.
+    pub data: DataSection,
+    /// `[generation]`.
+    #[serde(default)]
+    pub generation: GenerationSection,
+    /// `[[stages]]`.
+    pub stages: Vec<Stage>,
+    /// `[rl]`.
+    #[serde(default)]
+    pub rl: RlConfig,
+    /// `[verifiers]`.
+    #[serde(default, skip_serializing)]
+    pub verifiers: VerifiersConfig,
+    /// `[reward_model]`.
+    #[serde(default)]
+    pub reward_model: Option<RewardModelSection>,
+    /// `[monitor]`.
+    #[serde(default)]
+    pub monitor: Option<MonitorSection>,
+    /// `[optimizer]`.
+    #[serde(default)]
+    pub optimizer: toml::Table, // MERGE-OPTIM OptimConfig
+    /// `[watchdog]`.
+    #[serde(default)]
+    pub watchdog: WatchdogSection,
+    /// `[faults]`.
+    #[serde(default)]
+    pub faults: FaultSection,
+}
+
+fn invalid(key: &str, msg: impl Into<String>) -> Error {
+    Error::Actors(r1v2_actors::Error::Config {
+        key: key.into(),
+        msg: msg.into(),
+    })
+}
+
+impl TrainConfig {
+    /// Parses and validates TOML text; relative paths are resolved against `base_dir`.
+    pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<Self> {
+        let mut config: TrainConfig =
+            toml::from_str(text).map_err(|error| Error::Msg(error.to_string().trim().into()))?;
+        config.resolve_paths(base_dir);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a TOML file; every error names the file (and the key or line).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml_str(&text, base).map_err(|error| Error::File {
+            path: path.into(),
+            msg: error.to_string(),
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() && p.as_os_str() != "demo" {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(dir) = &mut self.model.dir {
+            resolve(dir);
+        }
+        resolve(&mut self.data.path);
+        if let Some(rm) = &mut self.reward_model {
+            if let Some(dir) = &mut rm.dir {
+                resolve(dir);
+            }
+        }
+        if let Some(probe) = self.monitor.as_mut().and_then(|m| m.probe_set.as_mut()) {
+            resolve(probe);
+        }
+    }
+
+    /// Total optimizer steps over every stage.
+    pub fn total_steps(&self) -> u64 {
+        self.stages.iter().map(Stage::steps).sum()
+    }
+
+    /// Checks every section; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let run = &self.run;
+        if run.mode == ScheduleMode::Async && run.max_staleness == 0 {
+            return Err(invalid(
+                "run.max_staleness",
+                "must be >= 1 in async mode (0 is the sync schedule)",
+            ));
+        }
+        if run.mode == ScheduleMode::Async && run.deterministic {
+            return Err(invalid(
+                "run.deterministic",
+                "async mode overlaps generation and training, so its order depends on timing: \
+                 set deterministic = false or mode = \"sync\"",
+            ));
+        }
+        if run.keep_checkpoints == 0 {
+            return Err(invalid("run.keep_checkpoints", "must be >= 1"));
+        }
+        match (&self.model.dir, &self.model.tiny) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("model", "give either `dir` or `tiny`, not both"))
+            }
+            (None, None) => return Err(invalid("model", "give `dir` (a checkpoint) or `tiny`")),
+            _ => {}
+        }
+        if self.data.prompts_per_step == 0 {
+            return Err(invalid("data.prompts_per_step", "must be >= 1"));
+        }
+        if self.generation.group_size < 2 {
+            return Err(invalid(
+                "generation.group_size",
+                "must be >= 2 (group-relative advantages need two responses)",
+            ));
+        }
+        self.generation
+            .sampling
+            .validate()
+            .map_err(|e| prefixed("generation.sampling", e))?;
+        if self.stages.is_empty() {
+            return Err(invalid("stages", "give at least one [[stages]] entry"));
+        }
+        for (index, stage) in self.stages.iter().enumerate() {
+            if stage.steps() == 0 {
+                return Err(invalid(
+                    &format!("stages[{index}]"),
+                    format!("a {} stage with no steps", stage.name()),
+                ));
+            }
+        }
+        self.rl.validate().map_err(|e| prefixed("rl", e))?;
+        self.verifiers
+            .validate()
+            .map_err(|e| prefixed("verifiers", e))?;
+        if let Some(rm) = &self.reward_model {
+            match (&rm.dir, &rm.tiny) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid("reward_model", "give either `dir` or `tiny`"))
+                }
+                _ => {}
+            }
+            if rm.max_batch == 0 {
+                return Err(invalid("reward_model.max_batch", "must be >= 1"));
+            }
+        }
+        if let Some(monitor) = &self.monitor {
+            monitor.config.validate()?;
+        }
+        // MERGE-OPTIM self.optimizer.validate()?;
+        let w = &self.watchdog;
+        if !(w.heartbeat_every_s > 0.0 && w.stall_timeout_s > w.heartbeat_every_s) {
+            return Err(invalid(
+                "watchdog",
+                "need heartbeat_every_s > 0 and stall_timeout_s > heartbeat_every_s",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Puts the section name in front of a nested config error's key.
+fn prefixed(section: &str, error: r1v2_actors::Error) -> Error {
+    match error {
+        r1v2_actors::Error::Config { key, msg } if !key.starts_with(section) => {
+            invalid(&format!("{section}.{key}"), msg)
+        }
+        other => Error::Actors(other),
+    }
+}
+

@@ -1,0 +1,204 @@
+//! Random tiny models in the real checkpoint layouts, for CI, the demo and tests: an InternVL-chat policy
+//! (InternViT + `mlp1` + Qwen2) and a Qwen2ForSequenceClassification reward model, both with the shipped
+//! 328-id byte-level BPE tokenizer (`tests/fixtures/preprocess/tokenizer.json`, embedded).
+//!
+//! The weights are drawn once from a seeded ChaCha stream in sorted-name order (normal(0, 0.02) for
+//! matrices, ones for norm weights, zeros for biases), so a seed always gives the same model. The directories
+//! are ordinary checkpoints: `r1v2 inspect`, `r1v2 forward` and `ChatModel::load` read them.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use r1v2_actors::model::chat::ChatModel;
+use r1v2_actors::model::chat_config::ChatConfig;
+use r1v2_actors::model::qwen2;
+use r1v2_actors::model::value_head::ValueModel;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::config::TinySpec;
+use crate::{Error, Result};
+
+/// The shipped tokenizer: 320 byte-level BPE ids + 8 special tokens (`<|im_end|>` = 322, `<IMG_CONTEXT>` = 325).
+pub const TOKENIZER_JSON: &str = include_str!("../tests/fixtures/preprocess/tokenizer.json");
+
+/// Vocabulary size of [`TOKENIZER_JSON`].
+pub const VOCAB_SIZE: usize = 328;
+
+/// Side of a tile in pixels: 56 px / 14 px patches = 16 patches, pixel-shuffled to 4 tokens per tile.
+const IMAGE_SIZE: usize = 56;
+
+fn llm_config(spec: &TinySpec, architecture: &str) -> serde_json::Value {
+    let heads = (spec.hidden / 16).max(2);
+    serde_json::json!({
+        "architectures": [architecture],
+        "model_type": "qwen2",
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.hidden * 2,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads / 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+        "use_sliding_window": false,
+        "eos_token_id": 322,
+        "pad_token_id": 320,
+        "torch_dtype": "float32"
+    })
+}
+
+/// The InternVL-chat `config.json` of a tiny policy.
+pub fn chat_config_json(spec: &TinySpec) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "downsample_ratio": 0.5,
+        "select_layer": -1,
+        "ps_version": "v2",
+        "force_image_size": IMAGE_SIZE,
+        "template": "internvl2_5",
+        "dynamic_image_size": false,
+        "max_dynamic_patch": 1,
+        "min_dynamic_patch": 1,
+        "use_thumbnail": false,
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "image_size": IMAGE_SIZE,
+            "patch_size": 14,
+            "num_channels": 3,
+            "qkv_bias": true,
+            "qk_normalization": false,
+            "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu",
+            "drop_path_rate": 0.0,
+            "initializer_factor": 1.0,
+            "use_flash_attn": false
+        },
+        "llm_config": llm_config(spec, "Qwen2ForCausalLM")
+    })
+}
+
+/// Fills every variable of `varmap` from one seeded stream, in sorted-name order.
+fn randomise(varmap: &VarMap, seed: u64) -> Result<Vec<(String, Tensor)>> {
+    let data = varmap.data().lock().map_err(|_| Error::Msg("tiny model: poisoned var map".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // Normal::new fails only for a negative or non-finite std.
+    let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::Msg(e.to_string()))?;
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let var = &data[name];
+        let shape = var.shape().clone();
+        let count = shape.elem_count();
+        let is_norm = name.contains("norm") || name.ends_with("ls1") || name.ends_with("ls2");
+        let values: Vec<f32> = if name.ends_with(".bias") {
+            vec![0.0; count]
+        } else if is_norm && name.ends_with("weight") || name.ends_with("ls1") || name.ends_with("ls2") {
+            vec![1.0; count]
+        } else {
+            (0..count).map(|_| normal.sample(&mut rng)).collect()
+        };
+        let tensor = Tensor::from_vec(values, shape, &Device::Cpu)?;
+        var.set(&tensor)?;
+        tensors.push((name.clone(), tensor));
+    }
+    Ok(tensors)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    // A serde_json::Value always serialises.
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    std::fs::write(path, text).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+fn write_weights(dir: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let path = dir.join("model.safetensors");
+    let map: std::collections::HashMap<String, Tensor> = tensors.iter().cloned().collect();
+    candle_core::safetensors::save(&map, &path)?;
+    Ok(())
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.into(),
+        source,
+    })
+}
+
+/// Writes a random tiny InternVL-chat policy (config.json, model.safetensors, tokenizer.json) to `dir`.
+pub fn write_chat_model(dir: &Path, spec: &TinySpec) -> Result<()> {
+    create_dir(dir)?;
+    let config_json = chat_config_json(spec);
+    let config: ChatConfig = serde_json::from_value(config_json.clone())
+        .map_err(|e| Error::Msg(format!("tiny chat config: {e}")))?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    ChatModel::new(&config, vb)?;
+    let tensors = randomise(&varmap, spec.seed)?;
+    write_json(&dir.join("config.json"), &config_json)?;
+    write_weights(dir, &tensors)?;
+    write_tokenizer(dir)
+}
+
+/// Writes a random tiny reward model (Qwen2ForSequenceClassification, `score.weight`) to `dir`.
+pub fn write_reward_model(dir: &Path, spec: &TinySpec) -> Result<()> {
+    create_dir(dir)?;
+    let config_json = llm_config(spec, "Qwen2ForSequenceClassification");
+    let config: qwen2::Config = serde_json::from_value(config_json.clone())
+        .map_err(|e| Error::Msg(format!("tiny reward model config: {e}")))?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    ValueModel::new(&config, vb)?;
+    let tensors = randomise(&varmap, spec.seed)?;
+    write_json(&dir.join("config.json"), &config_json)?;
+    write_weights(dir, &tensors)?;
+    write_tokenizer(dir)
+}
+
+fn write_tokenizer(dir: &Path) -> Result<()> {
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, TOKENIZER_JSON).map_err(|source| Error::Io { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use r1v2_actors::model::chat::Trainable;
+
+    #[test]
+    fn tiny_chat_model_loads_and_is_reproducible() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinySpec::default();
+        write_chat_model(&dir.path().join("a"), &spec).unwrap();
+        write_chat_model(&dir.path().join("b"), &spec).unwrap();
+        let a = std::fs::read(dir.path().join("a/model.safetensors")).unwrap();
+        let b = std::fs::read(dir.path().join("b/model.safetensors")).unwrap();
+        assert_eq!(a, b, "same seed, same bytes");
+        let loaded =
+            ChatModel::load(&dir.path().join("a"), DType::F32, &Device::Cpu, Trainable::default())
+                .unwrap();
+        assert!(loaded.unexpected.is_empty());
+        assert_eq!(loaded.model.img_context_token_id(), Some(325));
+        assert_eq!(loaded.model.tokens_per_tile(), 4);
+        let other = TinySpec { seed: 1, ..spec };
+        write_chat_model(&dir.path().join("c"), &other).unwrap();
+        let c = std::fs::read(dir.path().join("c/model.safetensors")).unwrap();
+        assert_ne!(a, c, "another seed, other weights");
+    }
+}

@@ -1,0 +1,374 @@
+//! Building a run: the run directory, the models, the dataset and prompt bank, and every actor, fresh or
+//! resumed from the last complete checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr};
+use candle_core::{DType, Device};
+use r1v2_actors::actor::monitor::MonitorActor;
+use r1v2_actors::actor::optimizer::Optimizer;
+use r1v2_actors::actor::policy_generator::{Decoder, PolicyGenerator};
+use r1v2_actors::actor::reward_model::RewardModel;
+use r1v2_actors::actor::rule_verifier::RuleVerifier;
+use r1v2_actors::actor::sample_buffer::SampleBuffer;
+use r1v2_actors::model::chat::ChatModel;
+use r1v2_actors::model::qwen2;
+use r1v2_actors::model::value_head::ValueModel;
+use r1v2_actors::model::weights::WeightStore;
+use r1v2_actors::monitor::{HallucinationMonitor, ProbeSet};
+use r1v2_actors::prompt::PromptBank;
+use r1v2_actors::protocol::BufferSnapshot;
+use r1v2_actors::train::PolicyTrainer;
+use r1v2_actors::verifiers::grounding::{GroundingConfig, GroundingVerifier};
+use r1v2_actors::verifiers::registry::VerifierRegistry;
+
+use super::state::LoopState;
+use super::watchdog::Watchdog;
+use super::RunOptions;
+use crate::checkpoint::{RunDir, TrainerState};
+use crate::cli::forward::parse_device;
+use crate::config::TrainConfig;
+use crate::data::{DataLoader, Dataset, Sample};
+use crate::prompting::PromptEncoder;
+use crate::telemetry::{self, MetricsWriter, Progress};
+use crate::{demo, tiny, Error, Result};
+
+/// The addresses of the actors.
+pub struct Actors {
+    /// The policy generator.
+    pub generator: Addr<PolicyGenerator>,
+    /// The rule verifier pool.
+    pub verifier: Addr<RuleVerifier>,
+    /// The reward model, when the config has one.
+    pub reward: Option<Addr<RewardModel>>,
+    /// The Selective Sample Buffer.
+    pub buffer: Addr<SampleBuffer>,
+    /// The hallucination monitor.
+    pub monitor: Addr<MonitorActor>,
+    /// The optimizer.
+    pub optimizer: Addr<Optimizer>,
+}
+
+/// The controller: the schedule's state and the actors it drives.
+pub struct Controller {
+    /// The run config.
+    pub config: TrainConfig,
+    /// The run directory.
+    pub run: RunDir,
+    /// The actors.
+    pub actors: Actors,
+    /// Turns dataset lines into model inputs.
+    pub encoder: PromptEncoder,
+    /// Encoded prompts, shared with generator and optimizer.
+    pub bank: PromptBank,
+    /// The dataset's samples by [`r1v2_actors::rl::PromptId`] (their index in the file).
+    pub samples: Vec<Sample>,
+    /// Sample id -> index.
+    pub index_of: HashMap<String, usize>,
+    /// The shuffling loader.
+    pub loader: DataLoader,
+    /// The probe set, when the monitor has one.
+    pub probes: Option<ProbeSet>,
+    /// Step, policy version, calibration, prompt counter ...
+    pub state: LoopState,
+    /// metrics.jsonl.
+    pub metrics: MetricsWriter,
+    /// The terminal progress bar.
+    pub progress: Progress,
+    /// Deadlines and heartbeats.
+    pub watchdog: Watchdog,
+    /// Set by Ctrl-C.
+    pub stop: Arc<AtomicBool>,
+    /// The last checkpoint written.
+    pub last_checkpoint: Option<PathBuf>,
+    /// The last step's metrics.
+    pub last_metrics: BTreeMap<String, f64>,
+    /// Async mode: the generation request already in flight for the next step.
+    pub prefetched: Option<super::steps::Prefetched>,
+}
+
+fn device_of(config: &TrainConfig) -> Result<Device> {
+    parse_device(&config.model.device).map_err(|e| Error::Msg(format!("model.device: {e}")))
+}
+
+/// The policy checkpoint to start from: the configured dir, or a tiny model written once into the run dir.
+fn initial_model_dir(config: &TrainConfig, run: &RunDir) -> Result<PathBuf> {
+    if let Some(dir) = &config.model.dir {
+        return Ok(dir.clone());
+    }
+    // Validation guarantees `tiny` when `dir` is absent.
+    let spec = config.model.tiny.unwrap_or_default();
+    let dir = run.root().join("init-model");
+    if !dir.join("model.safetensors").is_file() {
+        tiny::write_chat_model(&dir, &spec)?;
+    }
+    Ok(dir)
+}
+
+fn dataset_path(config: &TrainConfig, run: &RunDir) -> Result<(PathBuf, Option<PathBuf>)> {
+    if config.data.path.as_os_str() == "demo" {
+        let dir = run.root().join("demo-data");
+        let path = demo::write_task(&dir)?;
+        return Ok((path, Some(dir.join("probes.jsonl"))));
+    }
+    Ok((config.data.path.clone(), None))
+}
+
+fn start_reward_model(
+    config: &TrainConfig,
+    run: &RunDir,
+    device: &Device,
+) -> Result<Option<Addr<RewardModel>>> {
+    let Some(section) = &config.reward_model else {
+        return Ok(None);
+    };
+    let dir = match (&section.dir, &section.tiny) {
+        (Some(dir), _) => dir.clone(),
+        (None, spec) => {
+            let dir = run.root().join("init-reward-model");
+            if !dir.join("model.safetensors").is_file() {
+                tiny::write_reward_model(&dir, &spec.unwrap_or_default())?;
+            }
+            dir
+        }
+    };
+    let rm_config = qwen2::Config::from_file(&dir.join("config.json"))?;
+    let weights = WeightStore::load(&dir, DType::F32, device)?;
+    let model = ValueModel::new(&rm_config, weights.frozen_var_builder())?;
+    Ok(Some(RewardModel::start(model, device.clone(), section.max_batch)))
+}
+
+fn verifier_registry(config: &TrainConfig) -> Result<VerifierRegistry> {
+    let mut registry = VerifierRegistry::from_config(&config.verifiers)?;
+    // The monitor's probes are judged by the grounding (CHAIR) verifier.
+    registry.register(Arc::new(GroundingVerifier::new(GroundingConfig::default())?));
+    Ok(registry)
+}
+
+impl Controller {
+    /// Builds a run from `options`: a fresh one, or (with `resume`) the state of the run directory's last
+    /// complete checkpoint.
+    pub async fn build(options: &RunOptions, stop: Arc<AtomicBool>) -> Result<Self> {
+        let config = options.config.clone();
+        let run = if options.resume {
+            RunDir::open(&options.run_dir)?
+        } else {
+            RunDir::create(&options.run_dir)?
+        };
+        let resume_from = if options.resume {
+            let latest = run.latest_checkpoint()?;
+            if latest.is_none() {
+                tracing::warn!(
+                    "{}: no complete checkpoint to resume from: starting from step 0",
+                    run.root().display()
+                );
+            }
+            latest
+        } else {
+            if run.latest_checkpoint()?.is_some() {
+                return Err(Error::File {
+                    path: run.root().into(),
+                    msg: "this run directory already has checkpoints: pass --resume to continue it, \
+                          or choose another --run-dir"
+                        .into(),
+                });
+            }
+            None
+        };
+        telemetry::init(Some(run.root()), &config.run.log_level)?;
+        run.write_config(&resolved_config(&config, &options.config_text))?;
+        let device = device_of(&config)?;
+
+        let initial_dir = initial_model_dir(&config, &run)?;
+        let encoder = PromptEncoder::from_model_dir(&initial_dir, &device, DType::F32)?;
+        let (data_path, demo_probes) = dataset_path(&config, &run)?;
+        let mut dataset_config = config.data.dataset();
+        dataset_config.path = data_path;
+        let dataset = Dataset::from_config(&dataset_config)?;
+        if !dataset.bad_lines.is_empty() {
+            tracing::warn!(
+                skipped = dataset.bad_lines.len(),
+                "{}: {} bad lines skipped (data.on_bad_line = \"skip\")",
+                dataset.path.display(),
+                dataset.bad_lines.len()
+            );
+        }
+        if dataset.samples.is_empty() {
+            return Err(Error::File {
+                path: dataset.path.clone(),
+                msg: "no usable samples".into(),
+            });
+        }
+        let probe_path = config
+            .monitor
+            .as_ref()
+            .and_then(|m| m.probe_set.clone())
+            .or(demo_probes);
+        let probes = probe_path.map(|p| ProbeSet::load(&p)).transpose()?;
+
+        // Where the weights and the trainer's own state come from.
+        let (model_dir, trainer_state) = match &resume_from {
+            Some((step, dir)) => {
+                tracing::info!(step, "resuming from {}", dir.display());
+                (dir.join("model"), Some(TrainerState::load(dir)?))
+            }
+            None => (initial_dir.clone(), None),
+        };
+        let samples = dataset.samples.clone();
+        let index_of = samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.clone(), i))
+            .collect();
+        let prompts_per_step = config.data.prompts_per_step;
+        let (loader, state) = match &trainer_state {
+            Some(saved) => (
+                DataLoader::with_cursor(samples.clone(), prompts_per_step, saved.data_cursor)?,
+                saved
+                    .section::<LoopState>("loop")?
+                    .ok_or_else(|| Error::Msg("checkpoint: trainer state has no `loop` section".into()))?,
+            ),
+            None => (
+                DataLoader::new(samples.clone(), prompts_per_step, config.run.seed)?,
+                LoopState::new(config.rl.reward.calibration),
+            ),
+        };
+
+        // The actors.
+        let bank = PromptBank::new();
+        let trainer = match &resume_from {
+            Some((_, dir)) => PolicyTrainer::load_checkpoint(
+                dir,
+                DType::F32,
+                &device,
+                config.optimizer.clone(),
+                None,
+            )?,
+            None => {
+                let policy =
+                    ChatModel::load(&initial_dir, DType::F32, &device, config.optimizer.trainable)?;
+                PolicyTrainer::new(policy, config.optimizer.clone())?
+            }
+        };
+        let version = trainer.version();
+        let optimizer = Optimizer::start(trainer, bank.clone(), config.rl.clone());
+        let generator_model =
+            ChatModel::load(&model_dir, DType::F32, &device, config.optimizer.trainable)?;
+        let tokenizer = encoder.clone();
+        let decode: Decoder = Arc::new(move |ids: &[u32]| {
+            tokenizer
+                .decode(ids)
+                .map_err(|e| r1v2_actors::Error::msg(e.to_string()))
+        });
+        let generator = PolicyGenerator::start(
+            generator_model.model,
+            generator_model.trainable_vars,
+            device.clone(),
+            bank.clone(),
+            decode,
+            version,
+        );
+        let verifier =
+            RuleVerifier::start_pool(Arc::new(verifier_registry(&config)?), config.verifiers.parallel);
+        let reward = start_reward_model(&config, &run, &device)?;
+        let buffer = match trainer_state
+            .as_ref()
+            .map(|s| s.section::<BufferSnapshot>("ssb"))
+            .transpose()?
+            .flatten()
+        {
+            Some(snapshot) => SampleBuffer::from_snapshot(snapshot)?,
+            None => SampleBuffer::new(config.rl.ssb.clone())?,
+        }
+        .inject_panics_at(config.faults.panic_sample_buffer_at_versions.clone())
+        .start_supervised();
+        let monitor_config = config.monitor.as_ref().map(|m| m.config).unwrap_or_default();
+        let monitor = match trainer_state
+            .as_ref()
+            .map(|s| s.section::<HallucinationMonitor>("monitor"))
+            .transpose()?
+            .flatten()
+        {
+            Some(monitor) => monitor,
+            None => HallucinationMonitor::new(monitor_config, config.rl.reward.calibration)?,
+        };
+        let monitor = MonitorActor::new(monitor).start();
+
+        let watchdog = Watchdog::new(Duration::from_secs_f64(config.watchdog.stall_timeout_s));
+        let every = Duration::from_secs_f64(config.watchdog.heartbeat_every_s);
+        watchdog.watch("policy_generator", generator.clone(), every);
+        watchdog.watch("rule_verifier", verifier.clone(), every);
+        watchdog.watch("sample_buffer", buffer.clone(), every);
+        watchdog.watch("hallucination_monitor", monitor.clone(), every);
+        watchdog.watch("optimizer", optimizer.clone(), every);
+        if let Some(reward) = &reward {
+            watchdog.watch("reward_model", reward.clone(), every);
+        }
+
+        let metrics = match &resume_from {
+            Some((step, _)) => MetricsWriter::resume(run.metrics_path(), *step)?,
+            None => MetricsWriter::open(run.metrics_path())?,
+        };
+        let start_step = resume_from.as_ref().map_or(0, |(step, _)| *step);
+        let progress = Progress::new(config.total_steps(), start_step);
+        tracing::info!(
+            run_dir = %run.root().display(),
+            steps = config.total_steps(),
+            start_step,
+            samples = samples.len(),
+            "training: {}",
+            config
+                .stages
+                .iter()
+                .map(|s| format!("{} x{}", s.name(), s.steps()))
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        );
+        Ok(Self {
+            actors: Actors {
+                generator,
+                verifier,
+                reward,
+                buffer,
+                monitor,
+                optimizer,
+            },
+            config,
+            run,
+            encoder,
+            bank,
+            samples,
+            index_of,
+            loader,
+            probes,
+            state,
+            metrics,
+            progress,
+            watchdog,
+            stop,
+            last_checkpoint: resume_from.map(|(_, dir)| dir),
+            last_metrics: BTreeMap::new(),
+            prefetched: None,
+        })
+    }
+}
+
+/// `config.toml` of the run directory: the resolved config (every default filled in) followed by the file as
+/// the user wrote it, commented out.
+fn resolved_config(config: &TrainConfig, original: &str) -> String {
+    let resolved = toml::to_string(config)
+        .unwrap_or_else(|e| format!("# (the resolved config could not be written: {e})\n"));
+    let mut text = String::from("# The run config as resolved (defaults filled in). [verifiers] is in the original below.\n");
+    text.push_str(&resolved);
+    text.push_str("\n# ---- The config file as given ----\n");
+    for line in original.lines() {
+        text.push_str("# ");
+        text.push_str(line);
+        text.push('\n');
+    }
+    text
+}

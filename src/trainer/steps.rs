@@ -1,0 +1,765 @@
+//! One step of each stage, as the controller reads it (design.md "One GRPO step"):
+//!
+//! ```text
+//! prompts  = data.next_batch()                           (encoded once into the prompt bank)
+//! rollouts = generator.GenerateGroups(prompts, n = G)    (async mode: requested one step ahead)
+//! verdicts, rm = verifier.Verify || reward.Score         (concurrently)
+//! rewards  = hybrid_rewards(verdicts, rm, calibration);  advantages = group_advantages(rewards)
+//! batch    = buffer.ScoredGroups; buffer.NextBatch       (SSB: drop zero-advantage, replay by |A|)
+//! update   = optimizer.TrainGrpo(batch)                  -> new weights, metrics
+//! generator.SyncWeights(update.weights)                  (version checked)
+//! monitor.ObserveStep / probes                           -> maybe a new calibration
+//! ```
+//! MPO mines one pair per group from the same scoring and trains with TrainMpo; SFT trains on the dataset's
+//! reference answers with TrainSft. Every stage is timed (`timing_s/*`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use r1v2_actors::actor::monitor::{ObserveProbe, ObserveStep};
+use r1v2_actors::actor::policy_generator::PolicyGenerator;
+use r1v2_actors::actor::sample_buffer::SampleBuffer;
+use r1v2_actors::monitor::{SampleObservation, StepObservation};
+use r1v2_actors::prompt::EncodedPrompt;
+use r1v2_actors::protocol::{
+    FinishReason, GenerateGroups, GroupRequest, MpoPair, NextBatch, Rollouts, Score, ScoreSequence,
+    ScoredGroups, SftExample, SyncWeights, TrainBatch, TrainGrpo, TrainMpo, TrainSft, UpdateReport,
+    Verify,
+};
+use r1v2_actors::rl::advantages::group_advantages;
+use r1v2_actors::rl::mpo::{mine_pairs, ScoredGroup, ScoredResponse, VerifierOutcome};
+use r1v2_actors::rl::reward::{hybrid_rewards, summarise, RewardInputs};
+use r1v2_actors::rl::ssb::{GroupSample, SampledGroup};
+use r1v2_actors::rl::PromptId;
+use r1v2_actors::verifiers::registry::VerifyRequest;
+use r1v2_actors::verifiers::Verdict;
+use tracing::Instrument;
+
+use super::setup::Controller;
+use super::{stage_at, RunSummary};
+use crate::config::{ScheduleMode, Stage};
+use crate::{Error, Result};
+
+/// Probe prompts live in the prompt bank above every dataset index.
+const PROBE_ID_BASE: u64 = 1 << 48;
+
+/// Async mode: the next step's prompts and their generation request, already in the generator's mailbox.
+pub type Prefetched = (
+    Vec<GroupRequest>,
+    actix::dev::Request<PolicyGenerator, GenerateGroups>,
+);
+
+/// A step's metrics by design.md name.
+type Metrics = BTreeMap<String, f64>;
+
+/// Rollouts and everything the scorers said about them.
+struct Scored {
+    rollouts: Rollouts,
+    verdicts: Vec<Vec<Verdict>>,
+    rm: Option<Vec<Vec<f32>>>,
+}
+
+/// Whether a verdict stands for a verifier that failed (error, panic, timeout, crashed or hung plugin) rather
+/// than a judgement: the registry and the plugin runner word these reasons.
+fn is_failure(verdict: &Verdict) -> bool {
+    const MARKS: [&str; 7] = [
+        "plugin restarted",
+        "panicked",
+        "timed out",
+        "failed:",
+        "exited",
+        "malformed reply",
+        "no verifier named",
+    ];
+    verdict.score == 0.0 && MARKS.iter().any(|mark| verdict.reason.contains(mark))
+}
+
+fn put(metrics: &mut Metrics, name: &str, value: f64) {
+    metrics.insert(name.to_string(), value);
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        sum / n as f64
+    }
+}
+
+impl Controller {
+    /// Runs the schedule from the current step to its end (or a Ctrl-C, or an error).
+    pub async fn run(&mut self) -> Result<RunSummary> {
+        let total = self.config.total_steps();
+        let mut interrupted = false;
+        let mut checkpointed_at = self.last_checkpoint.as_ref().map(|_| self.state.step);
+        while self.state.step < total {
+            if self.stop.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            // Validation guarantees a stage for every step below the total.
+            let Some((stage, offset)) = stage_at(&self.config.stages, self.state.step) else {
+                break;
+            };
+            let stage = stage.clone();
+            let span = tracing::info_span!("stage", stage = stage.name(), step = self.state.step + 1);
+            let before = (self.loader.cursor(), self.state.clone());
+            let started = Instant::now();
+            let outcome = match &stage {
+                Stage::Sft { .. } => self.sft_step().instrument(span).await,
+                Stage::Mpo {
+                    steps_per_round, ..
+                } => {
+                    let new_round = offset > 0 && offset % steps_per_round == 0;
+                    self.mpo_step(new_round).instrument(span).await
+                }
+                Stage::Grpo { .. } => self.grpo_step().instrument(span).await,
+            };
+            let mut metrics = match outcome {
+                Ok(metrics) => metrics,
+                Err(error) => {
+                    if self.watchdog.stalled().is_some() {
+                        self.checkpoint_after_stall(before).await;
+                    }
+                    self.progress.finish();
+                    return Err(error);
+                }
+            };
+            put(&mut metrics, "timing_s/step", started.elapsed().as_secs_f64());
+            self.state.step += 1;
+            let step = self.state.step;
+            self.metrics.write(step, &metrics)?;
+            let reward = metrics.get("reward/mean").copied().filter(|r| r.is_finite());
+            self.progress.update(step, reward);
+            tracing::info!(
+                step,
+                stage = stage.name(),
+                reward = reward.unwrap_or(f64::NAN),
+                version = self.state.policy_version,
+                "step {step}/{total} done in {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
+            self.last_metrics = metrics;
+            let every = self.config.run.checkpoint_every;
+            if every > 0 && step % every == 0 {
+                self.checkpoint().await?;
+                checkpointed_at = Some(step);
+            }
+        }
+        if checkpointed_at != Some(self.state.step) {
+            self.checkpoint().await?;
+        }
+        self.progress.finish();
+        if interrupted {
+            tracing::warn!(
+                step = self.state.step,
+                "stopped by Ctrl-C; continue with --resume {}",
+                self.run.root().display()
+            );
+        }
+        Ok(RunSummary {
+            step: self.state.step,
+            total_steps: total,
+            last_checkpoint: self.last_checkpoint.clone(),
+            interrupted,
+            last_metrics: self.last_metrics.clone(),
+        })
+    }
+
+    /// After a stall: puts the step's counters back and writes a checkpoint of the last completed step, if
+    /// the actors still answer; says so either way.
+    async fn checkpoint_after_stall(&mut self, before: (crate::data::DataCursor, super::state::LoopState)) {
+        let (cursor, state) = before;
+        self.state = state;
+        match crate::data::DataLoader::with_cursor(
+            self.samples.clone(),
+            self.config.data.prompts_per_step,
+            cursor,
+        ) {
+            Ok(loader) => self.loader = loader,
+            Err(error) => tracing::error!(%error, "watchdog: cannot rewind the data loader"),
+        }
+        match self.checkpoint().await {
+            Ok(dir) => tracing::error!(
+                "watchdog: stopped the run; checkpoint of step {} written to {}",
+                self.state.step,
+                dir.display()
+            ),
+            Err(error) => tracing::error!(
+                %error,
+                "watchdog: stopped the run; no checkpoint could be written (the last one stands)"
+            ),
+        }
+    }
+
+    /// The next batch of prompts, encoded into the prompt bank, each with its place in the prompt stream.
+    fn next_requests(&mut self) -> Result<Vec<GroupRequest>> {
+        let batch = self.loader.next_batch();
+        let mut requests = Vec::with_capacity(batch.len());
+        for sample in batch {
+            // Every sample handed out by the loader came from `samples`, which `index_of` indexes.
+            let index = self.index_of[&sample.id];
+            let prompt_id = PromptId(index as u64);
+            if !self.bank.contains(prompt_id) {
+                let encoded = self.encoder.encode(&sample.question, &sample.images)?;
+                self.bank.insert(EncodedPrompt {
+                    id: prompt_id,
+                    token_ids: encoded.token_ids,
+                    pixel_values: encoded.pixel_values,
+                    answer: sample.answer.clone(),
+                    verifier: sample.verifier.clone(),
+                    question: sample.question.clone(),
+                    meta: sample.meta.clone(),
+                });
+            }
+            requests.push(GroupRequest {
+                prompt_id,
+                prompt_index: self.state.prompts_drawn,
+            });
+            self.state.prompts_drawn += 1;
+        }
+        Ok(requests)
+    }
+
+    fn sampling(&self) -> r1v2_actors::generate::SamplingParams {
+        let mut params = self.config.generation.sampling.clone();
+        if params.stop_token_ids.is_empty() {
+            params.stop_token_ids = self.encoder.stop_token_ids();
+        }
+        if params.seed == 0 {
+            params.seed = self.config.run.seed;
+        }
+        params
+    }
+
+    fn generate_request(
+        &self,
+        requests: Vec<GroupRequest>,
+    ) -> actix::dev::Request<PolicyGenerator, GenerateGroups> {
+        self.actors.generator.send(GenerateGroups {
+            prompts: requests,
+            n: self.config.generation.group_size,
+            params: self.sampling(),
+        })
+    }
+
+    /// This step's rollouts: requested now (sync), or the request made one step ahead (async), in which
+    /// case the next step's request goes out before this one is scored.
+    async fn rollouts(&mut self, metrics: &mut Metrics) -> Result<Rollouts> {
+        let started = Instant::now();
+        let request = match self.prefetched.take() {
+            Some((_, request)) => request,
+            None => {
+                let requests = self.next_requests()?;
+                self.generate_request(requests)
+            }
+        };
+        let rollouts = self
+            .watchdog
+            .call("policy_generator", "GenerateGroups", request)
+            .await??;
+        if self.config.run.mode == ScheduleMode::Async && self.state.step + 1 < self.config.total_steps() {
+            let next = self.next_requests()?;
+            let request = self.generate_request(next.clone());
+            self.prefetched = Some((next, request));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        put(metrics, "timing_s/gen", seconds);
+        put(metrics, "perf/tokens_per_s", rollouts.tokens as f64 / seconds.max(1e-9));
+        let lengths: Vec<f64> = rollouts
+            .groups
+            .iter()
+            .flat_map(|g| g.rollouts.iter().map(|r| r.token_ids.len() as f64))
+            .collect();
+        put(metrics, "response_length/mean", mean(lengths.iter().copied()));
+        let clipped = rollouts
+            .groups
+            .iter()
+            .flat_map(|g| &g.rollouts)
+            .filter(|r| r.finish_reason == FinishReason::Length)
+            .count();
+        put(metrics, "response_length/clip_ratio", clipped as f64 / lengths.len().max(1) as f64);
+        Ok(rollouts)
+    }
+
+    /// Rule verdicts and RM scores of `rollouts`, requested concurrently.
+    async fn score(&self, rollouts: Rollouts, metrics: &mut Metrics) -> Result<Scored> {
+        let mut items = Vec::new();
+        let mut sequences = Vec::new();
+        for group in &rollouts.groups {
+            let prompt = self.bank.get(group.prompt_id)?;
+            for rollout in &group.rollouts {
+                items.push(VerifyRequest {
+                    verifier: prompt.verifier.clone(),
+                    prompt: prompt.question.clone(),
+                    response: rollout.text.clone(),
+                    answer: prompt.answer.clone(),
+                    meta: prompt.meta.clone().unwrap_or(serde_json::Value::Null),
+                });
+                let mut ids = prompt.token_ids.clone();
+                ids.extend(&rollout.token_ids);
+                sequences.push(ScoreSequence {
+                    attention_mask: vec![1; ids.len()],
+                    token_ids: ids,
+                });
+            }
+        }
+        let started = Instant::now();
+        let watchdog = self.watchdog.clone();
+        let verify = self.actors.verifier.send(Verify { items });
+        let score = self
+            .actors
+            .reward
+            .as_ref()
+            .map(|rm| rm.send(Score { sequences }));
+        let verify = async {
+            let reply = watchdog.call("rule_verifier", "Verify", verify).await;
+            (reply, started.elapsed())
+        };
+        let score = async {
+            match score {
+                Some(request) => {
+                    let reply = watchdog.call("reward_model", "Score", request).await;
+                    Some((reply, started.elapsed()))
+                }
+                None => None,
+            }
+        };
+        let ((verdicts, verify_time), score) = futures_util::future::join(verify, score).await;
+        put(metrics, "timing_s/verify", verify_time.as_secs_f64());
+        let verdicts = verdicts?.verdicts;
+        let failed = verdicts.iter().filter(|v| is_failure(v)).count();
+        if failed > 0 {
+            tracing::warn!(failed, "verifier failures scored 0 (see the verdict reasons)");
+        }
+        put(metrics, "verify/failures", failed as f64);
+        let rm = match score {
+            Some((reply, time)) => {
+                put(metrics, "timing_s/reward", time.as_secs_f64());
+                Some(reply??.scores)
+            }
+            None => {
+                put(metrics, "timing_s/reward", 0.0);
+                None
+            }
+        };
+        // Back into groups.
+        let mut verdicts = verdicts.into_iter();
+        let mut scores = rm.map(|s| s.into_iter());
+        let mut by_group = Vec::with_capacity(rollouts.groups.len());
+        let mut rm_by_group = scores.as_ref().map(|_| Vec::new());
+        for group in &rollouts.groups {
+            let n = group.rollouts.len();
+            by_group.push(verdicts.by_ref().take(n).collect::<Vec<_>>());
+            if let (Some(scores), Some(out)) = (scores.as_mut(), rm_by_group.as_mut()) {
+                out.push(scores.by_ref().take(n).collect::<Vec<_>>());
+            }
+        }
+        Ok(Scored {
+            rollouts,
+            verdicts: by_group,
+            rm: rm_by_group,
+        })
+    }
+
+    /// Hybrid rewards and group advantages of a scored batch, as sample-buffer groups; logs reward/*.
+    fn reward_groups(&mut self, scored: &Scored, metrics: &mut Metrics) -> Result<Vec<SampledGroup>> {
+        let inputs: Vec<Vec<RewardInputs>> = scored
+            .verdicts
+            .iter()
+            .enumerate()
+            .map(|(g, verdicts)| {
+                verdicts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, verdict)| RewardInputs {
+                        rule: f64::from(verdict.score),
+                        rule_correct: Some(verdict.score >= 1.0),
+                        rm_raw: scored.rm.as_ref().map(|rm| f64::from(rm[g][i])),
+                        format: f64::from(u8::from(verdict.format_ok)),
+                    })
+                    .collect()
+            })
+            .collect();
+        let rewards = hybrid_rewards(&inputs, &self.config.rl.reward, &self.state.calibration)?;
+        let summary = summarise(&rewards);
+        let totals: Vec<Vec<f64>> = rewards
+            .iter()
+            .map(|g| g.iter().map(|r| r.total).collect())
+            .collect();
+        let all: Vec<f64> = totals.iter().flatten().copied().collect();
+        let reward_mean = mean(all.iter().copied());
+        let reward_std = (mean(all.iter().map(|r| (r - reward_mean).powi(2)))).sqrt();
+        put(metrics, "reward/mean", reward_mean);
+        put(metrics, "reward/std", reward_std);
+        put(metrics, "reward/rule", summary.rule_term);
+        put(metrics, "reward/rm", summary.rm_term);
+        put(metrics, "reward/format", summary.format_term);
+        put(
+            metrics,
+            "reward/accuracy",
+            mean(scored.verdicts.iter().flatten().map(|v| f64::from(v.score))),
+        );
+        put(metrics, "calibration/rm_threshold", self.state.calibration.rm_threshold);
+        let correct: Vec<Vec<bool>> = scored
+            .verdicts
+            .iter()
+            .map(|g| g.iter().map(|v| v.score >= 1.0).collect())
+            .collect();
+        let advantages = group_advantages(&totals, Some(&correct), &self.config.rl.advantage)?;
+        let version = scored.rollouts.policy_version;
+        Ok(scored
+            .rollouts
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| SampledGroup {
+                prompt_id: group.prompt_id,
+                policy_version: version,
+                samples: group
+                    .rollouts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, rollout)| GroupSample {
+                        token_ids: rollout.token_ids.clone(),
+                        behaviour_logprobs: rollout.behaviour_logprobs.clone(),
+                        reward: totals[g][i],
+                        advantage: advantages.advantages[g][i],
+                        correct: Some(correct[g][i]),
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// The sample buffer's next batch; a failed request (the buffer panicked and was restarted with its
+    /// state rolled back) is sent again.
+    async fn next_batch(&self) -> Result<TrainBatch> {
+        let request = NextBatch {
+            target: self.config.data.prompts_per_step,
+            policy_version: self.state.policy_version,
+        };
+        let buffer: &actix::Addr<SampleBuffer> = &self.actors.buffer;
+        match self
+            .watchdog
+            .call("sample_buffer", "NextBatch", buffer.send(request))
+            .await?
+        {
+            Ok(batch) => Ok(batch),
+            Err(error) => {
+                tracing::warn!(%error, "sample_buffer failed; its supervisor restarted it, re-sending NextBatch");
+                self.watchdog
+                    .call("sample_buffer", "NextBatch", buffer.send(request))
+                    .await?
+                    .map_err(Error::from)
+            }
+        }
+    }
+
+    /// Publishes an update's weights to the generator and checks the version it now holds.
+    async fn sync(&mut self, update: &UpdateReport, metrics: &mut Metrics) -> Result<()> {
+        let started = Instant::now();
+        let version = update.weights.version;
+        let held = self
+            .watchdog
+            .call(
+                "policy_generator",
+                "SyncWeights",
+                self.actors.generator.send(SyncWeights {
+                    weights: update.weights.clone(),
+                }),
+            )
+            .await??;
+        if held != version {
+            return Err(Error::Msg(format!(
+                "SyncWeights: the generator holds policy version {held}, the optimizer published {version}"
+            )));
+        }
+        self.state.policy_version = version;
+        put(metrics, "timing_s/sync", started.elapsed().as_secs_f64());
+        for (name, value) in &update.metrics {
+            put(metrics, name, *value);
+        }
+        Ok(())
+    }
+
+    /// One GRPO step.
+    async fn grpo_step(&mut self) -> Result<Metrics> {
+        let mut metrics = Metrics::new();
+        let rollouts = self.rollouts(&mut metrics).await?;
+        let scored = self.score(rollouts, &mut metrics).await?;
+        let mut groups = self.reward_groups(&scored, &mut metrics)?;
+        // Async mode: rollouts more than max_staleness versions behind are dropped.
+        let oldest = self
+            .state
+            .policy_version
+            .saturating_sub(self.config.run.max_staleness);
+        let before = groups.len();
+        groups.retain(|g| g.policy_version >= oldest);
+        let stale = (before - groups.len()) as u64;
+        self.state.stale_dropped += stale;
+        put(&mut metrics, "async/stale_dropped", stale as f64);
+        put(
+            &mut metrics,
+            "async/staleness",
+            self.state.policy_version.saturating_sub(scored.rollouts.policy_version) as f64,
+        );
+        self.watchdog
+            .call("sample_buffer", "ScoredGroups", self.actors.buffer.send(ScoredGroups { groups }))
+            .await??;
+        let batch = self.next_batch().await?;
+        put(&mut metrics, "ssb/effective_share_before", batch.metrics.effective_share_before);
+        put(&mut metrics, "ssb/effective_share_after", batch.metrics.effective_share_after);
+        put(&mut metrics, "ssb/replayed", batch.replayed as f64);
+        put(&mut metrics, "ssb/size", batch.metrics.buffer_size as f64);
+        let started = Instant::now();
+        if batch.groups.is_empty() {
+            self.state.skipped_updates += 1;
+            tracing::info!("no informative group this step: no update");
+            put(&mut metrics, "actor/skipped", 1.0);
+            put(&mut metrics, "timing_s/update", 0.0);
+            put(&mut metrics, "timing_s/sync", 0.0);
+        } else {
+            let update = self
+                .watchdog
+                .call("optimizer", "TrainGrpo", self.actors.optimizer.send(TrainGrpo { batch }))
+                .await??;
+            put(&mut metrics, "timing_s/update", started.elapsed().as_secs_f64());
+            put(&mut metrics, "actor/skipped", 0.0);
+            self.sync(&update, &mut metrics).await?;
+        }
+        self.observe(&scored, &mut metrics).await?;
+        Ok(metrics)
+    }
+
+    /// One MPO step: sample, score, mine one pair per group, train on the pairs.
+    async fn mpo_step(&mut self, new_round: bool) -> Result<Metrics> {
+        let mut metrics = Metrics::new();
+        if new_round && self.config.rl.mpo.refresh_reference_each_round {
+            self.watchdog
+                .call(
+                    "optimizer",
+                    "RefreshReference",
+                    self.actors
+                        .optimizer
+                        .send(r1v2_actors::actor::optimizer::RefreshReference),
+                )
+                .await??;
+        }
+        let rollouts = self.rollouts(&mut metrics).await?;
+        let scored = self.score(rollouts, &mut metrics).await?;
+        self.reward_groups(&scored, &mut metrics)?;
+        let groups: Vec<ScoredGroup> = scored
+            .rollouts
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| ScoredGroup {
+                prompt_id: group.prompt_id,
+                responses: scored.verdicts[g]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, verdict)| ScoredResponse {
+                        // The RM's raw score when there is one (the scale of `mpo.min_margin`), else the
+                        // rule and format rewards.
+                        score: match &scored.rm {
+                            Some(rm) => f64::from(rm[g][i]),
+                            None => f64::from(verdict.score) + f64::from(u8::from(verdict.format_ok)),
+                        },
+                        verifier: if verdict.score >= 1.0 {
+                            VerifierOutcome::Pass
+                        } else {
+                            VerifierOutcome::Fail
+                        },
+                        format_ok: verdict.format_ok,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mined = mine_pairs(&groups, self.config.rl.mpo.min_margin)?;
+        put(&mut metrics, "mpo/pairs", mined.pairs.len() as f64);
+        let pairs: Vec<MpoPair> = mined
+            .pairs
+            .iter()
+            .map(|pair| {
+                let group = scored
+                    .rollouts
+                    .groups
+                    .iter()
+                    .find(|g| g.prompt_id == pair.id.prompt_id)
+                    .ok_or_else(|| Error::Msg("mpo: a pair names a prompt not in the batch".into()))?;
+                Ok(MpoPair {
+                    prompt_id: pair.id.prompt_id,
+                    chosen: group.rollouts[pair.id.chosen].token_ids.clone(),
+                    rejected: group.rollouts[pair.id.rejected].token_ids.clone(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let started = Instant::now();
+        if pairs.is_empty() {
+            self.state.skipped_updates += 1;
+            tracing::info!(dropped = ?mined.dropped, "no preference pair this step: no update");
+            put(&mut metrics, "actor/skipped", 1.0);
+        } else {
+            let update = self
+                .watchdog
+                .call("optimizer", "TrainMpo", self.actors.optimizer.send(TrainMpo { pairs }))
+                .await??;
+            put(&mut metrics, "timing_s/update", started.elapsed().as_secs_f64());
+            put(&mut metrics, "actor/skipped", 0.0);
+            self.sync(&update, &mut metrics).await?;
+        }
+        self.observe(&scored, &mut metrics).await?;
+        Ok(metrics)
+    }
+
+    /// One supervised step on the dataset's reference answers (the warm start).
+    async fn sft_step(&mut self) -> Result<Metrics> {
+        let mut metrics = Metrics::new();
+        let requests = self.next_requests()?;
+        let end_of_turn = self.encoder.stop_token_ids();
+        let examples = requests
+            .iter()
+            .map(|request| {
+                let prompt = self.bank.get(request.prompt_id)?;
+                let mut response = self.encoder.tokenizer().encode(&prompt.answer)?;
+                response.extend(end_of_turn.first());
+                Ok(SftExample {
+                    prompt_id: request.prompt_id,
+                    response,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let started = Instant::now();
+        let update = self
+            .watchdog
+            .call("optimizer", "TrainSft", self.actors.optimizer.send(TrainSft { examples }))
+            .await??;
+        put(&mut metrics, "timing_s/update", started.elapsed().as_secs_f64());
+        self.sync(&update, &mut metrics).await?;
+        Ok(metrics)
+    }
+
+    /// Feeds the hallucination monitor (and runs the probe set when due); applies a new calibration.
+    async fn observe(&mut self, scored: &Scored, metrics: &mut Metrics) -> Result<()> {
+        let step = self.state.step + 1;
+        if let Some(probes) = &self.probes {
+            let schedule = self
+                .config
+                .monitor
+                .as_ref()
+                .map(|m| m.config.probe)
+                .unwrap_or_default();
+            if schedule.is_due(step) {
+                let started = Instant::now();
+                let flags = self.run_probes(probes.clone()).await?;
+                put(metrics, "timing_s/probe", started.elapsed().as_secs_f64());
+                self.actors
+                    .monitor
+                    .send(ObserveProbe { step, flags })
+                    .await
+                    .map_err(|e| Error::Msg(format!("hallucination_monitor: {e}")))?;
+            }
+        }
+        let observation = StepObservation {
+            flags: scored
+                .verdicts
+                .iter()
+                .flatten()
+                .filter_map(|v| v.hallucination.clone())
+                .collect(),
+            groups: scored
+                .verdicts
+                .iter()
+                .enumerate()
+                .map(|(g, verdicts)| {
+                    verdicts
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| SampleObservation {
+                            rule_accuracy: f64::from(v.score),
+                            rm_score: scored.rm.as_ref().map_or(0.0, |rm| f64::from(rm[g][i])),
+                            response_len: scored.rollouts.groups[g].rollouts[i].token_ids.len(),
+                        })
+                        .collect()
+                })
+                .collect(),
+        };
+        let report = self
+            .watchdog
+            .call(
+                "hallucination_monitor",
+                "ObserveStep",
+                self.actors.monitor.send(ObserveStep { step, observation }),
+            )
+            .await??;
+        for (name, value) in report.metrics {
+            put(metrics, name, value);
+        }
+        if let Some(calibrate) = report.calibrate {
+            tracing::warn!(step, "reward calibration changed: {}", calibrate.reason);
+            self.state.calibration = calibrate.calibration;
+        }
+        Ok(())
+    }
+
+    /// Generates one response per probe prompt with the current policy and returns the grounding flags.
+    async fn run_probes(
+        &mut self,
+        probes: r1v2_actors::monitor::ProbeSet,
+    ) -> Result<Vec<r1v2_actors::verifiers::HallucinationFlags>> {
+        let mut requests = Vec::with_capacity(probes.items.len());
+        for (i, item) in probes.items.iter().enumerate() {
+            let prompt_id = PromptId(PROBE_ID_BASE + i as u64);
+            if !self.bank.contains(prompt_id) {
+                let encoded = self.encoder.encode(&item.question, &item.images)?;
+                self.bank.insert(EncodedPrompt {
+                    id: prompt_id,
+                    token_ids: encoded.token_ids,
+                    pixel_values: encoded.pixel_values,
+                    answer: item.answer.clone(),
+                    verifier: item.verifier.clone(),
+                    question: item.question.clone(),
+                    meta: Some(item.meta.clone()),
+                });
+            }
+            requests.push(GroupRequest {
+                prompt_id,
+                prompt_index: PROBE_ID_BASE + i as u64,
+            });
+        }
+        let request = self.actors.generator.send(GenerateGroups {
+            prompts: requests,
+            n: 1,
+            params: self.sampling(),
+        });
+        let rollouts = self
+            .watchdog
+            .call("policy_generator", "GenerateGroups (probes)", request)
+            .await??;
+        let mut items = Vec::new();
+        for group in &rollouts.groups {
+            let prompt = self.bank.get(group.prompt_id)?;
+            for rollout in &group.rollouts {
+                items.push(VerifyRequest {
+                    verifier: prompt.verifier.clone(),
+                    prompt: prompt.question.clone(),
+                    response: rollout.text.clone(),
+                    answer: prompt.answer.clone(),
+                    meta: prompt.meta.clone().unwrap_or(serde_json::Value::Null),
+                });
+            }
+        }
+        let verdicts = self
+            .watchdog
+            .call("rule_verifier", "Verify (probes)", self.actors.verifier.send(Verify { items }))
+            .await?;
+        Ok(verdicts
+            .verdicts
+            .into_iter()
+            .filter_map(|v| v.hallucination)
+            .collect())
+    }
+}

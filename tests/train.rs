@@ -1,0 +1,256 @@
+//! End-to-end tests of `r1v2 train`: the tiny config through every stage and actor, resume after SIGKILL,
+//! injected faults, config errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use r1v2::checkpoint::RunDir;
+use r1v2::telemetry::read_metrics;
+
+const BIN: &str = env!("CARGO_BIN_EXE_r1v2");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The metric names design.md promises in metrics.jsonl.
+const DESIGN_KEYS: &[&str] = &[
+    "reward/mean",
+    "reward/std",
+    "reward/rule",
+    "reward/rm",
+    "reward/format",
+    "ssb/effective_share_before",
+    "ssb/effective_share_after",
+    "ssb/replayed",
+    "ssb/size",
+    "actor/pg_loss",
+    "actor/kl",
+    "actor/clipfrac",
+    "actor/entropy",
+    "actor/grad_norm",
+    "actor/lr",
+    "mpo/dpo",
+    "mpo/bco",
+    "mpo/sft",
+    "mpo/delta",
+    "response_length/mean",
+    "response_length/clip_ratio",
+    "hallucination/rate",
+    "calibration/rm_threshold",
+    "timing_s/gen",
+    "timing_s/verify",
+    "timing_s/reward",
+    "timing_s/update",
+    "timing_s/sync",
+    "perf/tokens_per_s",
+];
+
+fn tiny_config() -> String {
+    std::fs::read_to_string(Path::new(ROOT).join("configs/tiny.toml")).unwrap()
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn train(config: &Path, run_dir: &Path, resume: bool) -> Output {
+    let flag = if resume { "--resume" } else { "--run-dir" };
+    Command::new(BIN)
+        .arg("train")
+        .arg(config)
+        .arg(flag)
+        .arg(run_dir)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap()
+}
+
+fn assert_ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "r1v2 train failed:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn final_weights(run_dir: &Path) -> (u64, Vec<u8>) {
+    let (step, dir) = RunDir::open(run_dir)
+        .unwrap()
+        .latest_checkpoint()
+        .unwrap()
+        .expect("a checkpoint");
+    (step, std::fs::read(dir.join("model/model.safetensors")).unwrap())
+}
+
+#[test]
+fn tiny_config_runs_every_stage_and_actor_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let config = write_config(dir.path(), "tiny.toml", &tiny_config());
+    let output = train(&config, &run, false);
+    assert_ok(&output);
+
+    let records = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = records.iter().map(|r| r.step).collect();
+    assert_eq!(steps, (1..=7).collect::<Vec<_>>(), "one record per step");
+    for key in DESIGN_KEYS {
+        assert!(
+            records.iter().any(|r| r.values.contains_key(*key)),
+            "metrics.jsonl never has `{key}`"
+        );
+    }
+    // Every GRPO step carries the whole GRPO set; every MPO step the MPO set.
+    for record in &records[4..] {
+        for key in DESIGN_KEYS.iter().filter(|k| !k.starts_with("mpo/") && !k.starts_with("actor/")) {
+            assert!(record.values.contains_key(*key), "GRPO step {} lacks `{key}`", record.step);
+        }
+    }
+    // The weights moved, and the versions add up: each stage's updates bump the policy version.
+    let (step, weights) = final_weights(&run);
+    assert_eq!(step, 7);
+    let initial = std::fs::read(run.join("init-model/model.safetensors")).unwrap();
+    assert_ne!(weights, initial, "training changed the weights");
+    // The checkpoint is an ordinary model directory.
+    let loaded = r1v2_actors::model::chat::ChatModel::load(
+        &run.join("checkpoints/step-7/model"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        r1v2_actors::model::chat::Trainable::frozen(),
+    )
+    .unwrap();
+    assert!(loaded.unexpected.is_empty());
+    // Live logs: JSON lines with the stage span.
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    assert!(log.lines().count() > 7);
+    assert!(log.contains("\"stage\":\"grpo\"") || log.contains("\"stage\": \"grpo\""), "no grpo span in log.jsonl");
+    assert!(run.join("config.toml").is_file());
+}
+
+#[test]
+fn a_run_killed_mid_way_and_resumed_ends_with_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "tiny.toml",
+        &tiny_config().replace("checkpoint_every = 2", "checkpoint_every = 1"),
+    );
+    let straight = dir.path().join("straight");
+    assert_ok(&train(&config, &straight, false));
+
+    let killed = dir.path().join("killed");
+    let mut child = Command::new(BIN)
+        .arg("train")
+        .arg(&config)
+        .arg("--run-dir")
+        .arg(&killed)
+        .env("RAYON_NUM_THREADS", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !killed.join("checkpoints/step-3").is_dir() {
+        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let (at_kill, _) = final_weights(&killed);
+    assert!(at_kill < 7, "the run finished before the kill (step {at_kill}): nothing was resumed");
+
+    assert_ok(&train(&config, &killed, true));
+    let (step_a, weights_a) = final_weights(&straight);
+    let (step_b, weights_b) = final_weights(&killed);
+    assert_eq!((step_a, step_b), (7, 7));
+    assert!(weights_a == weights_b, "resumed run ended with other weights (killed at step {at_kill})");
+    // The metrics agree too (timings aside), one record per step.
+    let a = read_metrics(&straight.join("metrics.jsonl")).unwrap();
+    let b = read_metrics(&killed.join("metrics.jsonl")).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (ra, rb) in a.iter().zip(&b) {
+        for (key, value) in &ra.values {
+            if key.starts_with("timing_s/") || key.starts_with("perf/") {
+                continue;
+            }
+            let other = rb.values[key];
+            assert!(
+                value.to_bits() == other.to_bits() || (value.is_nan() && other.is_nan()),
+                "step {} `{key}`: {value} vs {other}",
+                ra.step
+            );
+        }
+    }
+}
+
+#[test]
+fn a_panicking_actor_and_a_hanging_verifier_plugin_do_not_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let dataset = r1v2::demo::write_task(&data_dir).unwrap();
+    // Half the prompts go to the plugin.
+    let text = std::fs::read_to_string(&dataset).unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            if i % 2 == 0 {
+                line.replace("\"verifier\":\"choice\"", "\"verifier\":\"first_letter\"")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(&dataset, lines.join("\n")).unwrap();
+    let plugin = Path::new(ROOT).join("tests/plugins/hang_once_plugin.py");
+    let marker = dir.path().join("hung");
+    let config = tiny_config()
+        .replace("path = \"demo\"", &format!("path = {:?}", dataset.display().to_string()))
+        .replace("prompts_per_step = 4", "prompts_per_step = 8")
+        + &format!(
+            "\n[faults]\npanic_sample_buffer_at_versions = [0, 1, 2, 3, 4, 5, 6, 7, 8]\n\n\
+             [verifiers]\ntimeout_secs = 30\n\n[[verifiers.plugins]]\nname = \"first_letter\"\n\
+             command = \"python3\"\nargs = [{:?}]\ntimeout_secs = 2\nenv = {{ HANG_MARKER = {:?} }}\n",
+            plugin.display().to_string(),
+            marker.display().to_string()
+        );
+    let config = write_config(dir.path(), "faults.toml", &config);
+    let run = dir.path().join("run");
+    let output = train(&config, &run, false);
+    assert_ok(&output);
+    assert!(marker.exists(), "the plugin never hung: the test proved nothing");
+    let records = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(records.len(), 7, "every step ran");
+    let failures: f64 = records.iter().filter_map(|r| r.values.get("verify/failures")).sum();
+    assert!(failures >= 1.0, "the hung request should cost its sample a zero reward");
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    assert!(log.contains("injected fault"), "the sample buffer never panicked");
+    assert!(log.contains("re-sending NextBatch"), "the failed request was not re-sent");
+}
+
+#[test]
+fn config_errors_name_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write_config(
+        dir.path(),
+        "bad.toml",
+        &tiny_config().replace("[rl.grpo]\n", "[rl.grpo]\nepsilon_high = 0.3\n"),
+    );
+    let output = train(&bad, &dir.path().join("run"), false);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("bad.toml"), "{stderr}");
+    assert!(stderr.contains("epsilon_high"), "{stderr}");
+
+    let invalid = write_config(
+        dir.path(),
+        "invalid.toml",
+        &tiny_config().replace("group_size = 4", "group_size = 1"),
+    );
+    let output = train(&invalid, &dir.path().join("run2"), false);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("invalid.toml") && stderr.contains("generation.group_size"), "{stderr}");
+}
