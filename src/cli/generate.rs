@@ -106,16 +106,29 @@ pub fn describe_finish(reason: FinishReason) -> String {
     }
 }
 
-/// Prints the new suffix of the decoded text as tokens arrive. Text is held back while it ends inside a
-/// multi-byte character (U+FFFD) or while an earlier printed part decodes differently.
-struct Streamer<'a> {
+/// Writes the new suffix of the decoded text as tokens arrive (to stdout in the CLI). Text is held back
+/// while it ends inside a multi-byte character (U+FFFD) or while an earlier written part decodes
+/// differently.
+struct Streamer<'a, W: Write> {
     encoder: &'a PromptEncoder,
+    out: W,
     tokens: Vec<u32>,
     printed: String,
     error: Option<Error>,
 }
 
-impl Streamer<'_> {
+impl<'a, W: Write> Streamer<'a, W> {
+    fn new(encoder: &'a PromptEncoder, out: W) -> Self {
+        Self {
+            encoder,
+            out,
+            tokens: Vec::new(),
+            printed: String::new(),
+            error: None,
+        }
+    }
+
+    /// Takes the next token; the first error (decode, write) is kept for [`Self::finish`].
     fn push(&mut self, token: u32) {
         self.tokens.push(token);
         if self.error.is_some() {
@@ -124,31 +137,36 @@ impl Streamer<'_> {
         let result = self
             .encoder
             .decode(&self.tokens)
-            .and_then(|text| self.print_suffix(&text, false));
+            .and_then(|text| self.write_suffix(&text, false));
         if let Err(err) = result {
             self.error = Some(err);
         }
     }
 
-    /// Prints what `text` adds to what is printed; `last` prints whatever is left (the final text).
-    fn print_suffix(&mut self, text: &str, last: bool) -> Result<()> {
+    /// Writes whatever of the final text is not written yet, then a newline.
+    fn finish(&mut self, text: &str) -> Result<()> {
+        if let Some(err) = self.error.take() {
+            return Err(err);
+        }
+        self.write_suffix(text, true)?;
+        self.out.write_all(b"\n").map_err(stdout_error)
+    }
+
+    /// Writes what `text` adds to what is written; `last` writes whatever is left (the final text).
+    fn write_suffix(&mut self, text: &str, last: bool) -> Result<()> {
         if !last && text.ends_with('\u{FFFD}') {
             return Ok(());
         }
         let suffix = match text.strip_prefix(self.printed.as_str()) {
             Some(suffix) => suffix.to_string(),
-            // The decoded text changed before the printed end: start a fresh line with the final text.
+            // The decoded text changed before the written end: a fresh line with the final text.
             None if last => format!("\n{text}"),
             None => return Ok(()),
         };
-        let mut stdout = std::io::stdout().lock();
-        stdout
+        self.out
             .write_all(suffix.as_bytes())
-            .and_then(|()| stdout.flush())
-            .map_err(|source| Error::Io {
-                path: "<stdout>".into(),
-                source,
-            })?;
+            .and_then(|()| self.out.flush())
+            .map_err(stdout_error)?;
         self.printed = text.to_string();
         Ok(())
     }
@@ -173,12 +191,7 @@ fn generate_and_print<M: StepModel>(
             .map_err(|err| r1v2_actors::Error::msg(err.to_string()))
     };
     let streaming = args.n == 1 && !args.json;
-    let mut streamer = Streamer {
-        encoder,
-        tokens: Vec::new(),
-        printed: String::new(),
-        error: None,
-    };
+    let mut streamer = Streamer::new(encoder, std::io::stdout());
     let groups = generate_groups_streaming(
         model,
         std::slice::from_ref(&prompt),
@@ -191,9 +204,6 @@ fn generate_and_print<M: StepModel>(
             }
         },
     )?;
-    if let Some(err) = streamer.error.take() {
-        return Err(err);
-    }
     // One prompt in, one group out.
     let rollouts: &[Rollout] = groups.first().map_or(&[], |g| &g.rollouts);
     let text_of = |rollout: &Rollout| rollout.text.clone().unwrap_or_default();
@@ -210,9 +220,12 @@ fn generate_and_print<M: StepModel>(
             writeln!(stdout, "{line}").map_err(stdout_error)?;
         }
     } else if streaming {
-        let rollout = &rollouts[0]; // n == 1: validation guaranteed one rollout
-        streamer.print_suffix(&text_of(rollout), true)?;
-        println!();
+        let Some(rollout) = rollouts.first() else {
+            return Err(Error::Msg(
+                "generate: the engine returned no response".into(),
+            ));
+        };
+        streamer.finish(&text_of(rollout))?;
         eprintln!(
             "[finish: {}, {} tokens]",
             describe_finish(rollout.finish_reason),
@@ -304,4 +317,69 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         &params,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An encoder for the fixture tokenizer (a byte-level BPE of 328 ids) over a Qwen2 config.
+    fn encoder() -> (tempfile::TempDir, PromptEncoder) {
+        let fixtures = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"));
+        let dir = tempfile::tempdir().expect("a temp dir");
+        for (from, to) in [
+            ("qwen2/untied/config.json", "config.json"),
+            ("preprocess/tokenizer.json", "tokenizer.json"),
+        ] {
+            std::fs::copy(fixtures.join(from), dir.path().join(to)).expect("copy a fixture");
+        }
+        let encoder = PromptEncoder::from_model_dir(dir.path(), &Device::Cpu, DType::F32)
+            .expect("a qwen2 dir");
+        (dir, encoder)
+    }
+
+    #[test]
+    fn streaming_writes_each_token_as_it_comes_and_never_half_a_character() -> Result<()> {
+        let (_dir, encoder) = encoder();
+        let text = "Plain words, then wörds with ümlauts ✓ and an end.";
+        let ids = encoder.tokenizer().encode(text)?;
+        let mut streamer = Streamer::new(&encoder, Vec::new());
+        let mut held_back = 0;
+        for (count, &id) in ids.iter().enumerate() {
+            streamer.push(id);
+            let written = String::from_utf8(streamer.out.clone()).expect("whole characters");
+            let decoded = encoder.decode(&ids[..=count])?;
+            assert!(!written.contains('\u{FFFD}'), "{written:?}");
+            if decoded.ends_with('\u{FFFD}') {
+                held_back += 1;
+            } else {
+                assert_eq!(written, decoded, "after {} tokens", count + 1);
+            }
+        }
+        assert!(
+            held_back > 0,
+            "no token ended inside a character: the test misses that case"
+        );
+        streamer.finish(text)?;
+        assert_eq!(
+            String::from_utf8(streamer.out).expect("utf-8"),
+            format!("{text}\n")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_final_text_that_differs_goes_on_a_fresh_line() -> Result<()> {
+        let (_dir, encoder) = encoder();
+        let mut streamer = Streamer::new(&encoder, Vec::new());
+        for id in encoder.tokenizer().encode("abc")? {
+            streamer.push(id);
+        }
+        streamer.finish("xyz")?;
+        assert_eq!(
+            String::from_utf8(streamer.out).expect("utf-8"),
+            "abc\nxyz\n"
+        );
+        Ok(())
+    }
 }
