@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod forward;
+pub mod generate;
 pub mod inspect;
 pub mod model_dir;
 pub mod report;
@@ -23,6 +24,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run one forward pass on token ids (and images) from a JSON file; write logits or scores.
     Forward(forward::ForwardArgs),
+    /// Sample responses to a question (and images) with the generation engine; stream or print them.
+    Generate(generate::GenerateArgs),
     /// Score a JSON-lines file of responses with the rule verifiers.
     Verify(verify::VerifyArgs),
     /// Train: SFT warm start, MPO rounds and GRPO steps over the actors, as the config's [[stages]] say.
@@ -38,6 +41,7 @@ impl Cli {
         match self.command {
             Command::Inspect(args) => inspect::run(args),
             Command::Forward(args) => forward::run(args),
+            Command::Generate(args) => generate::run(args),
             Command::Verify(args) => args.run(),
             Command::Report(args) => report::run(&args),
             Command::Train(args) => train::run(args),

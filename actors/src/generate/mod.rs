@@ -8,7 +8,9 @@
 //! | [`rollout`] | the engine's inputs and outputs: [`PromptInput`], [`Rollout`], [`Group`], [`FinishReason`] |
 //! | [`engine`] | [`generate_groups`]: grouped sampling with a shared prefix, over any [`StepModel`] |
 //! | [`qwen2`] | [`StepModel`] for the Qwen2 LLM and its KV cache |
+//! | [`chat`] | [`StepModel`] for the InternVL-chat model: images encoded once per group, then the LLM |
 
+pub mod chat;
 pub mod engine;
 pub mod processors;
 pub mod qwen2;
