@@ -1,0 +1,16 @@
+//! Training the policy: AdamW, the learning-rate schedule, gradient clipping, response log-probs on the chat
+//! model, and the [`PolicyTrainer`] the Optimizer actor drives (GRPO and MPO updates with gradient
+//! accumulation, a frozen reference that shares the frozen modules, checkpoints).
+//!
+//! | file | what |
+//! |---|---|
+//! | `config.rs` | [`OptimConfig`], the `[optimizer]` section |
+//! | `adamw.rs` | [`AdamW`] with torch semantics and a checkpointable state |
+//! | `schedule.rs` | warmup + cosine learning rate, global-norm clipping |
+
+pub mod adamw;
+pub mod config;
+pub mod schedule;
+
+pub use adamw::{AdamW, AdamWParams, AdamWState};
+pub use config::OptimConfig;
