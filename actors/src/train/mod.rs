@@ -7,10 +7,13 @@
 //! | `config.rs` | [`OptimConfig`], the `[optimizer]` section |
 //! | `adamw.rs` | [`AdamW`] with torch semantics and a checkpointable state |
 //! | `schedule.rs` | warmup + cosine learning rate, global-norm clipping |
+//! | `logprobs.rs` | [`ResponseScorer`]: per-token log-probs of (prompt, response) rows on the chat model |
 
 pub mod adamw;
 pub mod config;
+pub mod logprobs;
 pub mod schedule;
 
 pub use adamw::{AdamW, AdamWParams, AdamWState};
 pub use config::OptimConfig;
+pub use logprobs::{ResponseLogprobs, ResponseRow, ResponseScorer};
