@@ -12,7 +12,7 @@ use train_common::{load, prompts, response};
 #[test]
 fn batched_response_logprobs_equal_single_row_forward() -> Result<()> {
     let loaded = load(Trainable::default())?;
-    let scorer = ResponseScorer::new(loaded.model.clone(), &loaded.store)?;
+    let scorer = ResponseScorer::new(loaded.model.clone(), &loaded.store.frozen_var_builder())?;
     let prompts = prompts()?;
     let responses = [
         (0, response(1, 5)),
@@ -80,7 +80,7 @@ fn batched_response_logprobs_equal_single_row_forward() -> Result<()> {
 #[test]
 fn bad_rows_are_errors_naming_the_prompt() -> Result<()> {
     let loaded = load(Trainable::default())?;
-    let scorer = ResponseScorer::new(loaded.model.clone(), &loaded.store)?;
+    let scorer = ResponseScorer::new(loaded.model.clone(), &loaded.store.frozen_var_builder())?;
     let prompts = prompts()?;
     let resp = response(9, 3);
     // Prompt 0's image tokens with prompt 1's single tile.
@@ -113,7 +113,7 @@ fn bad_rows_are_errors_naming_the_prompt() -> Result<()> {
 #[test]
 fn response_logprob_gradients_match_finite_differences() -> Result<()> {
     let loaded = load(Trainable::default())?;
-    let scorer = ResponseScorer::new(loaded.model.clone(), &loaded.store)?;
+    let scorer = ResponseScorer::new(loaded.model.clone(), &loaded.store.frozen_var_builder())?;
     let prompts = prompts()?;
     let responses = [
         (0, response(11, 4)),

@@ -11,10 +11,9 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
-use candle_nn::{Linear, Module};
+use candle_nn::{Linear, Module, VarBuilder};
 
 use crate::model::chat::ChatModel;
-use crate::model::weights::WeightStore;
 use crate::prompt::EncodedPrompt;
 use crate::{Error, Result};
 
@@ -49,21 +48,14 @@ pub struct ResponseScorer {
 const LM_HEAD: &str = "language_model.lm_head.weight";
 
 impl ResponseScorer {
-    /// Wraps `model`, built from `store` (which holds its LM head weight: the trainable Var when the LLM
-    /// trains, the loaded tensor otherwise; with tied embeddings, the embedding matrix).
-    pub fn new(model: ChatModel, store: &WeightStore) -> Result<Self> {
+    /// Wraps `model`; `vb` is the builder it was built from (or one handing out the same tensors), from
+    /// which the LM head weight is read: the trainable Var when the LLM trains, the loaded tensor otherwise;
+    /// with tied embeddings, the embedding matrix.
+    pub fn new(model: ChatModel, vb: &VarBuilder) -> Result<Self> {
         let weight = if model.config().llm()?.tie_word_embeddings {
             model.llm.model.embedding_weight().clone()
         } else {
-            store
-                .tensors()
-                .into_iter()
-                .find(|(name, _)| name == LM_HEAD)
-                .map(|(_, tensor)| tensor)
-                .ok_or_else(|| Error::Checkpoint {
-                    path: store.dir().to_path_buf(),
-                    msg: format!("missing tensor `{LM_HEAD}`"),
-                })?
+            vb.get_unchecked(LM_HEAD)?
         };
         Ok(Self {
             model,

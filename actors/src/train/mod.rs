@@ -8,12 +8,18 @@
 //! | `adamw.rs` | [`AdamW`] with torch semantics and a checkpointable state |
 //! | `schedule.rs` | warmup + cosine learning rate, global-norm clipping |
 //! | `logprobs.rs` | [`ResponseScorer`]: per-token log-probs of (prompt, response) rows on the chat model |
+//! | `trainer.rs` | [`PolicyTrainer`]: policy, shared frozen reference, AdamW, version, checkpoints |
+//! | `grpo_step.rs`, `mpo_step.rs` | its GRPO and MPO updates with gradient accumulation |
 
 pub mod adamw;
 pub mod config;
+mod grpo_step;
 pub mod logprobs;
+mod mpo_step;
 pub mod schedule;
+pub mod trainer;
 
 pub use adamw::{AdamW, AdamWParams, AdamWState};
 pub use config::OptimConfig;
 pub use logprobs::{ResponseLogprobs, ResponseRow, ResponseScorer};
+pub use trainer::{Accumulated, PolicyTrainer, MODEL_DIR, OPTIMIZER_DIR};

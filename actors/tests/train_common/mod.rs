@@ -101,3 +101,60 @@ pub fn response(seed: u64, len: usize) -> Vec<u32> {
         })
         .collect()
 }
+
+/// A GRPO batch: for each `(prompt, advantages)`, one group whose responses have lengths 2..; behaviour
+/// log-probs are the policy's own (on-policy) when `scorer` is given, else a constant.
+pub fn grpo_batch(
+    groups: &[(u64, &[f64])],
+    scorer: Option<&r1v2_actors::train::ResponseScorer>,
+) -> Result<r1v2_actors::protocol::TrainBatch> {
+    use r1v2_actors::rl::ssb::{GroupSample, SampledGroup};
+    let prompts = prompts()?;
+    let mut out = Vec::new();
+    for (g, (prompt, advantages)) in groups.iter().enumerate() {
+        let mut samples = Vec::new();
+        for (i, &advantage) in advantages.iter().enumerate() {
+            let token_ids = response(100 * g as u64 + i as u64, 2 + (i * 3 + g) % 5);
+            let behaviour_logprobs = match scorer {
+                Some(scorer) => {
+                    let rows = [r1v2_actors::train::ResponseRow {
+                        prompt: prompts[*prompt as usize].clone(),
+                        response: &token_ids,
+                    }];
+                    let lp = scorer.response_logprobs(&rows, false)?.logprobs;
+                    lp.get(0)?.to_vec1::<f32>()?
+                }
+                None => vec![-4.0; token_ids.len()],
+            };
+            samples.push(GroupSample {
+                token_ids,
+                behaviour_logprobs,
+                reward: advantage,
+                advantage,
+                correct: None,
+            });
+        }
+        out.push(SampledGroup {
+            prompt_id: PromptId(*prompt),
+            policy_version: 0,
+            samples,
+        });
+    }
+    Ok(r1v2_actors::protocol::TrainBatch {
+        policy_version: 0,
+        groups: out,
+        replayed: 0,
+        metrics: Default::default(),
+    })
+}
+
+/// MPO pairs over prompts 0..=3 with responses of different lengths.
+pub fn mpo_pairs(count: usize) -> Vec<r1v2_actors::protocol::MpoPair> {
+    (0..count)
+        .map(|i| r1v2_actors::protocol::MpoPair {
+            prompt_id: PromptId((i % 4) as u64),
+            chosen: response(500 + i as u64, 2 + i % 4),
+            rejected: response(700 + i as u64, 3 + (i * 2) % 5),
+        })
+        .collect()
+}
