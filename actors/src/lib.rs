@@ -10,7 +10,7 @@
 //! | [`train`] | the policy trainer: AdamW, schedule, clipping, response log-probs, GRPO and MPO updates |
 //! | [`prompt`] | encoded prompts shared by generator and optimizer ([`prompt::PromptBank`]) |
 //! | [`protocol`] | the typed messages the actors exchange |
-//! | [`actor`] | the actix actors: rule verifier pool, reward model, sample buffer |
+//! | [`actor`] | the actix actors: rule verifier pool, reward model, sample buffer, optimizer |
 //! | [`error`] | the crate's error type |
 
 pub mod actor;

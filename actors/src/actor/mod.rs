@@ -5,6 +5,7 @@
 //! | [`rule_verifier::RuleVerifier`] | a `SyncArbiter` pool | the verifier registry |
 //! | [`reward_model::RewardModel`] | a `SyncArbiter` of one thread | the frozen reward model |
 //! | [`sample_buffer::SampleBuffer`] | any arbiter, under a `Supervisor` | the Selective Sample Buffer |
+//! | [`optimizer::Optimizer`] | a dedicated `Arbiter` (its own thread) | the policy trainer: weights, AdamW state, reference |
 //!
 //! Handlers are thin: they call the pure functions of `verifiers`, `model` and `rl`. Every actor answers
 //! [`crate::protocol::Heartbeat`] from its [`Liveness`] record.
@@ -14,6 +15,7 @@ use std::panic::AssertUnwindSafe;
 use crate::protocol::HeartbeatReply;
 use crate::Error;
 
+pub mod optimizer;
 pub mod reward_model;
 pub mod rule_verifier;
 pub mod sample_buffer;

@@ -69,6 +69,9 @@ pub struct PolicyTrainer {
     optimizer: AdamW,
     config: OptimConfig,
     version: u64,
+    /// Set while the optimizer writes the weights: still set afterwards means that step did not finish
+    /// (an error or a panic midway) and the weights are partly updated.
+    in_step: bool,
 }
 
 fn adamw_params(config: &OptimConfig) -> AdamWParams {
@@ -144,6 +147,7 @@ impl PolicyTrainer {
             optimizer,
             config,
             version: 0,
+            in_step: false,
         })
     }
 
@@ -202,6 +206,7 @@ impl PolicyTrainer {
             optimizer,
             config,
             version: file.version,
+            in_step: false,
         })
     }
 
@@ -280,6 +285,7 @@ impl PolicyTrainer {
     /// Clips `grads`, takes one AdamW step at the scheduled rate and bumps the version; returns
     /// `(pre-clip global norm, learning rate used)`. A non-finite norm is refused before anything changes.
     pub fn apply_gradients(&mut self, mut grads: Vec<Tensor>) -> Result<(f64, f64)> {
+        self.check_consistent()?;
         let norm = clip_grad_norm(&mut grads, self.config.max_grad_norm)?;
         if !norm.is_finite() {
             return Err(Error::msg(format!(
@@ -288,9 +294,28 @@ impl PolicyTrainer {
             )));
         }
         let lr = self.next_lr();
+        self.in_step = true;
         self.optimizer.step(&grads, lr)?;
+        self.in_step = false;
         self.version += 1;
         Ok((norm, lr))
+    }
+
+    /// Whether the weights are those of a whole number of updates (false after an optimizer step that failed
+    /// or panicked midway: resume from the last checkpoint).
+    pub fn is_consistent(&self) -> bool {
+        !self.in_step
+    }
+
+    /// An error when [`Self::is_consistent`] is false.
+    pub(super) fn check_consistent(&self) -> Result<()> {
+        if self.in_step {
+            return Err(Error::msg(format!(
+                "the optimizer step after policy version {} did not finish: the weights are partly updated; resume from the last checkpoint",
+                self.version
+            )));
+        }
+        Ok(())
     }
 
     /// Applies accumulated gradients and builds the report.
@@ -313,6 +338,7 @@ impl PolicyTrainer {
     /// Writes the model in the HF layout to `dir/model` and the optimizer state, reference and version to
     /// `dir/optimizer`; returns the version written.
     pub fn save_state(&self, dir: &Path) -> Result<u64> {
+        self.check_consistent()?;
         self.policy
             .save(&dir.join(MODEL_DIR), DEFAULT_MAX_SHARD_BYTES)?;
         let state_dir = dir.join(OPTIMIZER_DIR);
