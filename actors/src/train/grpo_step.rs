@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use super::collective::Collective;
 use super::logprobs::ResponseRow;
 use super::trainer::{accumulate, Accumulated, PolicyTrainer};
 use crate::prompt::{EncodedPrompt, PromptBank};
@@ -139,6 +140,7 @@ impl PolicyTrainer {
             grads,
             metrics,
             tokens: total_tokens,
+            rows: rows.len(),
         })
     }
 
@@ -152,5 +154,93 @@ impl PolicyTrainer {
     ) -> Result<UpdateReport> {
         let accumulated = self.grpo_gradients(batch, prompts, grpo)?;
         self.finish_update(accumulated)
+    }
+
+    /// One data-parallel GRPO update: this replica computes the gradient of its `shard` of the batch, the
+    /// `collective` sums the shards' contributions weighted by their share of the loss's denominator (rows,
+    /// or tokens for `token_mean`), and every replica applies the same update. The result equals
+    /// [`Self::grpo_update`] on the whole batch (up to summation order). A shard may be empty; a rank whose
+    /// gradient fails still joins the all-reduce (with a failure flag), so every rank returns the error
+    /// instead of waiting forever.
+    pub fn grpo_update_shard(
+        &mut self,
+        shard: &TrainBatch,
+        prompts: &PromptBank,
+        grpo: &GrpoConfig,
+        collective: &dyn Collective,
+    ) -> Result<UpdateReport> {
+        let empty = shard.groups.iter().all(|g| g.samples.is_empty());
+        let local = if empty {
+            Ok(None)
+        } else {
+            self.grpo_gradients(shard, prompts, grpo).map(Some)
+        };
+        let zeros = || -> Result<Vec<Tensor>> {
+            self.trainable_vars()
+                .iter()
+                .map(|(_, v)| Ok(v.as_tensor().zeros_like()?))
+                .collect()
+        };
+        let metric = |a: &Accumulated, key: &str| a.metrics.get(key).copied().unwrap_or(0.0);
+        let (mut tensors, stats) = match &local {
+            Ok(Some(a)) => {
+                let loss_weight = match grpo.aggregation {
+                    LossAggregation::TokenMean => a.tokens,
+                    _ => a.rows,
+                } as f64;
+                let token_weight = a.tokens as f64;
+                let grads = a
+                    .grads
+                    .iter()
+                    .map(|g| Ok((g * loss_weight)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let stats = [
+                    0.0,
+                    loss_weight,
+                    token_weight,
+                    loss_weight * metric(a, "actor/pg_loss"),
+                    token_weight * metric(a, "actor/kl"),
+                    token_weight * metric(a, "actor/clipfrac"),
+                    token_weight * metric(a, "actor/entropy"),
+                ];
+                (grads, stats)
+            }
+            Ok(None) => (zeros()?, [0.0; 7]),
+            Err(_) => (zeros()?, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+        };
+        tensors.push(Tensor::new(&stats, &candle_core::Device::Cpu)?);
+        collective.all_reduce_sum(&mut tensors)?;
+        let stats = tensors
+            .pop()
+            .ok_or_else(|| Error::msg("all-reduce lost the statistics"))?
+            .to_vec1::<f64>()?;
+        local?;
+        if stats[0] > 0.0 {
+            return Err(Error::msg(format!(
+                "{} rank(s) failed to compute their shard's gradient: update skipped",
+                stats[0]
+            )));
+        }
+        let (loss_weight, token_weight) = (stats[1], stats[2]);
+        if loss_weight <= 0.0 {
+            return Err(Error::msg("GRPO update: every shard is empty"));
+        }
+        let grads = tensors
+            .iter()
+            .map(|g| Ok((g / loss_weight)?))
+            .collect::<Result<Vec<_>>>()?;
+        let per_token = |x: f64| x / token_weight.max(1.0);
+        let metrics = BTreeMap::from([
+            ("actor/pg_loss".to_string(), stats[3] / loss_weight),
+            ("actor/kl".to_string(), per_token(stats[4])),
+            ("actor/clipfrac".to_string(), per_token(stats[5])),
+            ("actor/entropy".to_string(), per_token(stats[6])),
+        ]);
+        self.finish_update(Accumulated {
+            grads,
+            metrics,
+            tokens: token_weight as usize,
+            rows: 0,
+        })
     }
 }

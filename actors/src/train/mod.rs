@@ -9,9 +9,11 @@
 //! | `schedule.rs` | warmup + cosine learning rate, global-norm clipping |
 //! | `logprobs.rs` | [`ResponseScorer`]: per-token log-probs of (prompt, response) rows on the chat model |
 //! | `trainer.rs` | [`PolicyTrainer`]: policy, shared frozen reference, AdamW, version, checkpoints |
-//! | `grpo_step.rs`, `mpo_step.rs` | its GRPO and MPO updates with gradient accumulation |
+//! | `grpo_step.rs`, `mpo_step.rs` | its GRPO and MPO updates with gradient accumulation (GRPO also data-parallel) |
+//! | `collective.rs` | [`Collective`] all-reduce for data-parallel replicas; [`LocalCollective`] between threads |
 
 pub mod adamw;
+pub mod collective;
 pub mod config;
 mod grpo_step;
 pub mod logprobs;
@@ -20,6 +22,7 @@ pub mod schedule;
 pub mod trainer;
 
 pub use adamw::{AdamW, AdamWParams, AdamWState};
+pub use collective::{Collective, LocalCollective, SingleRank};
 pub use config::OptimConfig;
 pub use logprobs::{ResponseLogprobs, ResponseRow, ResponseScorer};
 pub use trainer::{Accumulated, PolicyTrainer, MODEL_DIR, OPTIMIZER_DIR};

@@ -106,7 +106,7 @@ impl PolicyTrainer {
                 delta_state,
             )?;
             accumulate(&mut sums, self.trainable_vars(), &out.loss.backward()?)?;
-            return Ok(finish(sums, &out.metrics, tokens));
+            return Ok(finish(sums, &out.metrics, tokens, pairs.len()));
         }
 
         // Pass 1: the whole batch's mean reward -> delta.
@@ -169,7 +169,7 @@ impl PolicyTrainer {
             metrics.bco += pair_share * m.bco;
             metrics.sft += sft_share * m.sft;
         }
-        Ok(finish(sums, &metrics, tokens))
+        Ok(finish(sums, &metrics, tokens, pairs.len()))
     }
 
     /// One MPO update on `pairs`: accumulated gradients, clipping, one AdamW step, version + 1. The report
@@ -186,7 +186,7 @@ impl PolicyTrainer {
     }
 }
 
-fn finish(sums: Option<Vec<Tensor>>, m: &MpoMetrics, tokens: usize) -> Accumulated {
+fn finish(sums: Option<Vec<Tensor>>, m: &MpoMetrics, tokens: usize, rows: usize) -> Accumulated {
     let metrics = BTreeMap::from([
         ("mpo/dpo".to_string(), m.dpo),
         ("mpo/bco".to_string(), m.bco),
@@ -197,5 +197,6 @@ fn finish(sums: Option<Vec<Tensor>>, m: &MpoMetrics, tokens: usize) -> Accumulat
         grads: sums.unwrap_or_default(),
         metrics,
         tokens,
+        rows,
     }
 }

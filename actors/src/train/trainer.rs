@@ -42,6 +42,8 @@ pub struct Accumulated {
     pub metrics: BTreeMap<String, f64>,
     /// Response tokens trained on.
     pub tokens: usize,
+    /// Responses (GRPO) or pairs (MPO) trained on.
+    pub rows: usize,
 }
 
 /// Sub-directory of a checkpoint holding the model in the HF layout.
@@ -324,6 +326,7 @@ impl PolicyTrainer {
             grads,
             mut metrics,
             tokens,
+            ..
         } = accumulated;
         let (norm, lr) = self.apply_gradients(grads)?;
         metrics.insert("actor/grad_norm".into(), norm);
