@@ -359,3 +359,34 @@ fn mpo_updates_widen_the_preference_margin_and_mismatched_trainables_are_errors(
     ensure!(err.to_string().contains("optimizer.trainable"), "{err}");
     Ok(())
 }
+
+#[test]
+fn bad_batches_are_errors_naming_the_item() -> Result<()> {
+    let mut trainer = trainer(4)?;
+    let bank = bank()?;
+    let mut batch = grpo_batch(&[(0, &[1.0, -1.0])], None)?;
+    batch.groups[0].samples[1].behaviour_logprobs.pop();
+    let err = trainer
+        .grpo_update(&batch, &bank, &GrpoConfig::default())
+        .expect_err("length mismatch");
+    ensure!(err.to_string().contains("prompt 0 sample 1"), "{err}");
+    batch.groups.clear();
+    let err = trainer
+        .grpo_update(&batch, &bank, &GrpoConfig::default())
+        .expect_err("empty batch");
+    ensure!(err.to_string().contains("no responses"), "{err}");
+    let mut pairs = mpo_pairs(2);
+    pairs[1].rejected.clear();
+    let err = trainer
+        .mpo_update(
+            &pairs,
+            &bank,
+            &MpoConfig::default(),
+            &mut BcoRewardMean::default(),
+        )
+        .expect_err("empty rejected");
+    ensure!(err.to_string().contains("MPO pair 1"), "{err}");
+    // Nothing was applied.
+    ensure!(trainer.version() == 0 && trainer.is_consistent());
+    Ok(())
+}
