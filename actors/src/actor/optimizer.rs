@@ -214,3 +214,7 @@ impl Handler<Heartbeat> for Optimizer {
         self.liveness.reply()
     }
 }
+
+#[cfg(test)]
+#[path = "optimizer_tests.rs"]
+mod tests;

@@ -309,6 +309,12 @@ impl PolicyTrainer {
         !self.in_step
     }
 
+    /// Test-only: marks the trainer as if an optimizer step had stopped midway.
+    #[cfg(test)]
+    pub(crate) fn mark_step_unfinished(&mut self) {
+        self.in_step = true;
+    }
+
     /// An error when [`Self::is_consistent`] is false.
     pub(super) fn check_consistent(&self) -> Result<()> {
         if self.in_step {
