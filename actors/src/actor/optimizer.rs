@@ -9,6 +9,9 @@
 //! - [`CurrentWeights`]: the weights at the current version (to sync generators at the start of a run).
 //! - [`Heartbeat`]: the [`Liveness`] record.
 //!
+//! [`RefreshReference`] and [`CurrentWeights`] are defined here (only this actor takes them); the rest are in
+//! [`crate::protocol`].
+//!
 //! A backward pass blocks for as long as it takes, so the actor runs on a dedicated [`Arbiter`] (its own
 //! thread), never on the arbiter that routes messages; the thread ends when the actor stops (its last
 //! address is dropped). It is not a `SyncArbiter` worker: those are rebuilt from a factory, and a trainer
@@ -53,6 +56,8 @@ pub struct Optimizer {
     /// MPO's BCO delta: the running mean of past batch-mean rewards (checkpointed with the optimizer).
     bco_reward_mean: BcoRewardMean,
     liveness: Liveness,
+    /// Started by [`Optimizer::start_dedicated`]: the arbiter is this actor's own and ends with it.
+    owns_arbiter: bool,
 }
 
 impl Optimizer {
@@ -73,6 +78,7 @@ impl Optimizer {
             mpo,
             bco_reward_mean: BcoRewardMean::default(),
             liveness: Liveness::new("optimizer"),
+            owns_arbiter: false,
         })
     }
 
@@ -95,7 +101,8 @@ impl Optimizer {
     }
 
     /// Starts the actor on a new dedicated arbiter thread. Needs a running actix `System`.
-    pub fn start_dedicated(self) -> Addr<Self> {
+    pub fn start_dedicated(mut self) -> Addr<Self> {
+        self.owns_arbiter = true;
         let arbiter = Arbiter::new();
         Self::start_in_arbiter(&arbiter.handle(), move |_ctx| self)
     }
@@ -134,8 +141,10 @@ impl Actor for Optimizer {
     type Context = Context<Self>;
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        // The dedicated arbiter's thread exists for this actor only.
-        Arbiter::current().stop();
+        // A dedicated arbiter's thread exists for this actor only; any other arbiter is left alone.
+        if self.owns_arbiter {
+            Arbiter::current().stop();
+        }
     }
 }
 
