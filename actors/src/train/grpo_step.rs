@@ -216,10 +216,7 @@ impl PolicyTrainer {
             .to_vec1::<f64>()?;
         local?;
         if stats[0] > 0.0 {
-            return Err(Error::msg(format!(
-                "{} rank(s) failed to compute their shard's gradient: update skipped",
-                stats[0]
-            )));
+            return Err(super::mpo_step::rank_failure(stats[0]));
         }
         let (loss_weight, token_weight) = (stats[1], stats[2]);
         if loss_weight <= 0.0 {
