@@ -7,9 +7,10 @@
 //! | [`generate`] | batched grouped sampling for the policy generator: logits processors, stop strings, the engine |
 //! | [`monitor`] | the hallucination monitor and reward calibration as pure state |
 //! | [`rl`] | the RL algorithms as pure functions: GRPO, MPO, hybrid reward, Selective Sample Buffer |
+//! | [`train`] | the policy trainer: AdamW, schedule, clipping, response log-probs, GRPO and MPO updates |
 //! | [`prompt`] | encoded prompts shared by generator and optimizer ([`prompt::PromptBank`]) |
 //! | [`protocol`] | the typed messages the actors exchange |
-//! | [`actor`] | the actix actors: rule verifier pool, reward model, sample buffer |
+//! | [`actor`] | the actix actors: rule verifier pool, reward model, sample buffer, optimizer |
 //! | [`error`] | the crate's error type |
 
 pub mod actor;
@@ -20,6 +21,7 @@ pub mod monitor;
 pub mod prompt;
 pub mod protocol;
 pub mod rl;
+pub mod train;
 pub mod verifiers;
 
 pub use error::{Error, Result};

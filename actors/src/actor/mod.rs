@@ -7,6 +7,7 @@
 //! | [`sample_buffer::SampleBuffer`] | any arbiter, under a `Supervisor` | the Selective Sample Buffer |
 //! | [`policy_generator::PolicyGenerator`] | a `SyncArbiter` of one thread | a policy snapshot and its version |
 //! | [`monitor::MonitorActor`] | any arbiter | the hallucination monitor and the calibration |
+//! | [`optimizer::Optimizer`] | a dedicated `Arbiter` (its own thread) | the policy trainer: weights, AdamW state, reference |
 //!
 //! Handlers are thin: they call the pure functions of `verifiers`, `model` and `rl`. Every actor answers
 //! [`crate::protocol::Heartbeat`] from its [`Liveness`] record.
@@ -18,6 +19,7 @@ use crate::Error;
 
 pub mod monitor;
 pub mod policy_generator;
+pub mod optimizer;
 pub mod reward_model;
 pub mod rule_verifier;
 pub mod sample_buffer;

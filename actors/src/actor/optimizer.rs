@@ -1,0 +1,229 @@
+//! Optimizer: owns the [`PolicyTrainer`] (trainable weights, AdamW state, the frozen reference) and runs
+//! the policy updates.
+//!
+//! - [`TrainGrpo`] / [`TrainMpo`]: one update ([`PolicyTrainer::grpo_update`] / `mpo_update`); the reply
+//!   carries the new versioned weights for the generators and the update's metrics.
+//! - [`SaveState`]: the model in the HF layout under `dir/model`, the optimizer state, reference, version and
+//!   the BCO running mean under `dir/optimizer`; replies the version written.
+//! - [`RefreshReference`]: the current policy becomes the reference (MPO's optional per-round refresh).
+//! - [`CurrentWeights`]: the weights at the current version (to sync generators at the start of a run).
+//! - [`Heartbeat`]: the [`Liveness`] record.
+//!
+//! [`RefreshReference`] and [`CurrentWeights`] are defined here (only this actor takes them); the rest are in
+//! [`crate::protocol`].
+//!
+//! A backward pass blocks for as long as it takes, so the actor runs on a dedicated [`Arbiter`] (its own
+//! thread), never on the arbiter that routes messages; the thread ends when the actor stops (its last
+//! address is dropped). It is not a `SyncArbiter` worker: those are rebuilt from a factory, and a trainer
+//! (moments, version) cannot be rebuilt from one. A handler that panics replies an error naming the message
+//! and the actor carries on (counted as a restart): updates compute gradients before touching any weight,
+//! and a panic during the optimizer step itself leaves the trainer marked inconsistent, so later updates
+//! and saves are refused with an error asking to resume from the last checkpoint.
+
+use std::path::Path;
+
+use actix::{Actor, Addr, Arbiter, Context, Handler, Message};
+
+use super::{catch_panic, Liveness};
+use crate::prompt::PromptBank;
+use crate::protocol::{
+    Heartbeat, HeartbeatReply, PolicyWeights, SaveState, TrainGrpo, TrainMpo, UpdateReport,
+};
+use crate::rl::config::{GrpoConfig, MpoConfig};
+use crate::rl::mpo::BcoRewardMean;
+use crate::train::{PolicyTrainer, OPTIMIZER_DIR};
+use crate::{Error, Result};
+
+/// Make the current policy the frozen reference. Replies the policy version it now is.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "crate::Result<u64>")]
+pub struct RefreshReference;
+
+/// The trainable weights at the current version.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "crate::Result<PolicyWeights>")]
+pub struct CurrentWeights;
+
+/// File (under `dir/optimizer`) holding the BCO running mean of MPO.
+const BCO_FILE: &str = "bco_reward_mean.json";
+
+/// The optimizer actor.
+pub struct Optimizer {
+    trainer: PolicyTrainer,
+    prompts: PromptBank,
+    grpo: GrpoConfig,
+    mpo: MpoConfig,
+    /// MPO's BCO delta: the running mean of past batch-mean rewards (checkpointed with the optimizer).
+    bco_reward_mean: BcoRewardMean,
+    liveness: Liveness,
+    /// Started by [`Optimizer::start_dedicated`]: the arbiter is this actor's own and ends with it.
+    owns_arbiter: bool,
+}
+
+impl Optimizer {
+    /// An optimizer over `trainer`, reading prompts from `prompts`, with the loss settings of the run
+    /// (both validated here).
+    pub fn new(
+        trainer: PolicyTrainer,
+        prompts: PromptBank,
+        grpo: GrpoConfig,
+        mpo: MpoConfig,
+    ) -> Result<Self> {
+        grpo.validate()?;
+        mpo.validate()?;
+        Ok(Self {
+            trainer,
+            prompts,
+            grpo,
+            mpo,
+            bco_reward_mean: BcoRewardMean::default(),
+            liveness: Liveness::new("optimizer"),
+            owns_arbiter: false,
+        })
+    }
+
+    /// Takes the BCO running mean saved by [`SaveState`] in the checkpoint `dir` (use with a trainer
+    /// resumed from the same checkpoint).
+    pub fn resume_bco_reward_mean(mut self, dir: &Path) -> Result<Self> {
+        let path = dir.join(OPTIMIZER_DIR).join(BCO_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        self.bco_reward_mean =
+            serde_json::from_str(&text).map_err(|source| Error::Json { path, source })?;
+        Ok(self)
+    }
+
+    /// The BCO running mean.
+    pub fn bco_reward_mean(&self) -> BcoRewardMean {
+        self.bco_reward_mean
+    }
+
+    /// Starts the actor on a new dedicated arbiter thread. Needs a running actix `System`.
+    pub fn start_dedicated(mut self) -> Addr<Self> {
+        self.owns_arbiter = true;
+        let arbiter = Arbiter::new();
+        Self::start_in_arbiter(&arbiter.handle(), move |_ctx| self)
+    }
+
+    /// Runs `body` on the trainer, turning a panic into an error (counted as a restart).
+    fn guarded<T>(
+        &mut self,
+        message: &'static str,
+        body: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.liveness.handling(message);
+        match catch_panic("optimizer", message, || body(self)) {
+            Ok(result) => result,
+            Err(error) => {
+                tracing::error!(%error, consistent = self.trainer.is_consistent(), "optimizer: handler panicked");
+                self.liveness.restarted();
+                Err(error)
+            }
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<u64> {
+        let version = self.trainer.save_state(dir)?;
+        let path = dir.join(OPTIMIZER_DIR).join(BCO_FILE);
+        let text =
+            serde_json::to_string_pretty(&self.bco_reward_mean).map_err(|source| Error::Json {
+                path: path.clone(),
+                source,
+            })?;
+        std::fs::write(&path, text).map_err(|source| Error::Io { path, source })?;
+        Ok(version)
+    }
+}
+
+impl Actor for Optimizer {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        // A dedicated arbiter's thread exists for this actor only; any other arbiter is left alone.
+        if self.owns_arbiter {
+            Arbiter::current().stop();
+        }
+    }
+}
+
+impl Handler<TrainGrpo> for Optimizer {
+    type Result = Result<UpdateReport>;
+
+    fn handle(&mut self, msg: TrainGrpo, _ctx: &mut Context<Self>) -> Result<UpdateReport> {
+        self.guarded("TrainGrpo", |this| {
+            if msg.batch.policy_version != this.trainer.version() {
+                tracing::warn!(
+                    batch = msg.batch.policy_version,
+                    policy = this.trainer.version(),
+                    "TrainGrpo: the batch was assembled for another policy version"
+                );
+            }
+            let report = this
+                .trainer
+                .grpo_update(&msg.batch, &this.prompts, &this.grpo)?;
+            tracing::debug!(
+                version = report.weights.version,
+                tokens = report.tokens,
+                "GRPO update"
+            );
+            Ok(report)
+        })
+    }
+}
+
+impl Handler<TrainMpo> for Optimizer {
+    type Result = Result<UpdateReport>;
+
+    fn handle(&mut self, msg: TrainMpo, _ctx: &mut Context<Self>) -> Result<UpdateReport> {
+        self.guarded("TrainMpo", |this| {
+            let mut delta = this.bco_reward_mean;
+            let report =
+                this.trainer
+                    .mpo_update(&msg.pairs, &this.prompts, &this.mpo, &mut delta)?;
+            // Only a completed update moves the running mean.
+            this.bco_reward_mean = delta;
+            Ok(report)
+        })
+    }
+}
+
+impl Handler<SaveState> for Optimizer {
+    type Result = Result<u64>;
+
+    fn handle(&mut self, msg: SaveState, _ctx: &mut Context<Self>) -> Result<u64> {
+        self.guarded("SaveState", |this| this.save(&msg.dir))
+    }
+}
+
+impl Handler<RefreshReference> for Optimizer {
+    type Result = Result<u64>;
+
+    fn handle(&mut self, _msg: RefreshReference, _ctx: &mut Context<Self>) -> Result<u64> {
+        self.guarded("RefreshReference", |this| {
+            this.trainer.refresh_reference()?;
+            Ok(this.trainer.version())
+        })
+    }
+}
+
+impl Handler<CurrentWeights> for Optimizer {
+    type Result = Result<PolicyWeights>;
+
+    fn handle(&mut self, _msg: CurrentWeights, _ctx: &mut Context<Self>) -> Result<PolicyWeights> {
+        self.guarded("CurrentWeights", |this| this.trainer.weights())
+    }
+}
+
+impl Handler<Heartbeat> for Optimizer {
+    type Result = HeartbeatReply;
+
+    fn handle(&mut self, _msg: Heartbeat, _ctx: &mut Context<Self>) -> HeartbeatReply {
+        self.liveness.reply()
+    }
+}
+
+#[cfg(test)]
+#[path = "optimizer_tests.rs"]
+mod tests;

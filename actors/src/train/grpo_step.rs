@@ -1,0 +1,243 @@
+//! The GRPO update of [`PolicyTrainer`]: the batch's responses in micro-batches of `micro_batch` rows, each
+//! micro-batch's loss scaled so that the accumulated gradient equals the whole batch's:
+//!
+//! ```text
+//! sequence_mean_token_mean, sequence_sum_normalised: loss is a mean over rows  -> scale b / B
+//! token_mean:                                       loss is a mean over tokens -> scale tokens_b / tokens_B
+//! ```
+//!
+//! The metrics are combined with the same weights (token means by token share).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::collective::Collective;
+use super::logprobs::ResponseRow;
+use super::trainer::{accumulate, Accumulated, PolicyTrainer};
+use crate::prompt::{EncodedPrompt, PromptBank};
+use crate::protocol::{TrainBatch, UpdateReport};
+use crate::rl::config::{GrpoConfig, LossAggregation};
+use crate::rl::grpo::{grpo_loss, GrpoInputs};
+use crate::rl::ssb::GroupSample;
+use crate::{Error, Result};
+
+/// One response of the batch with its prompt.
+struct Row<'a> {
+    prompt: Arc<EncodedPrompt>,
+    sample: &'a GroupSample,
+}
+
+/// Right-pads `rows` of `values` to (B, T) f32.
+fn padded(values: &[&[f32]], time: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mut out = vec![0f32; values.len() * time];
+    for (r, row) in values.iter().enumerate() {
+        out[r * time..r * time + row.len()].copy_from_slice(row);
+    }
+    Ok(Tensor::from_vec(out, (values.len(), time), device)?)
+}
+
+impl PolicyTrainer {
+    /// The accumulated GRPO gradient of `batch` and its metrics (`actor/pg_loss`, `actor/kl`,
+    /// `actor/clipfrac`, `actor/entropy`), without touching the weights. Reference log-probs are computed
+    /// only when `grpo.kl_coef > 0` (`actor/kl` is then the k-estimator's token mean, else 0).
+    pub fn grpo_gradients(
+        &self,
+        batch: &TrainBatch,
+        prompts: &PromptBank,
+        grpo: &GrpoConfig,
+    ) -> Result<Accumulated> {
+        grpo.validate()?;
+        let mut rows = Vec::new();
+        for group in &batch.groups {
+            let prompt = prompts.get(group.prompt_id)?;
+            for (index, sample) in group.samples.iter().enumerate() {
+                if sample.behaviour_logprobs.len() != sample.token_ids.len() {
+                    return Err(Error::msg(format!(
+                        "prompt {} sample {index}: {} behaviour log-probs for {} tokens",
+                        group.prompt_id.0,
+                        sample.behaviour_logprobs.len(),
+                        sample.token_ids.len()
+                    )));
+                }
+                rows.push(Row {
+                    prompt: Arc::clone(&prompt),
+                    sample,
+                });
+            }
+        }
+        if rows.is_empty() {
+            return Err(Error::msg("GRPO update: the batch has no responses"));
+        }
+        let total_rows = rows.len() as f64;
+        let total_tokens: usize = rows.iter().map(|r| r.sample.token_ids.len()).sum();
+        let token_share = |tokens: usize| tokens as f64 / total_tokens.max(1) as f64;
+        let device = self.policy.store.device().clone();
+        let mut sums = None;
+        let (mut pg_loss, mut kl, mut clipfrac, mut entropy) = (0.0, 0.0, 0.0, 0.0);
+        for chunk in rows.chunks(self.config().micro_batch) {
+            let response_rows: Vec<ResponseRow> = chunk
+                .iter()
+                .map(|r| ResponseRow {
+                    prompt: Arc::clone(&r.prompt),
+                    response: &r.sample.token_ids,
+                })
+                .collect();
+            let policy = self.policy_scorer.response_logprobs(&response_rows, true)?;
+            let time = policy.logprobs.dim(1)?;
+            let behaviour: Vec<&[f32]> = chunk
+                .iter()
+                .map(|r| r.sample.behaviour_logprobs.as_slice())
+                .collect();
+            let behaviour = padded(&behaviour, time, &device)?;
+            let advantages: Vec<f32> = chunk.iter().map(|r| r.sample.advantage as f32).collect();
+            let advantages = Tensor::from_vec(advantages, chunk.len(), &device)?;
+            let reference = if grpo.kl_coef > 0.0 {
+                Some(
+                    self.reference
+                        .response_logprobs(&response_rows, false)?
+                        .logprobs
+                        .detach(),
+                )
+            } else {
+                None
+            };
+            let out = grpo_loss(
+                &GrpoInputs {
+                    policy_logprobs: &policy.logprobs,
+                    behaviour_logprobs: &behaviour,
+                    reference_logprobs: reference.as_ref(),
+                    advantages: &advantages,
+                    response_mask: &policy.mask,
+                    token_entropies: policy.entropy.as_ref(),
+                },
+                grpo,
+            )?;
+            let chunk_tokens: usize = chunk.iter().map(|r| r.sample.token_ids.len()).sum();
+            let scale = match grpo.aggregation {
+                LossAggregation::TokenMean => token_share(chunk_tokens),
+                LossAggregation::SequenceMeanTokenMean
+                | LossAggregation::SequenceSumNormalised { .. } => chunk.len() as f64 / total_rows,
+            };
+            let grads = (out.loss * scale)?.backward()?;
+            accumulate(&mut sums, self.trainable_vars(), &grads)?;
+            let m = out.metrics;
+            let share = token_share(chunk_tokens);
+            pg_loss += scale * m.pg_loss;
+            kl += share * m.kl.unwrap_or(0.0);
+            clipfrac += share * (m.clipfrac_low + m.clipfrac_high);
+            entropy += share * m.entropy.unwrap_or(0.0);
+        }
+        let grads = sums.ok_or_else(|| Error::msg("GRPO update: no micro-batch ran"))?;
+        let metrics = BTreeMap::from([
+            ("actor/pg_loss".to_string(), pg_loss),
+            ("actor/kl".to_string(), kl),
+            ("actor/clipfrac".to_string(), clipfrac),
+            ("actor/entropy".to_string(), entropy),
+        ]);
+        Ok(Accumulated {
+            grads,
+            metrics,
+            tokens: total_tokens,
+            rows: rows.len(),
+        })
+    }
+
+    /// One GRPO update on `batch`: accumulated gradients, clipping, one AdamW step, version + 1. The report
+    /// holds the new weights and `actor/{pg_loss, kl, clipfrac, entropy, grad_norm, lr}`.
+    pub fn grpo_update(
+        &mut self,
+        batch: &TrainBatch,
+        prompts: &PromptBank,
+        grpo: &GrpoConfig,
+    ) -> Result<UpdateReport> {
+        let accumulated = self.grpo_gradients(batch, prompts, grpo)?;
+        self.finish_update(accumulated)
+    }
+
+    /// One data-parallel GRPO update: this replica computes the gradient of its `shard` of the batch, the
+    /// `collective` sums the shards' contributions weighted by their share of the loss's denominator (rows,
+    /// or tokens for `token_mean`), and every replica applies the same update. The result equals
+    /// [`Self::grpo_update`] on the whole batch (up to summation order). A shard may be empty; a rank whose
+    /// gradient fails still joins the all-reduce (with a failure flag), so every rank returns the error
+    /// instead of waiting forever.
+    pub fn grpo_update_shard(
+        &mut self,
+        shard: &TrainBatch,
+        prompts: &PromptBank,
+        grpo: &GrpoConfig,
+        collective: &dyn Collective,
+    ) -> Result<UpdateReport> {
+        let empty = shard.groups.iter().all(|g| g.samples.is_empty());
+        let local = if empty {
+            Ok(None)
+        } else {
+            self.grpo_gradients(shard, prompts, grpo).map(Some)
+        };
+        let zeros = || -> Result<Vec<Tensor>> {
+            self.trainable_vars()
+                .iter()
+                .map(|(_, v)| Ok(v.as_tensor().zeros_like()?))
+                .collect()
+        };
+        let metric = |a: &Accumulated, key: &str| a.metrics.get(key).copied().unwrap_or(0.0);
+        let (mut tensors, stats) = match &local {
+            Ok(Some(a)) => {
+                let loss_weight = match grpo.aggregation {
+                    LossAggregation::TokenMean => a.tokens,
+                    _ => a.rows,
+                } as f64;
+                let token_weight = a.tokens as f64;
+                let grads = a
+                    .grads
+                    .iter()
+                    .map(|g| Ok((g * loss_weight)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let stats = [
+                    0.0,
+                    loss_weight,
+                    token_weight,
+                    loss_weight * metric(a, "actor/pg_loss"),
+                    token_weight * metric(a, "actor/kl"),
+                    token_weight * metric(a, "actor/clipfrac"),
+                    token_weight * metric(a, "actor/entropy"),
+                ];
+                (grads, stats)
+            }
+            Ok(None) => (zeros()?, [0.0; 7]),
+            Err(_) => (zeros()?, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+        };
+        tensors.push(Tensor::new(&stats, &candle_core::Device::Cpu)?);
+        collective.all_reduce_sum(&mut tensors)?;
+        let stats = tensors
+            .pop()
+            .ok_or_else(|| Error::msg("all-reduce lost the statistics"))?
+            .to_vec1::<f64>()?;
+        local?;
+        if stats[0] > 0.0 {
+            return Err(super::mpo_step::rank_failure(stats[0]));
+        }
+        let (loss_weight, token_weight) = (stats[1], stats[2]);
+        if loss_weight <= 0.0 {
+            return Err(Error::msg("GRPO update: every shard is empty"));
+        }
+        let grads = tensors
+            .iter()
+            .map(|g| Ok((g / loss_weight)?))
+            .collect::<Result<Vec<_>>>()?;
+        let per_token = |x: f64| x / token_weight.max(1.0);
+        let metrics = BTreeMap::from([
+            ("actor/pg_loss".to_string(), stats[3] / loss_weight),
+            ("actor/kl".to_string(), per_token(stats[4])),
+            ("actor/clipfrac".to_string(), per_token(stats[5])),
+            ("actor/entropy".to_string(), per_token(stats[6])),
+        ]);
+        self.finish_update(Accumulated {
+            grads,
+            metrics,
+            tokens: token_weight as usize,
+            rows: 0,
+        })
+    }
+}
