@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use r1v2_actors::generate::SamplingParams;
 use r1v2_actors::monitor::config::MonitorConfig;
 use r1v2_actors::rl::config::RlConfig;
-// MERGE-OPTIM use r1v2_actors::train::OptimConfig;
+use r1v2_actors::train::OptimConfig;
 use r1v2_actors::verifiers::config::VerifiersConfig;
 use serde::{Deserialize, Serialize};
 
@@ -328,7 +328,7 @@ pub struct TrainConfig {
     pub monitor: Option<MonitorSection>,
     /// `[optimizer]`.
     #[serde(default)]
-    pub optimizer: toml::Table, // MERGE-OPTIM OptimConfig
+    pub optimizer: OptimConfig,
     /// `[watchdog]`.
     #[serde(default)]
     pub watchdog: WatchdogSection,
@@ -460,7 +460,7 @@ impl TrainConfig {
         if let Some(monitor) = &self.monitor {
             monitor.config.validate()?;
         }
-        // MERGE-OPTIM self.optimizer.validate()?;
+        self.optimizer.validate()?;
         let w = &self.watchdog;
         if !(w.heartbeat_every_s > 0.0 && w.stall_timeout_s > w.heartbeat_every_s) {
             return Err(invalid(
@@ -481,4 +481,3 @@ fn prefixed(section: &str, error: r1v2_actors::Error) -> Error {
         other => Error::Actors(other),
     }
 }
-

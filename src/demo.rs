@@ -51,12 +51,10 @@ pub fn write_task(dir: &Path) -> Result<PathBuf> {
             let image = RgbImage::from_fn(56, 56, |_, _| {
                 Rgb(rgb.map(|c| (c as i32 + rng.gen_range(-30..=30)).clamp(0, 255) as u8))
             });
-            image
-                .save(&path)
-                .map_err(|e| Error::File {
-                    path: path.clone(),
-                    msg: e.to_string(),
-                })?;
+            image.save(&path).map_err(|e| Error::File {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
             let letter = (b'A' + option as u8) as char;
             train.push(serde_json::json!({
                 "id": format!("colour-{name}-{index}"),
@@ -105,7 +103,8 @@ mod tests {
         let answers: std::collections::BTreeSet<_> =
             data.samples.iter().map(|s| s.answer.clone()).collect();
         assert_eq!(answers.len(), 4);
-        let probes = r1v2_actors::monitor::ProbeSet::load(&dir.path().join("probes.jsonl")).unwrap();
+        let probes =
+            r1v2_actors::monitor::ProbeSet::load(&dir.path().join("probes.jsonl")).unwrap();
         assert_eq!(probes.items.len(), 4);
     }
 }

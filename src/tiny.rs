@@ -92,7 +92,10 @@ pub fn chat_config_json(spec: &TinySpec) -> serde_json::Value {
 
 /// Fills every variable of `varmap` from one seeded stream, in sorted-name order.
 fn randomise(varmap: &VarMap, seed: u64) -> Result<Vec<(String, Tensor)>> {
-    let data = varmap.data().lock().map_err(|_| Error::Msg("tiny model: poisoned var map".into()))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Msg("tiny model: poisoned var map".into()))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -106,7 +109,10 @@ fn randomise(varmap: &VarMap, seed: u64) -> Result<Vec<(String, Tensor)>> {
         let is_norm = name.contains("norm") || name.ends_with("ls1") || name.ends_with("ls2");
         let values: Vec<f32> = if name.ends_with(".bias") {
             vec![0.0; count]
-        } else if is_norm && name.ends_with("weight") || name.ends_with("ls1") || name.ends_with("ls2") {
+        } else if is_norm && name.ends_with("weight")
+            || name.ends_with("ls1")
+            || name.ends_with("ls2")
+        {
             vec![1.0; count]
         } else {
             (0..count).map(|_| normal.sample(&mut rng)).collect()
@@ -190,9 +196,13 @@ mod tests {
         let a = std::fs::read(dir.path().join("a/model.safetensors")).unwrap();
         let b = std::fs::read(dir.path().join("b/model.safetensors")).unwrap();
         assert_eq!(a, b, "same seed, same bytes");
-        let loaded =
-            ChatModel::load(&dir.path().join("a"), DType::F32, &Device::Cpu, Trainable::default())
-                .unwrap();
+        let loaded = ChatModel::load(
+            &dir.path().join("a"),
+            DType::F32,
+            &Device::Cpu,
+            Trainable::default(),
+        )
+        .unwrap();
         assert!(loaded.unexpected.is_empty());
         assert_eq!(loaded.model.img_context_token_id(), Some(325));
         assert_eq!(loaded.model.tokens_per_tile(), 4);

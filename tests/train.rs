@@ -81,7 +81,10 @@ fn final_weights(run_dir: &Path) -> (u64, Vec<u8>) {
         .latest_checkpoint()
         .unwrap()
         .expect("a checkpoint");
-    (step, std::fs::read(dir.join("model/model.safetensors")).unwrap())
+    (
+        step,
+        std::fs::read(dir.join("model/model.safetensors")).unwrap(),
+    )
 }
 
 #[test]
@@ -103,8 +106,15 @@ fn tiny_config_runs_every_stage_and_actor_end_to_end() {
     }
     // Every GRPO step carries the whole GRPO set; every MPO step the MPO set.
     for record in &records[4..] {
-        for key in DESIGN_KEYS.iter().filter(|k| !k.starts_with("mpo/") && !k.starts_with("actor/")) {
-            assert!(record.values.contains_key(*key), "GRPO step {} lacks `{key}`", record.step);
+        for key in DESIGN_KEYS
+            .iter()
+            .filter(|k| !k.starts_with("mpo/") && !k.starts_with("actor/"))
+        {
+            assert!(
+                record.values.contains_key(*key),
+                "GRPO step {} lacks `{key}`",
+                record.step
+            );
         }
     }
     // The weights moved, and the versions add up: each stage's updates bump the policy version.
@@ -124,7 +134,10 @@ fn tiny_config_runs_every_stage_and_actor_end_to_end() {
     // Live logs: JSON lines with the stage span.
     let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
     assert!(log.lines().count() > 7);
-    assert!(log.contains("\"stage\":\"grpo\"") || log.contains("\"stage\": \"grpo\""), "no grpo span in log.jsonl");
+    assert!(
+        log.contains("\"stage\":\"grpo\"") || log.contains("\"stage\": \"grpo\""),
+        "no grpo span in log.jsonl"
+    );
     assert!(run.join("config.toml").is_file());
 }
 
@@ -152,20 +165,32 @@ fn a_run_killed_mid_way_and_resumed_ends_with_the_same_weights() {
         .unwrap();
     let started = Instant::now();
     while !killed.join("checkpoints/step-3").is_dir() {
-        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let (at_kill, _) = final_weights(&killed);
-    assert!(at_kill < 7, "the run finished before the kill (step {at_kill}): nothing was resumed");
+    assert!(
+        at_kill < 7,
+        "the run finished before the kill (step {at_kill}): nothing was resumed"
+    );
 
     assert_ok(&train(&config, &killed, true));
     let (step_a, weights_a) = final_weights(&straight);
     let (step_b, weights_b) = final_weights(&killed);
     assert_eq!((step_a, step_b), (7, 7));
-    assert!(weights_a == weights_b, "resumed run ended with other weights (killed at step {at_kill})");
+    assert!(
+        weights_a == weights_b,
+        "resumed run ended with other weights (killed at step {at_kill})"
+    );
     // The metrics agree too (timings aside), one record per step.
     let a = read_metrics(&straight.join("metrics.jsonl")).unwrap();
     let b = read_metrics(&killed.join("metrics.jsonl")).unwrap();
@@ -220,14 +245,29 @@ fn a_panicking_actor_and_a_hanging_verifier_plugin_do_not_stop_the_run() {
     let run = dir.path().join("run");
     let output = train(&config, &run, false);
     assert_ok(&output);
-    assert!(marker.exists(), "the plugin never hung: the test proved nothing");
+    assert!(
+        marker.exists(),
+        "the plugin never hung: the test proved nothing"
+    );
     let records = read_metrics(&run.join("metrics.jsonl")).unwrap();
     assert_eq!(records.len(), 7, "every step ran");
-    let failures: f64 = records.iter().filter_map(|r| r.values.get("verify/failures")).sum();
-    assert!(failures >= 1.0, "the hung request should cost its sample a zero reward");
+    let failures: f64 = records
+        .iter()
+        .filter_map(|r| r.values.get("verify/failures"))
+        .sum();
+    assert!(
+        failures >= 1.0,
+        "the hung request should cost its sample a zero reward"
+    );
     let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
-    assert!(log.contains("injected fault"), "the sample buffer never panicked");
-    assert!(log.contains("re-sending NextBatch"), "the failed request was not re-sent");
+    assert!(
+        log.contains("injected fault"),
+        "the sample buffer never panicked"
+    );
+    assert!(
+        log.contains("re-sending NextBatch"),
+        "the failed request was not re-sent"
+    );
 }
 
 #[test]
@@ -252,5 +292,8 @@ fn config_errors_name_the_file_and_the_key() {
     let output = train(&invalid, &dir.path().join("run2"), false);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("invalid.toml") && stderr.contains("generation.group_size"), "{stderr}");
+    assert!(
+        stderr.contains("invalid.toml") && stderr.contains("generation.group_size"),
+        "{stderr}"
+    );
 }

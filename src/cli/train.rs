@@ -31,7 +31,11 @@ pub struct DemoArgs {
 }
 
 fn print_summary(summary: &RunSummary) {
-    let state = if summary.interrupted { "stopped" } else { "finished" };
+    let state = if summary.interrupted {
+        "stopped"
+    } else {
+        "finished"
+    };
     println!(
         "{state} at step {}/{}; last checkpoint: {}",
         summary.step,

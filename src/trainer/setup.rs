@@ -139,13 +139,19 @@ fn start_reward_model(
     let rm_config = qwen2::Config::from_file(&dir.join("config.json"))?;
     let weights = WeightStore::load(&dir, DType::F32, device)?;
     let model = ValueModel::new(&rm_config, weights.frozen_var_builder())?;
-    Ok(Some(RewardModel::start(model, device.clone(), section.max_batch)))
+    Ok(Some(RewardModel::start(
+        model,
+        device.clone(),
+        section.max_batch,
+    )))
 }
 
 fn verifier_registry(config: &TrainConfig) -> Result<VerifierRegistry> {
     let mut registry = VerifierRegistry::from_config(&config.verifiers)?;
     // The monitor's probes are judged by the grounding (CHAIR) verifier.
-    registry.register(Arc::new(GroundingVerifier::new(GroundingConfig::default())?));
+    registry.register(Arc::new(
+        GroundingVerifier::new(GroundingConfig::default())?,
+    ));
     Ok(registry)
 }
 
@@ -172,14 +178,16 @@ impl Controller {
             if run.latest_checkpoint()?.is_some() {
                 return Err(Error::File {
                     path: run.root().into(),
-                    msg: "this run directory already has checkpoints: pass --resume to continue it, \
+                    msg:
+                        "this run directory already has checkpoints: pass --resume to continue it, \
                           or choose another --run-dir"
-                        .into(),
+                            .into(),
                 });
             }
             None
         };
         telemetry::init(Some(run.root()), &config.run.log_level)?;
+        super::state::clean_scratch(run.root());
         run.write_config(&resolved_config(&config, &options.config_text))?;
         let device = device_of(&config)?;
 
@@ -208,7 +216,21 @@ impl Controller {
             .as_ref()
             .and_then(|m| m.probe_set.clone())
             .or(demo_probes);
-        let probes = probe_path.map(|p| ProbeSet::load(&p)).transpose()?;
+        let probes = probe_path
+            .map(|path| -> Result<ProbeSet> {
+                let mut set = ProbeSet::load(&path)?;
+                // Image paths in a probe file are relative to it.
+                let base = path.parent().map(PathBuf::from).unwrap_or_default();
+                for item in &mut set.items {
+                    for image in &mut item.images {
+                        if image.is_relative() {
+                            *image = base.join(&*image);
+                        }
+                    }
+                }
+                Ok(set)
+            })
+            .transpose()?;
 
         // Where the weights and the trainer's own state come from.
         let (model_dir, trainer_state) = match &resume_from {
@@ -228,9 +250,9 @@ impl Controller {
         let (loader, state) = match &trainer_state {
             Some(saved) => (
                 DataLoader::with_cursor(samples.clone(), prompts_per_step, saved.data_cursor)?,
-                saved
-                    .section::<LoopState>("loop")?
-                    .ok_or_else(|| Error::Msg("checkpoint: trainer state has no `loop` section".into()))?,
+                saved.section::<LoopState>("loop")?.ok_or_else(|| {
+                    Error::Msg("checkpoint: trainer state has no `loop` section".into())
+                })?,
             ),
             None => (
                 DataLoader::new(samples.clone(), prompts_per_step, config.run.seed)?,
@@ -249,13 +271,26 @@ impl Controller {
                 None,
             )?,
             None => {
-                let policy =
-                    ChatModel::load(&initial_dir, DType::F32, &device, config.optimizer.trainable)?;
+                let policy = ChatModel::load(
+                    &initial_dir,
+                    DType::F32,
+                    &device,
+                    config.optimizer.trainable,
+                )?;
                 PolicyTrainer::new(policy, config.optimizer.clone())?
             }
         };
         let version = trainer.version();
-        let optimizer = Optimizer::start(trainer, bank.clone(), config.rl.clone());
+        let mut optimizer = Optimizer::new(
+            trainer,
+            bank.clone(),
+            config.rl.grpo.clone(),
+            config.rl.mpo.clone(),
+        )?;
+        if let Some((_, dir)) = &resume_from {
+            optimizer = optimizer.resume_bco_reward_mean(dir)?;
+        }
+        let optimizer = optimizer.start_dedicated();
         let generator_model =
             ChatModel::load(&model_dir, DType::F32, &device, config.optimizer.trainable)?;
         let tokenizer = encoder.clone();
@@ -272,8 +307,10 @@ impl Controller {
             decode,
             version,
         );
-        let verifier =
-            RuleVerifier::start_pool(Arc::new(verifier_registry(&config)?), config.verifiers.parallel);
+        let verifier = RuleVerifier::start_pool(
+            Arc::new(verifier_registry(&config)?),
+            config.verifiers.parallel,
+        );
         let reward = start_reward_model(&config, &run, &device)?;
         let buffer = match trainer_state
             .as_ref()
@@ -286,7 +323,11 @@ impl Controller {
         }
         .inject_panics_at(config.faults.panic_sample_buffer_at_versions.clone())
         .start_supervised();
-        let monitor_config = config.monitor.as_ref().map(|m| m.config).unwrap_or_default();
+        let monitor_config = config
+            .monitor
+            .as_ref()
+            .map(|m| m.config)
+            .unwrap_or_default();
         let monitor = match trainer_state
             .as_ref()
             .map(|s| s.section::<HallucinationMonitor>("monitor"))

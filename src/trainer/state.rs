@@ -1,7 +1,7 @@
 //! What a checkpoint holds besides the weights, and writing one.
 //!
 //! `checkpoints/step-N/` = `model/` (HF layout, from the optimizer) + `optimizer/` (AdamW moments, reference,
-//! version) + `trainer_state.json`: the step, the data cursor, and the sections `loop` ([`LoopState`]),
+//! version, MPO's BCO running mean) + `trainer_state.json`: the step, the data cursor, and the sections `loop` ([`LoopState`]),
 //! `ssb` (the sample buffer's snapshot, RNG position included) and `monitor` (the hallucination monitor and
 //! its calibration log). [`crate::checkpoint::RunDir::write_checkpoint`] writes it under a temporary name and
 //! renames it, so a crash never leaves a half checkpoint.
@@ -11,12 +11,33 @@ use std::path::PathBuf;
 use r1v2_actors::actor::monitor::MonitorSnapshot;
 use r1v2_actors::protocol::{SaveState, Snapshot};
 use r1v2_actors::rl::config::Calibration;
-use r1v2_actors::rl::mpo::BcoRewardMean;
 use serde::{Deserialize, Serialize};
 
 use super::Controller;
 use crate::checkpoint::TrainerState;
 use crate::Result;
+
+/// Name prefix of the scratch directory the optimizer saves into before the checkpoint's rename.
+const SCRATCH_PREFIX: &str = ".save-";
+
+/// Removes scratch directories a killed run left in `root`.
+pub fn clean_scratch(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SCRATCH_PREFIX)
+        {
+            tracing::warn!("removing the unfinished save {}", entry.path().display());
+            if let Err(error) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(%error, "cannot remove {}", entry.path().display());
+            }
+        }
+    }
+}
 
 /// The controller's own counters, saved in every checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,8 +51,6 @@ pub struct LoopState {
     pub prompts_drawn: u64,
     /// The reward combiner's current calibration (moved by the hallucination monitor).
     pub calibration: Calibration,
-    /// MPO's BCO running mean of rewards.
-    pub bco: BcoRewardMean,
     /// Rollouts dropped for staleness (async mode).
     pub stale_dropped: u64,
     /// Steps that had no informative group and so no update.
@@ -46,7 +65,6 @@ impl LoopState {
             policy_version: 0,
             prompts_drawn: 0,
             calibration,
-            bco: BcoRewardMean::default(),
             stale_dropped: 0,
             skipped_updates: 0,
         }
@@ -59,7 +77,11 @@ impl Controller {
         let step = self.state.step;
         let buffer = self
             .watchdog
-            .call("sample_buffer", "Snapshot", self.actors.buffer.send(Snapshot))
+            .call(
+                "sample_buffer",
+                "Snapshot",
+                self.actors.buffer.send(Snapshot),
+            )
             .await?;
         let monitor = self
             .watchdog
@@ -74,11 +96,13 @@ impl Controller {
         trainer_state.set_section("ssb", &buffer)?;
         trainer_state.set_section("monitor", &monitor)?;
         // The optimizer writes the weights into a directory we name; the run dir then renames it.
+        // (In the run root, beside checkpoints/: `write_checkpoint` clears temporaries inside checkpoints/.
+        // A leftover from a killed run is removed by `clean_scratch` at the next start.)
         let scratch = tempfile::Builder::new()
-            .prefix(".tmp-save-")
-            .tempdir_in(self.run.checkpoints_dir())
+            .prefix(SCRATCH_PREFIX)
+            .tempdir_in(self.run.root())
             .map_err(|source| crate::Error::Io {
-                path: self.run.checkpoints_dir(),
+                path: self.run.root().into(),
                 source,
             })?;
         let saved_version = self
@@ -97,23 +121,27 @@ impl Controller {
                 self.state.policy_version
             )));
         }
-        let dir = self.run.write_checkpoint(step, self.config.run.keep_checkpoints, |tmp| {
-            for entry in std::fs::read_dir(scratch.path()).map_err(|source| crate::Error::Io {
-                path: scratch.path().into(),
-                source,
-            })? {
-                let entry = entry.map_err(|source| crate::Error::Io {
-                    path: scratch.path().into(),
-                    source,
-                })?;
-                let target = tmp.join(entry.file_name());
-                std::fs::rename(entry.path(), &target).map_err(|source| crate::Error::Io {
-                    path: target.clone(),
-                    source,
-                })?;
-            }
-            trainer_state.save(tmp)
-        })?;
+        let dir = self
+            .run
+            .write_checkpoint(step, self.config.run.keep_checkpoints, |tmp| {
+                for entry in
+                    std::fs::read_dir(scratch.path()).map_err(|source| crate::Error::Io {
+                        path: scratch.path().into(),
+                        source,
+                    })?
+                {
+                    let entry = entry.map_err(|source| crate::Error::Io {
+                        path: scratch.path().into(),
+                        source,
+                    })?;
+                    let target = tmp.join(entry.file_name());
+                    std::fs::rename(entry.path(), &target).map_err(|source| crate::Error::Io {
+                        path: target.clone(),
+                        source,
+                    })?;
+                }
+                trainer_state.save(tmp)
+            })?;
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
     }

@@ -104,7 +104,8 @@ impl Controller {
                 break;
             };
             let stage = stage.clone();
-            let span = tracing::info_span!("stage", stage = stage.name(), step = self.state.step + 1);
+            let span =
+                tracing::info_span!("stage", stage = stage.name(), step = self.state.step + 1);
             let before = (self.loader.cursor(), self.state.clone());
             let started = Instant::now();
             let outcome = match &stage {
@@ -127,11 +128,18 @@ impl Controller {
                     return Err(error);
                 }
             };
-            put(&mut metrics, "timing_s/step", started.elapsed().as_secs_f64());
+            put(
+                &mut metrics,
+                "timing_s/step",
+                started.elapsed().as_secs_f64(),
+            );
             self.state.step += 1;
             let step = self.state.step;
             self.metrics.write(step, &metrics)?;
-            let reward = metrics.get("reward/mean").copied().filter(|r| r.is_finite());
+            let reward = metrics
+                .get("reward/mean")
+                .copied()
+                .filter(|r| r.is_finite());
             self.progress.update(step, reward);
             tracing::info!(
                 step,
@@ -170,7 +178,10 @@ impl Controller {
 
     /// After a stall: puts the step's counters back and writes a checkpoint of the last completed step, if
     /// the actors still answer; says so either way.
-    async fn checkpoint_after_stall(&mut self, before: (crate::data::DataCursor, super::state::LoopState)) {
+    async fn checkpoint_after_stall(
+        &mut self,
+        before: (crate::data::DataCursor, super::state::LoopState),
+    ) {
         let (cursor, state) = before;
         self.state = state;
         match crate::data::DataLoader::with_cursor(
@@ -260,27 +271,41 @@ impl Controller {
             .watchdog
             .call("policy_generator", "GenerateGroups", request)
             .await??;
-        if self.config.run.mode == ScheduleMode::Async && self.state.step + 1 < self.config.total_steps() {
+        if self.config.run.mode == ScheduleMode::Async
+            && self.state.step + 1 < self.config.total_steps()
+        {
             let next = self.next_requests()?;
             let request = self.generate_request(next.clone());
             self.prefetched = Some((next, request));
         }
         let seconds = started.elapsed().as_secs_f64();
         put(metrics, "timing_s/gen", seconds);
-        put(metrics, "perf/tokens_per_s", rollouts.tokens as f64 / seconds.max(1e-9));
+        put(
+            metrics,
+            "perf/tokens_per_s",
+            rollouts.tokens as f64 / seconds.max(1e-9),
+        );
         let lengths: Vec<f64> = rollouts
             .groups
             .iter()
             .flat_map(|g| g.rollouts.iter().map(|r| r.token_ids.len() as f64))
             .collect();
-        put(metrics, "response_length/mean", mean(lengths.iter().copied()));
+        put(
+            metrics,
+            "response_length/mean",
+            mean(lengths.iter().copied()),
+        );
         let clipped = rollouts
             .groups
             .iter()
             .flat_map(|g| &g.rollouts)
             .filter(|r| r.finish_reason == FinishReason::Length)
             .count();
-        put(metrics, "response_length/clip_ratio", clipped as f64 / lengths.len().max(1) as f64);
+        put(
+            metrics,
+            "response_length/clip_ratio",
+            clipped as f64 / lengths.len().max(1) as f64,
+        );
         Ok(rollouts)
     }
 
@@ -332,7 +357,10 @@ impl Controller {
         let verdicts = verdicts?.verdicts;
         let failed = verdicts.iter().filter(|v| is_failure(v)).count();
         if failed > 0 {
-            tracing::warn!(failed, "verifier failures scored 0 (see the verdict reasons)");
+            tracing::warn!(
+                failed,
+                "verifier failures scored 0 (see the verdict reasons)"
+            );
         }
         put(metrics, "verify/failures", failed as f64);
         let rm = match score {
@@ -365,7 +393,11 @@ impl Controller {
     }
 
     /// Hybrid rewards and group advantages of a scored batch, as sample-buffer groups; logs reward/*.
-    fn reward_groups(&mut self, scored: &Scored, metrics: &mut Metrics) -> Result<Vec<SampledGroup>> {
+    fn reward_groups(
+        &mut self,
+        scored: &Scored,
+        metrics: &mut Metrics,
+    ) -> Result<Vec<SampledGroup>> {
         let inputs: Vec<Vec<RewardInputs>> = scored
             .verdicts
             .iter()
@@ -402,7 +434,11 @@ impl Controller {
             "reward/accuracy",
             mean(scored.verdicts.iter().flatten().map(|v| f64::from(v.score))),
         );
-        put(metrics, "calibration/rm_threshold", self.state.calibration.rm_threshold);
+        put(
+            metrics,
+            "calibration/rm_threshold",
+            self.state.calibration.rm_threshold,
+        );
         let correct: Vec<Vec<bool>> = scored
             .verdicts
             .iter()
@@ -504,14 +540,28 @@ impl Controller {
         put(
             &mut metrics,
             "async/staleness",
-            self.state.policy_version.saturating_sub(scored.rollouts.policy_version) as f64,
+            self.state
+                .policy_version
+                .saturating_sub(scored.rollouts.policy_version) as f64,
         );
         self.watchdog
-            .call("sample_buffer", "ScoredGroups", self.actors.buffer.send(ScoredGroups { groups }))
+            .call(
+                "sample_buffer",
+                "ScoredGroups",
+                self.actors.buffer.send(ScoredGroups { groups }),
+            )
             .await??;
         let batch = self.next_batch().await?;
-        put(&mut metrics, "ssb/effective_share_before", batch.metrics.effective_share_before);
-        put(&mut metrics, "ssb/effective_share_after", batch.metrics.effective_share_after);
+        put(
+            &mut metrics,
+            "ssb/effective_share_before",
+            batch.metrics.effective_share_before,
+        );
+        put(
+            &mut metrics,
+            "ssb/effective_share_after",
+            batch.metrics.effective_share_after,
+        );
         put(&mut metrics, "ssb/replayed", batch.replayed as f64);
         put(&mut metrics, "ssb/size", batch.metrics.buffer_size as f64);
         let started = Instant::now();
@@ -524,9 +574,17 @@ impl Controller {
         } else {
             let update = self
                 .watchdog
-                .call("optimizer", "TrainGrpo", self.actors.optimizer.send(TrainGrpo { batch }))
+                .call(
+                    "optimizer",
+                    "TrainGrpo",
+                    self.actors.optimizer.send(TrainGrpo { batch }),
+                )
                 .await??;
-            put(&mut metrics, "timing_s/update", started.elapsed().as_secs_f64());
+            put(
+                &mut metrics,
+                "timing_s/update",
+                started.elapsed().as_secs_f64(),
+            );
             put(&mut metrics, "actor/skipped", 0.0);
             self.sync(&update, &mut metrics).await?;
         }
@@ -566,7 +624,9 @@ impl Controller {
                         // rule and format rewards.
                         score: match &scored.rm {
                             Some(rm) => f64::from(rm[g][i]),
-                            None => f64::from(verdict.score) + f64::from(u8::from(verdict.format_ok)),
+                            None => {
+                                f64::from(verdict.score) + f64::from(u8::from(verdict.format_ok))
+                            }
                         },
                         verifier: if verdict.score >= 1.0 {
                             VerifierOutcome::Pass
@@ -589,7 +649,9 @@ impl Controller {
                     .groups
                     .iter()
                     .find(|g| g.prompt_id == pair.id.prompt_id)
-                    .ok_or_else(|| Error::Msg("mpo: a pair names a prompt not in the batch".into()))?;
+                    .ok_or_else(|| {
+                        Error::Msg("mpo: a pair names a prompt not in the batch".into())
+                    })?;
                 Ok(MpoPair {
                     prompt_id: pair.id.prompt_id,
                     chosen: group.rollouts[pair.id.chosen].token_ids.clone(),
@@ -605,9 +667,17 @@ impl Controller {
         } else {
             let update = self
                 .watchdog
-                .call("optimizer", "TrainMpo", self.actors.optimizer.send(TrainMpo { pairs }))
+                .call(
+                    "optimizer",
+                    "TrainMpo",
+                    self.actors.optimizer.send(TrainMpo { pairs }),
+                )
                 .await??;
-            put(&mut metrics, "timing_s/update", started.elapsed().as_secs_f64());
+            put(
+                &mut metrics,
+                "timing_s/update",
+                started.elapsed().as_secs_f64(),
+            );
             put(&mut metrics, "actor/skipped", 0.0);
             self.sync(&update, &mut metrics).await?;
         }
@@ -635,9 +705,17 @@ impl Controller {
         let started = Instant::now();
         let update = self
             .watchdog
-            .call("optimizer", "TrainSft", self.actors.optimizer.send(TrainSft { examples }))
+            .call(
+                "optimizer",
+                "TrainSft",
+                self.actors.optimizer.send(TrainSft { examples }),
+            )
             .await??;
-        put(&mut metrics, "timing_s/update", started.elapsed().as_secs_f64());
+        put(
+            &mut metrics,
+            "timing_s/update",
+            started.elapsed().as_secs_f64(),
+        );
         self.sync(&update, &mut metrics).await?;
         Ok(metrics)
     }
@@ -754,7 +832,11 @@ impl Controller {
         }
         let verdicts = self
             .watchdog
-            .call("rule_verifier", "Verify (probes)", self.actors.verifier.send(Verify { items }))
+            .call(
+                "rule_verifier",
+                "Verify (probes)",
+                self.actors.verifier.send(Verify { items }),
+            )
             .await?;
         Ok(verdicts
             .verdicts

@@ -107,7 +107,12 @@ impl Watchdog {
                         if let Some(message) = reply.last_message {
                             last_message = message.to_string();
                         }
-                        tracing::trace!(actor = name, handled = reply.handled, restarts = reply.restarts, "heartbeat");
+                        tracing::trace!(
+                            actor = name,
+                            handled = reply.handled,
+                            restarts = reply.restarts,
+                            "heartbeat"
+                        );
                     }
                     // The actor is gone: the run is ending.
                     Ok(Err(_)) => return,

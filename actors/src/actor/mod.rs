@@ -18,8 +18,8 @@ use crate::protocol::HeartbeatReply;
 use crate::Error;
 
 pub mod monitor;
-pub mod policy_generator;
 pub mod optimizer;
+pub mod policy_generator;
 pub mod reward_model;
 pub mod rule_verifier;
 pub mod sample_buffer;

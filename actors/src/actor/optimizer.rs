@@ -27,7 +27,8 @@ use actix::{Actor, Addr, Arbiter, Context, Handler, Message};
 use super::{catch_panic, Liveness};
 use crate::prompt::PromptBank;
 use crate::protocol::{
-    Heartbeat, HeartbeatReply, PolicyWeights, SaveState, TrainGrpo, TrainMpo, UpdateReport,
+    Heartbeat, HeartbeatReply, PolicyWeights, SaveState, TrainGrpo, TrainMpo, TrainSft,
+    UpdateReport,
 };
 use crate::rl::config::{GrpoConfig, MpoConfig};
 use crate::rl::mpo::BcoRewardMean;
@@ -185,6 +186,16 @@ impl Handler<TrainMpo> for Optimizer {
             // Only a completed update moves the running mean.
             this.bco_reward_mean = delta;
             Ok(report)
+        })
+    }
+}
+
+impl Handler<TrainSft> for Optimizer {
+    type Result = Result<UpdateReport>;
+
+    fn handle(&mut self, msg: TrainSft, _ctx: &mut Context<Self>) -> Result<UpdateReport> {
+        self.guarded("TrainSft", |this| {
+            this.trainer.sft_update(&msg.examples, &this.prompts)
         })
     }
 }

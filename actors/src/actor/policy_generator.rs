@@ -172,7 +172,9 @@ impl Handler<SyncWeights> for PolicyGenerator {
 
     fn handle(&mut self, msg: SyncWeights, _: &mut SyncContext<Self>) -> Result<u64> {
         self.liveness.handling("SyncWeights");
-        catch_panic("policy_generator", "SyncWeights", || self.snapshot.sync(&msg))?
+        catch_panic("policy_generator", "SyncWeights", || {
+            self.snapshot.sync(&msg)
+        })?
     }
 }
 

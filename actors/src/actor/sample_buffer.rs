@@ -199,10 +199,7 @@ impl Handler<NextBatch> for SampleBuffer {
                 .position(|&v| v == msg.policy_version)
             {
                 actor.panic_at_versions.remove(at);
-                panic!(
-                    "injected fault at policy version {}",
-                    msg.policy_version
-                );
+                panic!("injected fault at policy version {}", msg.policy_version);
             }
             actor.next_batch(msg)
         })

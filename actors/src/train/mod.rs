@@ -9,7 +9,7 @@
 //! | `schedule.rs` | warmup + cosine learning rate, global-norm clipping |
 //! | `logprobs.rs` | [`ResponseScorer`]: per-token log-probs of (prompt, response) rows on the chat model |
 //! | `trainer.rs` | [`PolicyTrainer`]: policy, shared frozen reference, AdamW, version, checkpoints |
-//! | `grpo_step.rs`, `mpo_step.rs` | its GRPO and MPO updates with gradient accumulation (GRPO also data-parallel) |
+//! | `grpo_step.rs`, `mpo_step.rs`, `sft_step.rs` | its GRPO, MPO and SFT updates with gradient accumulation (GRPO also data-parallel) |
 //! | `collective.rs` | [`Collective`] all-reduce for data-parallel replicas; [`LocalCollective`] between threads |
 
 pub mod adamw;
@@ -19,6 +19,7 @@ mod grpo_step;
 pub mod logprobs;
 mod mpo_step;
 pub mod schedule;
+mod sft_step;
 pub mod trainer;
 
 pub use adamw::{AdamW, AdamWParams, AdamWState};
