@@ -57,15 +57,16 @@ pub fn learning_rate(config: &OptimConfig, step: u64) -> f64 {
         )
 }
 
-/// Global 2-norm of `grads` (accumulated in f64).
+/// Global 2-norm of `grads` (accumulated in f64, in element order).
+///
+/// Summed here rather than with candle's `sum_all`, whose CPU reduction is split across threads adaptively:
+/// its f64 result changed in the last bits from run to run, and a deterministic run (resume included) must
+/// log the same numbers.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum_sq = 0.0f64;
     for grad in grads {
-        sum_sq += grad
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        let values = grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        sum_sq += values.iter().map(|v| v * v).sum::<f64>();
     }
     Ok(sum_sq.sqrt())
 }
