@@ -113,7 +113,7 @@ impl Controller {
                 Stage::Mpo {
                     steps_per_round, ..
                 } => {
-                    let new_round = offset > 0 && offset % steps_per_round == 0;
+                    let new_round = offset > 0 && offset.is_multiple_of(*steps_per_round);
                     self.mpo_step(new_round).instrument(span).await
                 }
                 Stage::Grpo { .. } => self.grpo_step().instrument(span).await,
@@ -151,7 +151,7 @@ impl Controller {
             );
             self.last_metrics = metrics;
             let every = self.config.run.checkpoint_every;
-            if every > 0 && step % every == 0 {
+            if every > 0 && step.is_multiple_of(every) {
                 self.checkpoint().await?;
                 checkpointed_at = Some(step);
             }
