@@ -297,3 +297,75 @@ fn config_errors_name_the_file_and_the_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn async_mode_trains_one_version_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config()
+        .replace("mode = \"sync\"", "mode = \"async\"\nmax_staleness = 1")
+        .replace("deterministic = true", "deterministic = false");
+    let config = write_config(dir.path(), "async.toml", &config);
+    let run = dir.path().join("run");
+    assert_ok(&train(&config, &run, false));
+    let records = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(records.len(), 7);
+    // GRPO steps after the first one train on rollouts sampled before the previous update.
+    let staleness: Vec<f64> = records
+        .iter()
+        .filter_map(|r| r.values.get("async/staleness").copied())
+        .collect();
+    assert!(!staleness.is_empty());
+    assert!(
+        staleness.iter().any(|&s| s >= 1.0),
+        "async mode never ran ahead: {staleness:?}"
+    );
+    assert!(
+        staleness.iter().all(|&s| s <= 1.0),
+        "staleness above max_staleness: {staleness:?}"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_after_the_current_step_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config()
+        .replace("checkpoint_every = 2", "checkpoint_every = 0")
+        .replace("steps = 3", "steps = 400");
+    let config = write_config(dir.path(), "long.toml", &config);
+    let run = dir.path().join("run");
+    let child = Command::new(BIN)
+        .arg("train")
+        .arg(&config)
+        .arg("--run-dir")
+        .arg(&run)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    // Wait until a GRPO step has been logged.
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no GRPO step logged"
+        );
+        let logged = read_metrics(&run.join("metrics.jsonl")).map_or(0, |r| r.len());
+        if logged >= 5 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "Ctrl-C should end the run cleanly");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("stopped at step"), "{stdout}");
+    let (step, _) = final_weights(&run);
+    let logged = read_metrics(&run.join("metrics.jsonl")).unwrap().len() as u64;
+    assert_eq!(step, logged, "the checkpoint is of the last finished step");
+    assert!(step < 405, "the run did not stop early");
+}

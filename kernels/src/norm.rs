@@ -377,13 +377,16 @@ fn norm_bwd<T: Elem>(
             }
             partial
         })
-        .reduce(
-            || vec![T::A::zero(); n_param_grads * d],
-            |mut total, partial| {
-                total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
-                total
-            },
-        );
+        .collect::<Vec<_>>();
+    // The blocks' partial sums are added in row order, not by rayon's `reduce`, whose tree follows the work
+    // stealing: its result changed in the last bits from run to run, and resumed runs must be bit-identical.
+    let sums = sums.into_iter().fold(
+        vec![T::A::zero(); n_param_grads * d],
+        |mut total, partial| {
+            total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+            total
+        },
+    );
     for (out, sum) in grad_params.iter_mut().zip(sums) {
         *out = T::store(sum);
     }
