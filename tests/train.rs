@@ -369,3 +369,50 @@ fn ctrl_c_stops_after_the_current_step_with_a_checkpoint() {
     assert_eq!(step, logged, "the checkpoint is of the last finished step");
     assert!(step < 405, "the run did not stop early");
 }
+
+#[test]
+fn the_watchdog_names_a_stalled_actor_and_stops_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let dataset = r1v2::demo::write_task(&data_dir).unwrap();
+    let text = std::fs::read_to_string(&dataset)
+        .unwrap()
+        .replace("\"verifier\":\"choice\"", "\"verifier\":\"slow\"");
+    std::fs::write(&dataset, text).unwrap();
+    let plugin = Path::new(ROOT).join("tests/plugins/hang_once_plugin.py");
+    let marker = dir.path().join("hung");
+    // The plugin's own timeout (40 s) is longer than the watchdog's (3 s): the verifier pool stalls.
+    let config = tiny_config()
+        .replace(
+            "path = \"demo\"",
+            &format!("path = {:?}", dataset.display().to_string()),
+        )
+        .replace("kind = \"sft\"\nsteps = 2", "kind = \"sft\"\nsteps = 1")
+        + &format!(
+            "\n[watchdog]\nheartbeat_every_s = 0.5\nstall_timeout_s = 3.0\n\n\
+             [[verifiers.plugins]]\nname = \"slow\"\ncommand = \"python3\"\nargs = [{:?}]\n\
+             timeout_secs = 40\nenv = {{ HANG_MARKER = {:?}, HANG_SECONDS = \"8\" }}\n",
+            plugin.display().to_string(),
+            marker.display().to_string()
+        );
+    let config = write_config(dir.path(), "stall.toml", &config);
+    let run = dir.path().join("run");
+    let started = Instant::now();
+    let output = train(&config, &run, false);
+    assert!(
+        !output.status.success(),
+        "a stalled run must not end as a success"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "the run hung instead of stopping"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`rule_verifier` stalled on `Verify`"),
+        "the error should name the actor and the message: {stderr}"
+    );
+    // The SFT step finished before the stall: its checkpoint was written on the way out.
+    let (step, _) = final_weights(&run);
+    assert_eq!(step, 1);
+}
