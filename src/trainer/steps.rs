@@ -106,6 +106,23 @@ impl Controller {
             let stage = stage.clone();
             let span =
                 tracing::info_span!("stage", stage = stage.name(), step = self.state.step + 1);
+            // Each RL stage's reference (MPO's DPO/BCO terms, GRPO's KL) is the policy it starts from: after
+            // the SFT warm start, after the MPO rounds. (On resume mid-stage the checkpoint holds it.)
+            if offset == 0 && self.state.step > 0 && !matches!(stage, Stage::Sft { .. }) {
+                self.watchdog
+                    .call(
+                        "optimizer",
+                        "RefreshReference",
+                        self.actors
+                            .optimizer
+                            .send(r1v2_actors::actor::optimizer::RefreshReference),
+                    )
+                    .await??;
+                tracing::info!(
+                    stage = stage.name(),
+                    "reference policy reset to the current policy"
+                );
+            }
             let before = (self.loader.cursor(), self.state.clone());
             let started = Instant::now();
             let outcome = match &stage {
