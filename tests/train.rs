@@ -237,7 +237,7 @@ fn a_panicking_actor_and_a_hanging_verifier_plugin_do_not_stop_the_run() {
         + &format!(
             "\n[faults]\npanic_sample_buffer_at_versions = [0, 1, 2, 3, 4, 5, 6, 7, 8]\n\n\
              [[verifiers.plugins]]\nname = \"first_letter\"\n\
-             command = \"python3\"\nargs = [{:?}]\ntimeout_secs = 2\nenv = {{ HANG_MARKER = {:?} }}\n",
+             command = \"python3\"\nargs = [{:?}]\ntimeout_secs = 2\nstartup_secs = 5\nenv = {{ HANG_MARKER = {:?}, HANG_SECONDS = \"20\" }}\n",
             plugin.display().to_string(),
             marker.display().to_string()
         );

@@ -4,13 +4,17 @@
 //! | file | what it holds |
 //! |---|---|
 //! | [`setup`] | building a run: run directory, models, dataset, prompt bank, every actor (fresh or resumed) |
-//! | [`steps`] | one SFT, MPO or GRPO step as the controller reads it (design.md "One GRPO step") |
+//! | [`steps`] | the run loop and one SFT, MPO or GRPO step as the controller reads it (design.md "One GRPO step") |
+//! | `scoring.rs` | verdicts and RM scores (concurrently), hybrid reward, advantages; prompts into the bank |
+//! | `monitoring.rs` | the hallucination monitor's feed, probe runs, calibration changes |
 //! | [`state`] | what a checkpoint holds besides the weights, and writing one atomically |
 //! | [`watchdog`] | deadlines on every request, heartbeats, the stall record |
 //!
 //! The controller is the async task that owns the schedule: it sends each step's requests to the actors
 //! and awaits their replies (under the watchdog's deadline), so it is not itself addressed by messages.
 
+mod monitoring;
+mod scoring;
 pub mod setup;
 pub mod state;
 pub mod steps;

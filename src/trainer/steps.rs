@@ -17,32 +17,22 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use r1v2_actors::actor::monitor::{ObserveProbe, ObserveStep};
+use actix::Handler;
+use r1v2_actors::actor::optimizer::{Optimizer, RefreshReference};
 use r1v2_actors::actor::policy_generator::PolicyGenerator;
 use r1v2_actors::actor::sample_buffer::SampleBuffer;
-use r1v2_actors::monitor::{SampleObservation, StepObservation};
-use r1v2_actors::prompt::EncodedPrompt;
 use r1v2_actors::protocol::{
-    FinishReason, GenerateGroups, GroupRequest, MpoPair, NextBatch, Rollouts, Score, ScoreSequence,
-    ScoredGroups, SftExample, SyncWeights, TrainBatch, TrainGrpo, TrainMpo, TrainSft, UpdateReport,
-    Verify,
+    FinishReason, GenerateGroups, GroupRequest, MpoPair, NextBatch, Rollouts, ScoredGroups,
+    SftExample, SyncWeights, TrainBatch, TrainGrpo, TrainMpo, TrainSft, UpdateReport,
 };
-use r1v2_actors::rl::advantages::group_advantages;
 use r1v2_actors::rl::mpo::{mine_pairs, ScoredGroup, ScoredResponse, VerifierOutcome};
-use r1v2_actors::rl::reward::{hybrid_rewards, summarise, RewardInputs};
-use r1v2_actors::rl::ssb::{GroupSample, SampledGroup};
 use r1v2_actors::rl::PromptId;
-use r1v2_actors::verifiers::registry::VerifyRequest;
-use r1v2_actors::verifiers::Verdict;
 use tracing::Instrument;
 
 use super::setup::Controller;
 use super::{stage_at, RunSummary};
 use crate::config::{ScheduleMode, Stage};
 use crate::{Error, Result};
-
-/// Probe prompts live in the prompt bank above every dataset index.
-const PROBE_ID_BASE: u64 = 1 << 48;
 
 /// Async mode: the next step's prompts and their generation request, already in the generator's mailbox.
 pub type Prefetched = (
@@ -51,35 +41,13 @@ pub type Prefetched = (
 );
 
 /// A step's metrics by design.md name.
-type Metrics = BTreeMap<String, f64>;
+pub(super) type Metrics = BTreeMap<String, f64>;
 
-/// Rollouts and everything the scorers said about them.
-struct Scored {
-    rollouts: Rollouts,
-    verdicts: Vec<Vec<Verdict>>,
-    rm: Option<Vec<Vec<f32>>>,
-}
-
-/// Whether a verdict stands for a verifier that failed (error, panic, timeout, crashed or hung plugin) rather
-/// than a judgement: the registry and the plugin runner word these reasons.
-fn is_failure(verdict: &Verdict) -> bool {
-    const MARKS: [&str; 7] = [
-        "plugin restarted",
-        "panicked",
-        "timed out",
-        "failed:",
-        "exited",
-        "malformed reply",
-        "no verifier named",
-    ];
-    verdict.score == 0.0 && MARKS.iter().any(|mark| verdict.reason.contains(mark))
-}
-
-fn put(metrics: &mut Metrics, name: &str, value: f64) {
+pub(super) fn put(metrics: &mut Metrics, name: &str, value: f64) {
     metrics.insert(name.to_string(), value);
 }
 
-fn mean(values: impl Iterator<Item = f64>) -> f64 {
+pub(super) fn mean(values: impl Iterator<Item = f64>) -> f64 {
     let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     if n == 0 {
         f64::NAN
@@ -113,9 +81,7 @@ impl Controller {
                     .call(
                         "optimizer",
                         "RefreshReference",
-                        self.actors
-                            .optimizer
-                            .send(r1v2_actors::actor::optimizer::RefreshReference),
+                        self.actors.optimizer.send(RefreshReference),
                     )
                     .await??;
                 tracing::info!(
@@ -230,18 +196,14 @@ impl Controller {
             // Every sample handed out by the loader came from `samples`, which `index_of` indexes.
             let index = self.index_of[&sample.id];
             let prompt_id = PromptId(index as u64);
-            if !self.bank.contains(prompt_id) {
-                let encoded = self.encoder.encode(&sample.question, &sample.images)?;
-                self.bank.insert(EncodedPrompt {
-                    id: prompt_id,
-                    token_ids: encoded.token_ids,
-                    pixel_values: encoded.pixel_values,
-                    answer: sample.answer.clone(),
-                    verifier: sample.verifier.clone(),
-                    question: sample.question.clone(),
-                    meta: sample.meta.clone(),
-                });
-            }
+            self.encode_into_bank(
+                prompt_id,
+                &sample.question,
+                &sample.images,
+                &sample.answer,
+                &sample.verifier,
+                sample.meta.clone(),
+            )?;
             requests.push(GroupRequest {
                 prompt_id,
                 prompt_index: self.state.prompts_drawn,
@@ -251,7 +213,7 @@ impl Controller {
         Ok(requests)
     }
 
-    fn sampling(&self) -> r1v2_actors::generate::SamplingParams {
+    pub(super) fn sampling(&self) -> r1v2_actors::generate::SamplingParams {
         let mut params = self.config.generation.sampling.clone();
         if params.stop_token_ids.is_empty() {
             params.stop_token_ids = self.encoder.stop_token_ids();
@@ -326,167 +288,6 @@ impl Controller {
         Ok(rollouts)
     }
 
-    /// Rule verdicts and RM scores of `rollouts`, requested concurrently.
-    async fn score(&self, rollouts: Rollouts, metrics: &mut Metrics) -> Result<Scored> {
-        let mut items = Vec::new();
-        let mut sequences = Vec::new();
-        for group in &rollouts.groups {
-            let prompt = self.bank.get(group.prompt_id)?;
-            for rollout in &group.rollouts {
-                items.push(VerifyRequest {
-                    verifier: prompt.verifier.clone(),
-                    prompt: prompt.question.clone(),
-                    response: rollout.text.clone(),
-                    answer: prompt.answer.clone(),
-                    meta: prompt.meta.clone().unwrap_or(serde_json::Value::Null),
-                });
-                let mut ids = prompt.token_ids.clone();
-                ids.extend(&rollout.token_ids);
-                sequences.push(ScoreSequence {
-                    attention_mask: vec![1; ids.len()],
-                    token_ids: ids,
-                });
-            }
-        }
-        let started = Instant::now();
-        let watchdog = self.watchdog.clone();
-        let verify = self.actors.verifier.send(Verify { items });
-        let score = self
-            .actors
-            .reward
-            .as_ref()
-            .map(|rm| rm.send(Score { sequences }));
-        let verify = async {
-            let reply = watchdog.call("rule_verifier", "Verify", verify).await;
-            (reply, started.elapsed())
-        };
-        let score = async {
-            match score {
-                Some(request) => {
-                    let reply = watchdog.call("reward_model", "Score", request).await;
-                    Some((reply, started.elapsed()))
-                }
-                None => None,
-            }
-        };
-        let ((verdicts, verify_time), score) = futures_util::future::join(verify, score).await;
-        put(metrics, "timing_s/verify", verify_time.as_secs_f64());
-        let verdicts = verdicts?.verdicts;
-        let failed = verdicts.iter().filter(|v| is_failure(v)).count();
-        if failed > 0 {
-            tracing::warn!(
-                failed,
-                "verifier failures scored 0 (see the verdict reasons)"
-            );
-        }
-        put(metrics, "verify/failures", failed as f64);
-        let rm = match score {
-            Some((reply, time)) => {
-                put(metrics, "timing_s/reward", time.as_secs_f64());
-                Some(reply??.scores)
-            }
-            None => {
-                put(metrics, "timing_s/reward", 0.0);
-                None
-            }
-        };
-        // Back into groups.
-        let mut verdicts = verdicts.into_iter();
-        let mut scores = rm.map(|s| s.into_iter());
-        let mut by_group = Vec::with_capacity(rollouts.groups.len());
-        let mut rm_by_group = scores.as_ref().map(|_| Vec::new());
-        for group in &rollouts.groups {
-            let n = group.rollouts.len();
-            by_group.push(verdicts.by_ref().take(n).collect::<Vec<_>>());
-            if let (Some(scores), Some(out)) = (scores.as_mut(), rm_by_group.as_mut()) {
-                out.push(scores.by_ref().take(n).collect::<Vec<_>>());
-            }
-        }
-        Ok(Scored {
-            rollouts,
-            verdicts: by_group,
-            rm: rm_by_group,
-        })
-    }
-
-    /// Hybrid rewards and group advantages of a scored batch, as sample-buffer groups; logs reward/*.
-    fn reward_groups(
-        &mut self,
-        scored: &Scored,
-        metrics: &mut Metrics,
-    ) -> Result<Vec<SampledGroup>> {
-        let inputs: Vec<Vec<RewardInputs>> = scored
-            .verdicts
-            .iter()
-            .enumerate()
-            .map(|(g, verdicts)| {
-                verdicts
-                    .iter()
-                    .enumerate()
-                    .map(|(i, verdict)| RewardInputs {
-                        rule: f64::from(verdict.score),
-                        rule_correct: Some(verdict.score >= 1.0),
-                        rm_raw: scored.rm.as_ref().map(|rm| f64::from(rm[g][i])),
-                        format: f64::from(u8::from(verdict.format_ok)),
-                    })
-                    .collect()
-            })
-            .collect();
-        let rewards = hybrid_rewards(&inputs, &self.config.rl.reward, &self.state.calibration)?;
-        let summary = summarise(&rewards);
-        let totals: Vec<Vec<f64>> = rewards
-            .iter()
-            .map(|g| g.iter().map(|r| r.total).collect())
-            .collect();
-        let all: Vec<f64> = totals.iter().flatten().copied().collect();
-        let reward_mean = mean(all.iter().copied());
-        let reward_std = (mean(all.iter().map(|r| (r - reward_mean).powi(2)))).sqrt();
-        put(metrics, "reward/mean", reward_mean);
-        put(metrics, "reward/std", reward_std);
-        put(metrics, "reward/rule", summary.rule_term);
-        put(metrics, "reward/rm", summary.rm_term);
-        put(metrics, "reward/format", summary.format_term);
-        put(
-            metrics,
-            "reward/accuracy",
-            mean(scored.verdicts.iter().flatten().map(|v| f64::from(v.score))),
-        );
-        put(
-            metrics,
-            "calibration/rm_threshold",
-            self.state.calibration.rm_threshold,
-        );
-        let correct: Vec<Vec<bool>> = scored
-            .verdicts
-            .iter()
-            .map(|g| g.iter().map(|v| v.score >= 1.0).collect())
-            .collect();
-        let advantages = group_advantages(&totals, Some(&correct), &self.config.rl.advantage)?;
-        let version = scored.rollouts.policy_version;
-        Ok(scored
-            .rollouts
-            .groups
-            .iter()
-            .enumerate()
-            .map(|(g, group)| SampledGroup {
-                prompt_id: group.prompt_id,
-                policy_version: version,
-                samples: group
-                    .rollouts
-                    .iter()
-                    .enumerate()
-                    .map(|(i, rollout)| GroupSample {
-                        token_ids: rollout.token_ids.clone(),
-                        behaviour_logprobs: rollout.behaviour_logprobs.clone(),
-                        reward: totals[g][i],
-                        advantage: advantages.advantages[g][i],
-                        correct: Some(correct[g][i]),
-                    })
-                    .collect(),
-            })
-            .collect())
-    }
-
     /// The sample buffer's next batch; a failed request (the buffer panicked and was restarted with its
     /// state rolled back) is sent again.
     async fn next_batch(&self) -> Result<TrainBatch> {
@@ -538,6 +339,36 @@ impl Controller {
         Ok(())
     }
 
+    /// Sends one update to the optimizer, then its weights to the generator; logs the update's metrics.
+    async fn train_and_sync<M>(&mut self, message: M, metrics: &mut Metrics) -> Result<()>
+    where
+        M: actix::Message<Result = r1v2_actors::Result<UpdateReport>> + Send + 'static,
+        Optimizer: Handler<M>,
+    {
+        // "r1v2_actors::protocol::TrainGrpo" -> "TrainGrpo", for the watchdog's messages.
+        let name = std::any::type_name::<M>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("Train");
+        let started = Instant::now();
+        let update = self
+            .watchdog
+            .call("optimizer", name, self.actors.optimizer.send(message))
+            .await??;
+        put(metrics, "timing_s/update", started.elapsed().as_secs_f64());
+        put(metrics, "actor/skipped", 0.0);
+        self.sync(&update, metrics).await
+    }
+
+    /// Records a step without an update.
+    fn skip_update(&mut self, why: &str, metrics: &mut Metrics) {
+        self.state.skipped_updates += 1;
+        tracing::info!("{why}: no update this step");
+        put(metrics, "actor/skipped", 1.0);
+        put(metrics, "timing_s/update", 0.0);
+        put(metrics, "timing_s/sync", 0.0);
+    }
+
     /// One GRPO step.
     async fn grpo_step(&mut self) -> Result<Metrics> {
         let mut metrics = Metrics::new();
@@ -581,29 +412,11 @@ impl Controller {
         );
         put(&mut metrics, "ssb/replayed", batch.replayed as f64);
         put(&mut metrics, "ssb/size", batch.metrics.buffer_size as f64);
-        let started = Instant::now();
         if batch.groups.is_empty() {
-            self.state.skipped_updates += 1;
-            tracing::info!("no informative group this step: no update");
-            put(&mut metrics, "actor/skipped", 1.0);
-            put(&mut metrics, "timing_s/update", 0.0);
-            put(&mut metrics, "timing_s/sync", 0.0);
+            self.skip_update("no informative group", &mut metrics);
         } else {
-            let update = self
-                .watchdog
-                .call(
-                    "optimizer",
-                    "TrainGrpo",
-                    self.actors.optimizer.send(TrainGrpo { batch }),
-                )
-                .await??;
-            put(
-                &mut metrics,
-                "timing_s/update",
-                started.elapsed().as_secs_f64(),
-            );
-            put(&mut metrics, "actor/skipped", 0.0);
-            self.sync(&update, &mut metrics).await?;
+            self.train_and_sync(TrainGrpo { batch }, &mut metrics)
+                .await?;
         }
         self.observe(&scored, &mut metrics).await?;
         Ok(metrics)
@@ -617,42 +430,34 @@ impl Controller {
                 .call(
                     "optimizer",
                     "RefreshReference",
-                    self.actors
-                        .optimizer
-                        .send(r1v2_actors::actor::optimizer::RefreshReference),
+                    self.actors.optimizer.send(RefreshReference),
                 )
                 .await??;
         }
         let rollouts = self.rollouts(&mut metrics).await?;
         let scored = self.score(rollouts, &mut metrics).await?;
         self.reward_groups(&scored, &mut metrics)?;
+        let responses = scored.per_sample(|verdict, rm, _| ScoredResponse {
+            // The RM's raw score when there is one (the scale of `mpo.min_margin`), else the rule and format
+            // rewards.
+            score: rm.unwrap_or_else(|| {
+                f64::from(verdict.score) + f64::from(u8::from(verdict.format_ok))
+            }),
+            verifier: if verdict.score >= 1.0 {
+                VerifierOutcome::Pass
+            } else {
+                VerifierOutcome::Fail
+            },
+            format_ok: verdict.format_ok,
+        });
         let groups: Vec<ScoredGroup> = scored
             .rollouts
             .groups
             .iter()
-            .enumerate()
-            .map(|(g, group)| ScoredGroup {
+            .zip(responses)
+            .map(|(group, responses)| ScoredGroup {
                 prompt_id: group.prompt_id,
-                responses: scored.verdicts[g]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, verdict)| ScoredResponse {
-                        // The RM's raw score when there is one (the scale of `mpo.min_margin`), else the
-                        // rule and format rewards.
-                        score: match &scored.rm {
-                            Some(rm) => f64::from(rm[g][i]),
-                            None => {
-                                f64::from(verdict.score) + f64::from(u8::from(verdict.format_ok))
-                            }
-                        },
-                        verifier: if verdict.score >= 1.0 {
-                            VerifierOutcome::Pass
-                        } else {
-                            VerifierOutcome::Fail
-                        },
-                        format_ok: verdict.format_ok,
-                    })
-                    .collect(),
+                responses,
             })
             .collect();
         let mined = mine_pairs(&groups, self.config.rl.mpo.min_margin)?;
@@ -676,27 +481,12 @@ impl Controller {
                 })
             })
             .collect::<Result<_>>()?;
-        let started = Instant::now();
         if pairs.is_empty() {
-            self.state.skipped_updates += 1;
-            tracing::info!(dropped = ?mined.dropped, "no preference pair this step: no update");
-            put(&mut metrics, "actor/skipped", 1.0);
+            tracing::debug!(dropped = ?mined.dropped, "pair mining");
+            self.skip_update("no preference pair", &mut metrics);
         } else {
-            let update = self
-                .watchdog
-                .call(
-                    "optimizer",
-                    "TrainMpo",
-                    self.actors.optimizer.send(TrainMpo { pairs }),
-                )
-                .await??;
-            put(
-                &mut metrics,
-                "timing_s/update",
-                started.elapsed().as_secs_f64(),
-            );
-            put(&mut metrics, "actor/skipped", 0.0);
-            self.sync(&update, &mut metrics).await?;
+            self.train_and_sync(TrainMpo { pairs }, &mut metrics)
+                .await?;
         }
         self.observe(&scored, &mut metrics).await?;
         Ok(metrics)
@@ -719,146 +509,8 @@ impl Controller {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let started = Instant::now();
-        let update = self
-            .watchdog
-            .call(
-                "optimizer",
-                "TrainSft",
-                self.actors.optimizer.send(TrainSft { examples }),
-            )
-            .await??;
-        put(
-            &mut metrics,
-            "timing_s/update",
-            started.elapsed().as_secs_f64(),
-        );
-        self.sync(&update, &mut metrics).await?;
-        Ok(metrics)
-    }
-
-    /// Feeds the hallucination monitor (and runs the probe set when due); applies a new calibration.
-    async fn observe(&mut self, scored: &Scored, metrics: &mut Metrics) -> Result<()> {
-        let step = self.state.step + 1;
-        if let Some(probes) = &self.probes {
-            let schedule = self
-                .config
-                .monitor
-                .as_ref()
-                .map(|m| m.config.probe)
-                .unwrap_or_default();
-            if schedule.is_due(step) {
-                let started = Instant::now();
-                let flags = self.run_probes(probes.clone()).await?;
-                put(metrics, "timing_s/probe", started.elapsed().as_secs_f64());
-                self.actors
-                    .monitor
-                    .send(ObserveProbe { step, flags })
-                    .await
-                    .map_err(|e| Error::Msg(format!("hallucination_monitor: {e}")))?;
-            }
-        }
-        let observation = StepObservation {
-            flags: scored
-                .verdicts
-                .iter()
-                .flatten()
-                .filter_map(|v| v.hallucination.clone())
-                .collect(),
-            groups: scored
-                .verdicts
-                .iter()
-                .enumerate()
-                .map(|(g, verdicts)| {
-                    verdicts
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| SampleObservation {
-                            rule_accuracy: f64::from(v.score),
-                            rm_score: scored.rm.as_ref().map_or(0.0, |rm| f64::from(rm[g][i])),
-                            response_len: scored.rollouts.groups[g].rollouts[i].token_ids.len(),
-                        })
-                        .collect()
-                })
-                .collect(),
-        };
-        let report = self
-            .watchdog
-            .call(
-                "hallucination_monitor",
-                "ObserveStep",
-                self.actors.monitor.send(ObserveStep { step, observation }),
-            )
-            .await??;
-        for (name, value) in report.metrics {
-            put(metrics, name, value);
-        }
-        if let Some(calibrate) = report.calibrate {
-            tracing::warn!(step, "reward calibration changed: {}", calibrate.reason);
-            self.state.calibration = calibrate.calibration;
-        }
-        Ok(())
-    }
-
-    /// Generates one response per probe prompt with the current policy and returns the grounding flags.
-    async fn run_probes(
-        &mut self,
-        probes: r1v2_actors::monitor::ProbeSet,
-    ) -> Result<Vec<r1v2_actors::verifiers::HallucinationFlags>> {
-        let mut requests = Vec::with_capacity(probes.items.len());
-        for (i, item) in probes.items.iter().enumerate() {
-            let prompt_id = PromptId(PROBE_ID_BASE + i as u64);
-            if !self.bank.contains(prompt_id) {
-                let encoded = self.encoder.encode(&item.question, &item.images)?;
-                self.bank.insert(EncodedPrompt {
-                    id: prompt_id,
-                    token_ids: encoded.token_ids,
-                    pixel_values: encoded.pixel_values,
-                    answer: item.answer.clone(),
-                    verifier: item.verifier.clone(),
-                    question: item.question.clone(),
-                    meta: Some(item.meta.clone()),
-                });
-            }
-            requests.push(GroupRequest {
-                prompt_id,
-                prompt_index: PROBE_ID_BASE + i as u64,
-            });
-        }
-        let request = self.actors.generator.send(GenerateGroups {
-            prompts: requests,
-            n: 1,
-            params: self.sampling(),
-        });
-        let rollouts = self
-            .watchdog
-            .call("policy_generator", "GenerateGroups (probes)", request)
-            .await??;
-        let mut items = Vec::new();
-        for group in &rollouts.groups {
-            let prompt = self.bank.get(group.prompt_id)?;
-            for rollout in &group.rollouts {
-                items.push(VerifyRequest {
-                    verifier: prompt.verifier.clone(),
-                    prompt: prompt.question.clone(),
-                    response: rollout.text.clone(),
-                    answer: prompt.answer.clone(),
-                    meta: prompt.meta.clone().unwrap_or(serde_json::Value::Null),
-                });
-            }
-        }
-        let verdicts = self
-            .watchdog
-            .call(
-                "rule_verifier",
-                "Verify (probes)",
-                self.actors.verifier.send(Verify { items }),
-            )
+        self.train_and_sync(TrainSft { examples }, &mut metrics)
             .await?;
-        Ok(verdicts
-            .verdicts
-            .into_iter()
-            .filter_map(|v| v.hallucination)
-            .collect())
+        Ok(metrics)
     }
 }
