@@ -3,6 +3,7 @@
 
     /path/to/venv/bin/python benches/bench_generate.py [--threads 2] [--prompt-len 16] [--new-tokens 64]
         [--batches 1,8,64] [--configs 20M,100M] [--quick] [--bin target/release/examples/bench_generate]
+        [--baseline-bin OTHER_BUILD]
 
 For each config (a ~20M- and a ~100M-parameter Qwen2, f32, random weights seeded with torch.manual_seed(0)),
 the model is saved with save_pretrained into a temporary directory; transformers `generate` is timed on it
@@ -95,6 +96,8 @@ def main():
     ap.add_argument("--configs", default="20M,100M")
     ap.add_argument("--quick", action="store_true", help="8-token prompts, 16 new tokens, 20M only")
     ap.add_argument("--bin", help="a prebuilt bench_generate binary to run instead of `cargo run --release`")
+    ap.add_argument("--baseline-bin", help="another bench_generate binary (e.g. an older commit's) timed in the "
+                    "same run: adds a 'baseline' column")
     args = ap.parse_args()
     if args.quick:
         args.prompt_len, args.new_tokens, args.configs = 8, 16, "20M"
@@ -114,17 +117,23 @@ def main():
                 prompts, n = shape(batch)
                 hf = time_transformers(model, prompts, n, args.prompt_len, args.new_tokens)
                 ours = time_r1v2(args.bin, tmp, prompts, n, args.prompt_len, args.new_tokens, args.threads)
-                rows.append((f"{name} ({params:.1f}M)", f"{batch} ({prompts}x{n})", hf, ours))
-                print(f"  {rows[-1][0]} batch {rows[-1][1]}: transformers {hf:,.0f} tok/s, r1v2 {ours:,.0f}",
-                      file=sys.stderr, flush=True)
+                base = None
+                if args.baseline_bin:
+                    base = time_r1v2(args.baseline_bin, tmp, prompts, n, args.prompt_len, args.new_tokens,
+                                     args.threads)
+                rows.append((f"{name} ({params:.1f}M)", f"{batch} ({prompts}x{n})", hf, ours, base))
+                print(f"  {rows[-1][0]} batch {rows[-1][1]}: transformers {hf:,.0f} tok/s, r1v2 {ours:,.0f}"
+                      + (f", baseline {base:,.0f}" if base else ""), file=sys.stderr, flush=True)
 
     print(f"Qwen2 f32, CPU, {args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens "
           f"per row, sampling (temperature 1), no EOS; transformers {transformers.__version__}, "
           f"torch {torch.__version__}")
-    print("| config | batch (prompts x n) | transformers tok/s | r1v2 tok/s | r1v2 / transformers |")
-    print("|---|---|---|---|---|")
-    for name, batch, hf, ours in rows:
-        print(f"| {name} | {batch} | {hf:,.0f} | {ours:,.0f} | {ours / hf:.2f}x |")
+    base_head = " baseline r1v2 tok/s | baseline / transformers |" if args.baseline_bin else ""
+    print("| config | batch (prompts x n) | transformers tok/s | r1v2 tok/s | r1v2 / transformers |" + base_head)
+    print("|---|---|---|---|---|" + ("---|---|" if args.baseline_bin else ""))
+    for name, batch, hf, ours, base in rows:
+        extra = f" {base:,.0f} | {base / hf:.2f}x |" if base else ""
+        print(f"| {name} | {batch} | {hf:,.0f} | {ours:,.0f} | {ours / hf:.2f}x |" + extra)
 
 
 if __name__ == "__main__":

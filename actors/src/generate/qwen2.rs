@@ -50,12 +50,14 @@ impl StepModel for Qwen2Generator<'_> {
         }
         let ids = Tensor::new(prompt.token_ids.as_slice(), &self.device)?.unsqueeze(0)?; // (1, T)
         let mut cache = self.model.new_cache();
-        let last = self
-            .model
-            .forward_step_last_ids(&ids, None, &mut cache)? // (1, V)
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?; // (V)
+        let model = self.model;
+        let last = self.device.with_context(|| -> Result<Vec<f32>> {
+            Ok(model
+                .forward_step_last_ids(&ids, None, &mut cache)? // (1, V)
+                .squeeze(0)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?) // (V)
+        })?;
         cache.select_rows(&vec![0; rows])?; // the prompt's keys/values, once per row of the group
         Ok((last, cache))
     }
@@ -69,11 +71,14 @@ impl StepModel for Qwen2Generator<'_> {
             )));
         }
         let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), &self.device)?; // (B, 1)
-        Ok(self
-            .model
-            .forward_step_last_ids(&ids, None, cache)? // (B, V)
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?)
+        let model = self.model;
+        // On the CPU: the step's parallel sections run in candle's own thread pool, kept warm between them.
+        self.device.with_context(|| {
+            Ok(model
+                .forward_step_last_ids(&ids, None, cache)? // (B, V)
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?)
+        })
     }
 
     fn select_rows(&self, cache: &mut Self::Cache, keep: &[usize]) -> Result<()> {
