@@ -3,7 +3,7 @@
 
     /path/to/venv/bin/python benches/bench_generate.py [--threads 2] [--prompt-len 16] [--new-tokens 64]
         [--batches 1,8,64] [--configs 20M,100M] [--quick] [--bin target/release/examples/bench_generate]
-        [--baseline-bin OTHER_BUILD]
+        [--baseline-bin OTHER_BUILD] [--repeats 1]
 
 For each config (a ~20M- and a ~100M-parameter Qwen2, f32, random weights seeded with torch.manual_seed(0)),
 the model is saved with save_pretrained into a temporary directory; transformers `generate` is timed on it
@@ -12,7 +12,8 @@ the model is saved with save_pretrained into a temporary directory; transformers
 runs r1v2 on the same directory with RAYON_NUM_THREADS=T and the same sampling. A batch of B rows is
 B // 8 prompts x 8 responses when B >= 8 (GRPO's shape: `num_return_sequences=8` in transformers, groups of
 n = 8 in r1v2), else B prompts x 1. Both timings cover the whole request, prefill included, after one
-warm-up run. `--quick` uses 8-token prompts, 16 new tokens and only the 20M config.
+warm-up run (`--repeats R`: each case R times, interleaved, best kept; use it on a shared machine).
+`--quick` uses 8-token prompts, 16 new tokens and only the 20M config.
 Needs torch + transformers (tests/fixtures/requirements.txt).
 """
 import argparse
@@ -95,6 +96,9 @@ def main():
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--configs", default="20M,100M")
     ap.add_argument("--quick", action="store_true", help="8-token prompts, 16 new tokens, 20M only")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every case this many times, interleaved, keeping each side's best (a shared, "
+                         "noisy machine)")
     ap.add_argument("--bin", help="a prebuilt bench_generate binary to run instead of `cargo run --release`")
     ap.add_argument("--baseline-bin", help="another bench_generate binary (e.g. an older commit's) timed in the "
                     "same run: adds a 'baseline' column")
@@ -115,19 +119,21 @@ def main():
             model.save_pretrained(tmp, safe_serialization=True)
             for batch in batches:
                 prompts, n = shape(batch)
-                hf = time_transformers(model, prompts, n, args.prompt_len, args.new_tokens)
-                ours = time_r1v2(args.bin, tmp, prompts, n, args.prompt_len, args.new_tokens, args.threads)
-                base = None
-                if args.baseline_bin:
-                    base = time_r1v2(args.baseline_bin, tmp, prompts, n, args.prompt_len, args.new_tokens,
-                                     args.threads)
+                hf, ours, base = 0.0, 0.0, None
+                for _ in range(args.repeats):  # interleaved; the best of each side is kept
+                    hf = max(hf, time_transformers(model, prompts, n, args.prompt_len, args.new_tokens))
+                    ours = max(ours, time_r1v2(args.bin, tmp, prompts, n, args.prompt_len, args.new_tokens,
+                                               args.threads))
+                    if args.baseline_bin:
+                        base = max(base or 0.0, time_r1v2(args.baseline_bin, tmp, prompts, n, args.prompt_len,
+                                                          args.new_tokens, args.threads))
                 rows.append((f"{name} ({params:.1f}M)", f"{batch} ({prompts}x{n})", hf, ours, base))
                 print(f"  {rows[-1][0]} batch {rows[-1][1]}: transformers {hf:,.0f} tok/s, r1v2 {ours:,.0f}"
                       + (f", baseline {base:,.0f}" if base else ""), file=sys.stderr, flush=True)
 
     print(f"Qwen2 f32, CPU, {args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens "
-          f"per row, sampling (temperature 1), no EOS; transformers {transformers.__version__}, "
-          f"torch {torch.__version__}")
+          f"per row, sampling (temperature 1), no EOS; best of {args.repeats}; "
+          f"transformers {transformers.__version__}, torch {torch.__version__}")
     base_head = " baseline r1v2 tok/s | baseline / transformers |" if args.baseline_bin else ""
     print("| config | batch (prompts x n) | transformers tok/s | r1v2 tok/s | r1v2 / transformers |" + base_head)
     print("|---|---|---|---|---|" + ("---|---|" if args.baseline_bin else ""))
