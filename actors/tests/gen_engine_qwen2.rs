@@ -6,7 +6,8 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use r1v2_actors::generate::qwen2::Qwen2Generator;
 use r1v2_actors::generate::{
-    generate_groups, generate_one_uncached, Group, PromptInput, Rollout, SamplingParams,
+    generate_groups, generate_groups_batched, generate_one_uncached, BatchOptions, Group,
+    PromptInput, Rollout, SamplingParams,
 };
 use r1v2_actors::model::qwen2::{Config, ForCausalLM};
 use r1v2_actors::model::weights::WeightStore;
@@ -37,14 +38,24 @@ fn prompts() -> Vec<PromptInput> {
 
 /// Every rollout equals the uncached reference: same tokens and finish reason, log-probs within 1e-4.
 fn check_against_uncached(model: &ForCausalLM, groups: &[Group<Rollout>], params: &SamplingParams) {
+    check_prompts_against_uncached(model, &prompts(), groups, params)
+}
+
+fn check_prompts_against_uncached(
+    model: &ForCausalLM,
+    prompts: &[PromptInput],
+    groups: &[Group<Rollout>],
+    params: &SamplingParams,
+) {
     let cfg = model.config();
-    for (group, prompt) in groups.iter().zip(prompts()) {
+    assert_eq!(groups.len(), prompts.len());
+    for (group, prompt) in groups.iter().zip(prompts) {
         for rollout in &group.rollouts {
             let reference = generate_one_uncached(
                 |seq| full_logits(model, seq),
                 cfg.vocab_size,
                 cfg.max_position_embeddings,
-                &prompt,
+                prompt,
                 rollout.sample_index,
                 params,
                 None,
@@ -112,6 +123,53 @@ fn sampled_groups_equal_uncached_rows_whatever_the_batch() -> anyhow::Result<()>
         assert_eq!(ours.finish_reason, batched.finish_reason);
         for (a, b) in ours.logprobs.iter().zip(&batched.logprobs) {
             assert!((a.policy - b.policy).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn continuous_batching_equals_uncached_rows_whatever_max_batch_rows() -> anyhow::Result<()> {
+    let model = load_model()?;
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        max_new_tokens: 10,
+        // Rows finish at different steps, so groups join a batch whose rows sit at other positions.
+        stop_token_ids: (0..26).collect(),
+        seed: 5,
+        ..SamplingParams::default()
+    };
+    let prompts = vec![
+        PromptInput::text(vec![17, 42, 99, 3, 250, 8], 0),
+        PromptInput::text(vec![5, 77], 1),
+        PromptInput::text(vec![31, 2, 200, 64], 2),
+        PromptInput::text(vec![9], 3),
+    ];
+    let generator = Qwen2Generator::new(&model, &Device::Cpu);
+    let mut runs = Vec::new();
+    for max_batch_rows in [3, 4, 7, 64] {
+        let groups = generate_groups_batched(
+            &generator,
+            &prompts,
+            3,
+            &params,
+            None,
+            &BatchOptions { max_batch_rows },
+            &mut |_, _, _| {},
+        )?;
+        check_prompts_against_uncached(&model, &prompts, &groups, &params);
+        runs.push(groups);
+    }
+    // Whatever the batch, the same tokens; log-probs differ in the last bits at most.
+    for other in &runs[1..] {
+        for (a, b) in runs[0].iter().zip(other) {
+            for (ra, rb) in a.rollouts.iter().zip(&b.rollouts) {
+                assert_eq!(ra.token_ids, rb.token_ids);
+                for (x, y) in ra.logprobs.iter().zip(&rb.logprobs) {
+                    assert!((x.policy - y.policy).abs() < 1e-5, "{x:?} vs {y:?}");
+                }
+            }
         }
     }
     Ok(())

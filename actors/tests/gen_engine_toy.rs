@@ -5,7 +5,8 @@
 use std::cell::RefCell;
 
 use r1v2_actors::generate::{
-    generate_groups, generate_one_uncached, FinishReason, PromptInput, SamplingParams, StepModel,
+    generate_groups, generate_groups_batched, generate_one_uncached, BatchOptions, FinishReason,
+    Group, PromptInput, Rollout, SamplingParams, StepModel,
 };
 use r1v2_actors::Result;
 use rand::{Rng, SeedableRng};
@@ -18,6 +19,8 @@ const VOCAB: usize = 24;
 struct ToyLm {
     prefills: RefCell<usize>,
     step_batches: RefCell<Vec<usize>>,
+    /// Per `append_rows`: (running rows, joining rows).
+    appends: RefCell<Vec<(usize, usize)>>,
 }
 
 /// Logits after `sequence`: seeded by an FNV hash of it, peaked enough that stop tokens show up.
@@ -63,6 +66,43 @@ impl StepModel for ToyLm {
         assert!(keep.windows(2).all(|w| w[0] < w[1]), "increasing rows");
         *cache = keep.iter().map(|&r| cache[r].clone()).collect();
         Ok(())
+    }
+
+    fn can_append_rows(&self) -> bool {
+        true
+    }
+
+    fn append_rows(&self, cache: &mut Self::Cache, joining: Self::Cache) -> Result<()> {
+        self.appends.borrow_mut().push((cache.len(), joining.len()));
+        cache.extend(joining);
+        Ok(())
+    }
+}
+
+/// The toy without `append_rows`: the engine must run its groups one after another.
+struct NoAppend(ToyLm);
+
+impl StepModel for NoAppend {
+    type Cache = Vec<Vec<u32>>;
+
+    fn vocab_size(&self) -> usize {
+        VOCAB
+    }
+
+    fn max_sequence_len(&self) -> usize {
+        40
+    }
+
+    fn prefill(&self, prompt: &PromptInput, rows: usize) -> Result<(Vec<f32>, Self::Cache)> {
+        self.0.prefill(prompt, rows)
+    }
+
+    fn decode_step(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<Vec<f32>>> {
+        self.0.decode_step(tokens, cache)
+    }
+
+    fn select_rows(&self, cache: &mut Self::Cache, keep: &[usize]) -> Result<()> {
+        self.0.select_rows(cache, keep)
     }
 }
 
@@ -253,4 +293,122 @@ fn bad_requests_are_clear_errors() {
     };
     assert!(err(&good, 1, &needs_decode).contains("decode function"));
     assert_eq!(*model.prefills.borrow(), 0, "nothing runs on a bad request");
+}
+
+/// Five prompts of different lengths, so joining groups sit at other positions than the running rows.
+fn five_prompts() -> Vec<PromptInput> {
+    vec![
+        prompt(0, &[3, 4, 5]),
+        prompt(1, &[7, 7]),
+        prompt(2, &[12, 2, 9, 9, 4, 20]),
+        prompt(3, &[6]),
+        prompt(4, &[15, 3, 3, 8]),
+    ]
+}
+
+fn batched(model: &impl StepModel, max_batch_rows: usize) -> Vec<Group<Rollout>> {
+    generate_groups_batched(
+        model,
+        &five_prompts(),
+        3,
+        &params(),
+        Some(&letters),
+        &BatchOptions { max_batch_rows },
+        &mut |_, _, _| {},
+    )
+    .unwrap()
+}
+
+#[test]
+fn continuous_batching_keeps_every_token_whatever_max_batch_rows() {
+    let reference: Vec<Vec<Rollout>> = five_prompts()
+        .iter()
+        .map(|prompt| {
+            (0..3)
+                .map(|sample| {
+                    generate_one_uncached(
+                        |seq| Ok(toy_logits(seq)),
+                        VOCAB,
+                        40,
+                        prompt,
+                        sample,
+                        &params(),
+                        Some(&letters),
+                    )
+                    .unwrap()
+                })
+                .collect()
+        })
+        .collect();
+    for max_batch_rows in [1, 3, 4, 7, 9, 100] {
+        let model = ToyLm::default();
+        let groups = batched(&model, max_batch_rows);
+        for (group, expected) in groups.iter().zip(&reference) {
+            assert_eq!(&group.rollouts, expected, "max_batch_rows {max_batch_rows}");
+        }
+        assert_eq!(*model.prefills.borrow(), 5, "one prefill per prompt");
+        let batches = model.step_batches.borrow();
+        // A group of 3 never splits: below 3 the groups run alone, else the batch never exceeds the bound.
+        assert!(
+            batches.iter().all(|&b| b <= max_batch_rows.max(3)),
+            "{batches:?}"
+        );
+        let appends = model.appends.borrow();
+        if max_batch_rows >= 6 {
+            assert!(
+                batches.iter().any(|&b| b > 3),
+                "two groups decode together at max_batch_rows {max_batch_rows}: {batches:?}"
+            );
+            // Groups joined a batch that was already running, not only an empty one.
+            assert!(appends.iter().any(|&(running, _)| running > 0));
+        }
+    }
+}
+
+#[test]
+fn the_batch_refills_while_rows_still_run() {
+    let model = ToyLm::default();
+    let groups = batched(&model, 7);
+    // Decode steps: fewer than running the five groups one after another, whose steps are each group's
+    // longest response minus its first token (drawn from the prefill).
+    let sequential: usize = groups
+        .iter()
+        .map(|g| {
+            g.rollouts
+                .iter()
+                .map(|r| r.token_ids.len() - 1)
+                .max()
+                .unwrap_or(0)
+        })
+        .sum();
+    let steps = model.step_batches.borrow().len();
+    assert!(
+        steps < sequential,
+        "{steps} steps vs {sequential} one group at a time"
+    );
+    // Every decode step served exactly the rows that still needed a token.
+    let needed: usize = groups
+        .iter()
+        .flat_map(|g| g.rollouts.iter().map(|r| r.token_ids.len() - 1))
+        .sum();
+    assert_eq!(model.step_batches.borrow().iter().sum::<usize>(), needed);
+}
+
+#[test]
+fn a_model_without_append_rows_runs_groups_one_after_another() {
+    let plain = NoAppend(ToyLm::default());
+    let groups = batched(&plain, 100);
+    assert_eq!(groups, batched(&ToyLm::default(), 100));
+    assert!(plain.0.step_batches.borrow().iter().all(|&b| b <= 3));
+    let err = generate_groups_batched(
+        &plain,
+        &five_prompts(),
+        3,
+        &params(),
+        None,
+        &BatchOptions { max_batch_rows: 0 },
+        &mut |_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("max_batch_rows"), "{err}");
 }

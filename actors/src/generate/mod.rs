@@ -21,6 +21,7 @@ pub mod stop;
 pub use engine::{
     generate_groups, generate_groups_streaming, generate_one_uncached, StepModel, TokenSink,
 };
+pub use engine::{generate_groups_batched, BatchOptions};
 pub use processors::{sample_next, SampledToken, Scratch, SeenTokens, TokenLogprobs};
 pub use rollout::{FinishReason, Group, PromptInput, Rollout};
 pub use sampling::{validate_group_size, RowRng, SamplingParams};

@@ -1,10 +1,11 @@
 //! [`StepModel`] for the Qwen2 LLM (`model::qwen2::ForCausalLM`) over its KV cache (`model::kv_cache`).
 //!
-//! Prefix sharing: `prefill` runs a group's prompt once (batch 1) and repeats the cached row for the
-//! group's `rows` (`KvCache::select_rows`). Finished rows leave the cache the same way, so each decode
-//! step runs only the rows still generating.
+//! Prefix sharing: `prefill` runs a group's prompt once (batch 1, the LM head on its last position only)
+//! and repeats the cached row for the group's `rows` (`KvCache::select_rows`). Finished rows leave the cache
+//! the same way, so each decode step runs only the rows still generating, and prefilled groups join the
+//! running batch with `KvCache::append_rows` (continuous batching).
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::engine::StepModel;
 use super::rollout::PromptInput;
@@ -47,14 +48,16 @@ impl StepModel for Qwen2Generator<'_> {
                 prompt.prompt_index
             )));
         }
-        let len = prompt.token_ids.len();
         let ids = Tensor::new(prompt.token_ids.as_slice(), &self.device)?.unsqueeze(0)?; // (1, T)
         let mut cache = self.model.new_cache();
-        let logits = self.model.forward_step_ids(&ids, None, &mut cache)?; // (1, T, V)
-        let last = logits
-            .i((0, len - 1))?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?; // (V)
+        let model = self.model;
+        let last = self.device.with_context(|| -> Result<Vec<f32>> {
+            Ok(model
+                .forward_step_last_ids(&ids, None, &mut cache)? // (1, V)
+                .squeeze(0)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?) // (V)
+        })?;
         cache.select_rows(&vec![0; rows])?; // the prompt's keys/values, once per row of the group
         Ok((last, cache))
     }
@@ -68,15 +71,25 @@ impl StepModel for Qwen2Generator<'_> {
             )));
         }
         let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), &self.device)?; // (B, 1)
-        Ok(self
-            .model
-            .forward_step_ids(&ids, None, cache)? // (B, 1, V)
-            .squeeze(1)? // (B, V)
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?)
+        let model = self.model;
+        // On the CPU: the step's parallel sections run in candle's own thread pool, kept warm between them.
+        self.device.with_context(|| {
+            Ok(model
+                .forward_step_last_ids(&ids, None, cache)? // (B, V)
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?)
+        })
     }
 
     fn select_rows(&self, cache: &mut Self::Cache, keep: &[usize]) -> Result<()> {
         cache.select_rows(keep)
+    }
+
+    fn can_append_rows(&self) -> bool {
+        true
+    }
+
+    fn append_rows(&self, cache: &mut Self::Cache, joining: Self::Cache) -> Result<()> {
+        cache.append_rows(joining)
     }
 }

@@ -372,6 +372,34 @@ impl ForCausalLM {
         Ok(self.lm_head.forward(&hidden)?)
     }
 
+    /// Incremental forward (see [`Model::forward_step`]) that returns only the logits after each row's last
+    /// slot, (B, V): generation never reads the logits of earlier prompt positions, so the LM head runs on
+    /// one position per row.
+    pub fn forward_step_last(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let t = embeds.dim(1)?;
+        if t == 0 {
+            return Err(Error::msg("forward_step_last: a step of 0 tokens"));
+        }
+        let hidden = self.model.forward_step(embeds, attention_mask, cache)?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?; // (B, D)
+        Ok(self.lm_head.forward(&last)?)
+    }
+
+    /// [`Self::forward_step_last`] on token ids (B, T) -> logits (B, V).
+    pub fn forward_step_last_ids(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.forward_step_last(&self.model.embed_tokens(input_ids)?, attention_mask, cache)
+    }
+
     /// Incremental forward on token ids (B, T) -> logits (B, T, V).
     pub fn forward_step_ids(
         &self,
