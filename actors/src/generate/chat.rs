@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::engine::StepModel;
 use super::qwen2::Qwen2Generator;
@@ -131,11 +131,13 @@ impl StepModel for ChatGenerator<'_> {
             return self.llm.prefill(prompt, rows);
         }
         let embeds = self.prompt_embeddings(prompt)?; // (1, T, D)
-        let len = prompt.token_ids.len();
         let mut cache = self.model.llm.new_cache();
-        let logits = self.model.llm.forward_step(&embeds, None, &mut cache)?; // (1, T, V)
-        let last = logits
-            .i((0, len - 1))?
+        // The LM head runs on the last position only: generation never reads the other prompt logits.
+        let last = self
+            .model
+            .llm
+            .forward_step_last(&embeds, None, &mut cache)? // (1, V)
+            .squeeze(0)?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?; // (V)
         cache.select_rows(&vec![0; rows])?; // the prompt's keys/values, once per row of the group
@@ -148,5 +150,14 @@ impl StepModel for ChatGenerator<'_> {
 
     fn select_rows(&self, cache: &mut Self::Cache, keep: &[usize]) -> Result<()> {
         self.llm.select_rows(cache, keep)
+    }
+
+    /// Continuous batching: a group prefilled with its images joins the running rows like a text one.
+    fn can_append_rows(&self) -> bool {
+        self.llm.can_append_rows()
+    }
+
+    fn append_rows(&self, cache: &mut Self::Cache, joining: Self::Cache) -> Result<()> {
+        self.llm.append_rows(cache, joining)
     }
 }
