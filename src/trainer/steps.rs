@@ -77,13 +77,7 @@ impl Controller {
             // Each RL stage's reference (MPO's DPO/BCO terms, GRPO's KL) is the policy it starts from: after
             // the SFT warm start, after the MPO rounds. (On resume mid-stage the checkpoint holds it.)
             if offset == 0 && self.state.step > 0 && !matches!(stage, Stage::Sft { .. }) {
-                self.watchdog
-                    .call(
-                        "optimizer",
-                        "RefreshReference",
-                        self.actors.optimizer.send(RefreshReference),
-                    )
-                    .await??;
+                self.refresh_reference().await?;
                 tracing::info!(
                     stage = stage.name(),
                     "reference policy reset to the current policy"
@@ -360,6 +354,18 @@ impl Controller {
         self.sync(&update, metrics).await
     }
 
+    /// Makes the current policy the optimizer's frozen reference.
+    async fn refresh_reference(&self) -> Result<()> {
+        self.watchdog
+            .call(
+                "optimizer",
+                "RefreshReference",
+                self.actors.optimizer.send(RefreshReference),
+            )
+            .await??;
+        Ok(())
+    }
+
     /// Records a step without an update.
     fn skip_update(&mut self, why: &str, metrics: &mut Metrics) {
         self.state.skipped_updates += 1;
@@ -426,13 +432,7 @@ impl Controller {
     async fn mpo_step(&mut self, new_round: bool) -> Result<Metrics> {
         let mut metrics = Metrics::new();
         if new_round && self.config.rl.mpo.refresh_reference_each_round {
-            self.watchdog
-                .call(
-                    "optimizer",
-                    "RefreshReference",
-                    self.actors.optimizer.send(RefreshReference),
-                )
-                .await??;
+            self.refresh_reference().await?;
         }
         let rollouts = self.rollouts(&mut metrics).await?;
         let scored = self.score(rollouts, &mut metrics).await?;
