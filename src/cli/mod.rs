@@ -30,7 +30,7 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Train: SFT warm start, MPO rounds and GRPO steps over the actors, as the config's [[stages]] say.
     Train(train::TrainArgs),
-    /// The main job on the embedded default task with a random tiny model, on the CPU (about a minute).
+    /// The main job on the embedded default task with a random tiny model, on the CPU (~20 s).
     Demo(train::DemoArgs),
     /// Draw RUN_DIR/metrics.jsonl to PNG/SVG charts in RUN_DIR/report/ and print a summary table.
     Report(report::ReportArgs),
