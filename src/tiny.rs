@@ -106,13 +106,13 @@ fn randomise(varmap: &VarMap, seed: u64) -> Result<Vec<(String, Tensor)>> {
         let var = &data[name];
         let shape = var.shape().clone();
         let count = shape.elem_count();
-        let is_norm = name.contains("norm") || name.ends_with("ls1") || name.ends_with("ls2");
+        // Norm weights and InternViT's layer scales start at one.
+        let is_one = (name.contains("norm") && name.ends_with("weight"))
+            || name.ends_with("ls1")
+            || name.ends_with("ls2");
         let values: Vec<f32> = if name.ends_with(".bias") {
             vec![0.0; count]
-        } else if is_norm && name.ends_with("weight")
-            || name.ends_with("ls1")
-            || name.ends_with("ls2")
-        {
+        } else if is_one {
             vec![1.0; count]
         } else {
             (0..count).map(|_| normal.sample(&mut rng)).collect()

@@ -32,7 +32,7 @@ use super::RunOptions;
 use crate::checkpoint::{RunDir, TrainerState};
 use crate::cli::forward::parse_device;
 use crate::config::TrainConfig;
-use crate::data::{DataLoader, Dataset, Sample};
+use crate::data::{DataLoader, Dataset};
 use crate::prompting::PromptEncoder;
 use crate::telemetry::{self, MetricsWriter, Progress};
 use crate::{demo, tiny, Error, Result};
@@ -65,9 +65,7 @@ pub struct Controller {
     pub encoder: PromptEncoder,
     /// Encoded prompts, shared with generator and optimizer.
     pub bank: PromptBank,
-    /// The dataset's samples by [`r1v2_actors::rl::PromptId`] (their index in the file).
-    pub samples: Vec<Sample>,
-    /// Sample id -> index.
+    /// Sample id -> its index in the file (its [`r1v2_actors::rl::PromptId`]).
     pub index_of: HashMap<String, usize>,
     /// The shuffling loader.
     pub loader: DataLoader,
@@ -240,7 +238,8 @@ impl Controller {
             }
             None => (initial_dir.clone(), None),
         };
-        let samples = dataset.samples.clone();
+        let samples = dataset.samples;
+        let sample_count = samples.len();
         let index_of = samples
             .iter()
             .enumerate()
@@ -249,13 +248,13 @@ impl Controller {
         let prompts_per_step = config.data.prompts_per_step;
         let (loader, state) = match &trainer_state {
             Some(saved) => (
-                DataLoader::with_cursor(samples.clone(), prompts_per_step, saved.data_cursor)?,
+                DataLoader::with_cursor(samples, prompts_per_step, saved.data_cursor)?,
                 saved.section::<LoopState>("loop")?.ok_or_else(|| {
                     Error::Msg("checkpoint: trainer state has no `loop` section".into())
                 })?,
             ),
             None => (
-                DataLoader::new(samples.clone(), prompts_per_step, config.run.seed)?,
+                DataLoader::new(samples, prompts_per_step, config.run.seed)?,
                 LoopState::new(config.rl.reward.calibration),
             ),
         };
@@ -360,7 +359,7 @@ impl Controller {
             run_dir = %run.root().display(),
             steps = config.total_steps(),
             start_step,
-            samples = samples.len(),
+            samples = sample_count,
             "training: {}",
             config
                 .stages
@@ -382,7 +381,6 @@ impl Controller {
             run,
             encoder,
             bank,
-            samples,
             index_of,
             loader,
             probes,

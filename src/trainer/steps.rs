@@ -162,7 +162,7 @@ impl Controller {
         let (cursor, state) = before;
         self.state = state;
         match crate::data::DataLoader::with_cursor(
-            self.samples.clone(),
+            self.loader.samples().to_vec(),
             self.config.data.prompts_per_step,
             cursor,
         ) {
