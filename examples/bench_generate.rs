@@ -62,7 +62,10 @@ fn main() -> Result<()> {
     let device = Device::Cpu;
     let cfg: Config = read_config(&args.model.join("config.json"))?;
     let store = WeightStore::load(&args.model, DType::F32, &device)?;
-    let model = ForCausalLM::new(&cfg, store.frozen_var_builder())?;
+    let mut model = ForCausalLM::new(&cfg, store.frozen_var_builder())?;
+    if std::env::var_os("R1V2_UNPACKED").is_none() {
+        model.pack_weights()?; // what `r1v2 generate` and the policy generator run
+    }
     let generator = Qwen2Generator::new(&model, &device);
 
     // Deterministic prompt ids in [0, vocab): a multiplicative hash of (prompt, position).

@@ -14,6 +14,9 @@
 //! | [`swiglu`] | `swiglu.rs` | gate (..., F), up (..., F) -> (..., F) | composed (silu has a backward) |
 //! | [`token_logprobs`] | `logprobs.rs` | logits (..., V), targets (...) u32/i64 -> (...) f32 | CustomOp2 |
 //!
+//! Inference only, without a backward: [`packed`] (`x @ W^T + b` with the weight packed once into column
+//! panels, AVX-512 / AVX2 register-blocked, batch-invariant) for the CPU decode loop of models that are not trained.
+//!
 //! Other modules: `cpu.rs` (element types, strided reads, dtype dispatch shared by the kernels),
 //! [`reference`] (the composed versions), `cuda.rs` (the place for CUDA kernels, `cuda` feature).
 //! CPU kernels take f32, f64, bf16 and f16 (the last two computed in f32) and any layout
@@ -24,6 +27,7 @@ mod cpu;
 mod cuda;
 mod logprobs;
 mod norm;
+pub mod packed;
 pub mod reference;
 mod rope;
 mod softmax;
@@ -31,6 +35,7 @@ mod swiglu;
 
 pub use logprobs::{token_logprobs, token_logprobs_as};
 pub use norm::{layer_norm, rms_norm};
+pub use packed::{packed_linear, PackedMatrix};
 pub use rope::rope;
 pub use softmax::softmax_last_dim;
 pub use swiglu::swiglu;

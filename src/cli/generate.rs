@@ -268,14 +268,16 @@ fn run_model(
 ) -> Result<()> {
     match kind {
         ModelKind::Chat => {
-            let loaded = ChatModel::load(dir, DType::F32, device, Trainable::frozen())?;
+            let mut loaded = ChatModel::load(dir, DType::F32, device, Trainable::frozen())?;
+            loaded.model.llm.pack_weights()?; // inference only: the packed CPU kernel
             let generator = ChatGenerator::new(&loaded.model, device);
             generate_and_print(&generator, encoder, encoded, args, params)
         }
         ModelKind::Qwen2CausalLm => {
             let config = qwen2::Config::from_file(&dir.join("config.json"))?;
             let weights = WeightStore::load(dir, DType::F32, device)?;
-            let model = qwen2::ForCausalLM::new(&config, weights.frozen_var_builder())?;
+            let mut model = qwen2::ForCausalLM::new(&config, weights.frozen_var_builder())?;
+            model.pack_weights()?; // inference only: the packed CPU kernel
             let generator = Qwen2Generator::new(&model, device);
             generate_and_print(&generator, encoder, encoded, args, params)
         }

@@ -9,6 +9,8 @@
 //!
 //! The forward passes run on the actor's own thread (`SyncArbiter` of one). The snapshot lives in an `Arc`
 //! shared with the arbiter's factory, so a worker restarted after a panic keeps the synced weights.
+//! On the CPU the LLM's weights are packed for the decode loop (`ForCausalLM::pack_weights`) before the first
+//! generation after each sync; the snapshot is never trained, so the packed path (no backward) is safe here.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +18,7 @@ use std::sync::Arc;
 
 use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
 use candle_core::{Device, Var};
+use parking_lot::RwLock;
 
 use super::{catch_panic, Liveness};
 use crate::generate::chat::ChatGenerator;
@@ -32,7 +35,8 @@ pub type Decoder = Arc<dyn Fn(&[u32]) -> Result<String> + Send + Sync>;
 
 /// What the generator's workers share.
 struct Snapshot {
-    model: ChatModel,
+    /// Written only to (re)pack the LLM's weights.
+    model: RwLock<ChatModel>,
     /// The trainable tensors, by checkpoint name: what [`SyncWeights`] overwrites.
     vars: HashMap<String, Var>,
     device: Device,
@@ -59,7 +63,7 @@ impl PolicyGenerator {
         version: u64,
     ) -> Addr<Self> {
         let snapshot = Arc::new(Snapshot {
-            model,
+            model: RwLock::new(model),
             vars: vars.into_iter().collect(),
             device,
             prompts,
@@ -88,7 +92,11 @@ impl Snapshot {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let generator = ChatGenerator::new(&self.model, &self.device);
+        if !self.model.read().llm.is_packed() {
+            self.model.write().llm.pack_weights()?;
+        }
+        let model = self.model.read();
+        let generator = ChatGenerator::new(&model, &self.device);
         let decode = |ids: &[u32]| (self.decode)(ids);
         let groups =
             generate::generate_groups(&generator, &inputs, msg.n, &msg.params, Some(&decode))?;
@@ -138,6 +146,8 @@ impl Snapshot {
                 self.vars.len()
             )));
         }
+        // The packed copies would keep the old weights: the next generation packs again.
+        self.model.write().llm.unpack_weights();
         for (name, tensor) in weights.tensors.iter() {
             let var = self.vars.get(name).ok_or_else(|| {
                 Error::msg(format!(
@@ -147,6 +157,7 @@ impl Snapshot {
             let tensor = tensor.to_device(&self.device)?.to_dtype(var.dtype())?;
             var.set(&tensor)?;
         }
+
         self.version.store(weights.version, Ordering::SeqCst);
         Ok(weights.version)
     }

@@ -10,6 +10,7 @@
 //! [`BatchOptions::max_batch_rows`]). Each row samples with its own [`RowRng`] keyed by
 //! `(seed, prompt_index, sample_index)`, so its tokens do not depend on its batch-mates.
 
+use candle_core::Device;
 use rayon::prelude::*;
 
 use super::processors::{sample_next, SampledToken, Scratch, SeenTokens, TokenLogprobs};
@@ -219,10 +220,14 @@ impl Request<'_> {
             sample_next(params, logits(i), &row.seen, &mut row.rng, scratch)
         };
         let tokens: Vec<SampledToken> = if rows.len() > 1 {
-            rows.par_iter_mut()
-                .enumerate()
-                .map_init(Scratch::default, draw)
-                .collect::<Result<_>>()?
+            // In candle's CPU pool, where the model's forward just ran: its workers are awake, while the global
+            // pool's would have to be woken (a futex wake per worker and step).
+            Device::Cpu.with_context(|| {
+                rows.par_iter_mut()
+                    .enumerate()
+                    .map_init(Scratch::default, draw)
+                    .collect::<Result<_>>()
+            })?
         } else {
             let mut scratch = Scratch::default();
             rows.iter_mut()

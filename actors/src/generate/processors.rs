@@ -211,6 +211,8 @@ pub fn process_logits(
 #[derive(Debug, Default)]
 pub struct Scratch {
     scores: Vec<f32>,
+    /// `exp(score - max)` of every token: computed once per draw.
+    weights: Vec<f64>,
     values: Vec<f32>,
     ids: Vec<u32>,
 }
@@ -238,6 +240,9 @@ pub fn sample_next(
     scores.extend_from_slice(logits);
     process_logits(params, seen, &mut scores, scratch);
 
+    // When no processor changed a score, the draw's normaliser is also the policy's (`log_sum_exp(logits, 1)`,
+    // the same sum in the same order), and the pass over the vocabulary is not repeated.
+    let mut policy_lse = None;
     let (token, processed) = if params.is_greedy() {
         // The first maximal index, as torch.argmax; logits are non-empty (checked by the caller's shapes).
         let mut best = 0;
@@ -249,13 +254,15 @@ pub fn sample_next(
         (best, 0.0)
     } else {
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let weights = scores.iter().map(|&s| (s as f64 - max).exp());
-        let total: f64 = weights.clone().sum();
+        let weights = &mut scratch.weights;
+        weights.clear();
+        weights.extend(scores.iter().map(|&s| (s as f64 - max).exp()));
+        let total: f64 = weights.iter().sum();
         let target = rng.next_uniform() * total;
         let mut acc = 0.0;
         let mut chosen = None;
         let mut last_kept = 0;
-        for (i, w) in weights.enumerate() {
+        for (i, &w) in weights.iter().enumerate() {
             if w > 0.0 {
                 last_kept = i;
                 acc += w;
@@ -267,12 +274,19 @@ pub fn sample_next(
         }
         // Rounding can leave `acc` a hair under `target` at the end: take the last kept token then.
         let token = chosen.unwrap_or(last_kept);
+        let unprocessed = scores
+            .iter()
+            .zip(logits)
+            .all(|(s, l)| s.to_bits() == l.to_bits());
+        if unprocessed {
+            policy_lse = Some(max + total.ln());
+        }
         (token, (scores[token] as f64 - max - total.ln()) as f32)
     };
     scratch.scores = scores;
 
     let raw = logits[token] as f64;
-    let policy = (raw - log_sum_exp(logits, 1.0)) as f32;
+    let policy = (raw - policy_lse.unwrap_or_else(|| log_sum_exp(logits, 1.0))) as f32;
     let tempered = if params.is_greedy() || params.temperature == 1.0 {
         policy
     } else {

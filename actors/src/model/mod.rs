@@ -4,6 +4,7 @@ pub mod adapter;
 pub mod chat;
 pub mod chat_config;
 pub mod kv_cache;
+pub mod linear;
 pub mod qwen2;
 pub mod qwen2_config;
 pub mod value_head;

@@ -6,10 +6,11 @@
 //! (r1v2_kernels), and rows may be padded anywhere (see [`super::kv_cache`]).
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use r1v2_kernels::{rms_norm, rope, softmax_last_dim, swiglu, token_logprobs};
 
 use super::kv_cache::{mask_rows, KvCache, Layout};
+use super::linear::{linear, linear_no_bias, Linear};
 pub use super::qwen2_config::Config;
 use crate::{Error, Result};
 
@@ -56,10 +57,10 @@ impl Attention {
         let (hidden, head_dim) = (cfg.hidden_size, cfg.head_dim());
         let (num_heads, num_kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Self {
-            q_proj: candle_nn::linear(hidden, num_heads * head_dim, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(hidden, num_kv_heads * head_dim, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(hidden, num_kv_heads * head_dim, vb.pp("v_proj"))?,
-            o_proj: candle_nn::linear_no_bias(num_heads * head_dim, hidden, vb.pp("o_proj"))?,
+            q_proj: linear(hidden, num_heads * head_dim, vb.pp("q_proj"))?,
+            k_proj: linear(hidden, num_kv_heads * head_dim, vb.pp("k_proj"))?,
+            v_proj: linear(hidden, num_kv_heads * head_dim, vb.pp("v_proj"))?,
+            o_proj: linear_no_bias(num_heads * head_dim, hidden, vb.pp("o_proj"))?,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -123,7 +124,7 @@ impl Attention {
             .reshape((b, h_kv, group * t, s))?; // (B, Hkv, G*T, S)
         let out = probs.matmul(&v)?.reshape((b, h, t, d))?; // (B, H, T, D)
         let out = out.transpose(1, 2)?.reshape((b, t, h * d))?; // (B, T, H*D)
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 }
 
@@ -138,15 +139,15 @@ impl Mlp {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("up_proj"))?,
-            down_proj: candle_nn::linear_no_bias(inter, hidden, vb.pp("down_proj"))?,
+            gate_proj: linear_no_bias(hidden, inter, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(hidden, inter, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(inter, hidden, vb.pp("down_proj"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gated = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&gated)?)
+        self.down_proj.forward(&gated)
     }
 }
 
@@ -179,6 +180,20 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The layer's seven projections.
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        let (attn, mlp) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut attn.q_proj,
+            &mut attn.k_proj,
+            &mut attn.v_proj,
+            &mut attn.o_proj,
+            &mut mlp.gate_proj,
+            &mut mlp.up_proj,
+            &mut mlp.down_proj,
+        ]
+    }
+
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let eps = cfg.rms_norm_eps;
         Ok(Self {
@@ -334,9 +349,12 @@ impl ForCausalLM {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let model = Model::new(cfg, vb.pp("model"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(model.embedding_weight().clone(), None)
+            Linear::new(candle_nn::Linear::new(
+                model.embedding_weight().clone(),
+                None,
+            ))
         } else {
-            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };
         Ok(Self { model, lm_head })
     }
@@ -358,7 +376,7 @@ impl ForCausalLM {
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let hidden = self.model.forward_embeds(embeds, attention_mask)?;
-        Ok(self.lm_head.forward(&hidden)?)
+        self.lm_head.forward(&hidden)
     }
 
     /// Incremental forward on embeddings (see [`Model::forward_step`]) -> logits (B, T, V).
@@ -369,7 +387,7 @@ impl ForCausalLM {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let hidden = self.model.forward_step(embeds, attention_mask, cache)?;
-        Ok(self.lm_head.forward(&hidden)?)
+        self.lm_head.forward(&hidden)
     }
 
     /// Incremental forward (see [`Model::forward_step`]) that returns only the logits after each row's last
@@ -387,7 +405,7 @@ impl ForCausalLM {
         }
         let hidden = self.model.forward_step(embeds, attention_mask, cache)?;
         let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?; // (B, D)
-        Ok(self.lm_head.forward(&last)?)
+        self.lm_head.forward(&last)
     }
 
     /// [`Self::forward_step_last`] on token ids (B, T) -> logits (B, V).
@@ -413,6 +431,34 @@ impl ForCausalLM {
     /// A fresh KV cache sized for this model.
     pub fn new_cache(&self) -> KvCache {
         self.model.new_cache()
+    }
+
+    /// Packs every projection and the LM head for fast CPU inference (see [`super::linear`]): f32 CPU forwards
+    /// then run the packed kernel, which has no backward, so only pack a model that is not trained. The copies
+    /// are taken now: after overwriting weights (`Var::set`), pack again. Weights elsewhere than f32 on the CPU
+    /// stay unpacked. Costs a second copy of those weights in memory.
+    pub fn pack_weights(&mut self) -> Result<()> {
+        for layer in &mut self.model.layers {
+            for linear in layer.linears_mut() {
+                linear.pack()?;
+            }
+        }
+        self.lm_head.pack()
+    }
+
+    /// Drops the packed copies (see [`Self::pack_weights`]).
+    pub fn unpack_weights(&mut self) {
+        for layer in &mut self.model.layers {
+            for linear in layer.linears_mut() {
+                linear.unpack();
+            }
+        }
+        self.lm_head.unpack();
+    }
+
+    /// Whether the LM head (and so every projection, see [`Self::pack_weights`]) is packed.
+    pub fn is_packed(&self) -> bool {
+        self.lm_head.is_packed()
     }
 
     /// Log-probabilities of next tokens, for training: input_ids (B, T), mask (B, T) ->
