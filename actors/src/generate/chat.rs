@@ -16,7 +16,7 @@ use super::engine::StepModel;
 use super::qwen2::Qwen2Generator;
 use super::rollout::PromptInput;
 use crate::model::chat::ChatModel;
-use crate::model::kv_cache::KvCache;
+use super::shards::ShardedCache;
 use crate::{Error, Result};
 
 /// A chat model driven by the generation engine.
@@ -108,8 +108,8 @@ fn prompt_name(prompt: &PromptInput) -> String {
 }
 
 impl StepModel for ChatGenerator<'_> {
-    /// One cached row per running response (the LLM's cache).
-    type Cache = KvCache;
+    /// One cached row per running response (the LLM's sharded cache).
+    type Cache = ShardedCache;
 
     fn vocab_size(&self) -> usize {
         self.llm.vocab_size()
@@ -141,7 +141,7 @@ impl StepModel for ChatGenerator<'_> {
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?; // (V)
         cache.select_rows(&vec![0; rows])?; // the prompt's keys/values, once per row of the group
-        Ok((last, cache))
+        Ok((last, ShardedCache::single(cache, self.llm.shard_plan())))
     }
 
     fn decode_step(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<Vec<f32>>> {

@@ -8,6 +8,7 @@
 //! | [`rollout`] | the engine's inputs and outputs: [`PromptInput`], [`Rollout`], [`Group`], [`FinishReason`] |
 //! | [`engine`] | [`generate_groups`]: grouped sampling with a shared prefix, over any [`StepModel`] |
 //! | [`qwen2`] | [`StepModel`] for the Qwen2 LLM and its KV cache |
+//! | [`shards`] | [`shards::ShardedCache`]: the running rows' KV cache in shards that decode concurrently |
 //! | [`chat`] | [`StepModel`] for the InternVL-chat model: images encoded once per group, then the LLM |
 
 pub mod chat;
@@ -16,6 +17,7 @@ pub mod processors;
 pub mod qwen2;
 pub mod rollout;
 pub mod sampling;
+pub mod shards;
 pub mod stop;
 
 pub use engine::{
