@@ -140,8 +140,17 @@ impl PackedMatrix {
         let mut k0 = 0;
         while k0 < k {
             let kc = DEPTH_CHUNK.min(k - k0);
-            let step = Step {
+            // The chunk after this one (the next panel's first after the last): fetched while this one computes,
+            // so the first row block of a chunk does not wait on memory. Prefetches never fault; past the
+            // last panel the address is not dereferenced.
+            let next = if k0 + kc < k {
+                panel.add((k0 + kc) * PANEL)
+            } else {
+                panel.wrapping_add(k * PANEL)
+            };
+            let mut step = Step {
                 w: panel.add(k0 * PANEL),
+                prefetch: next,
                 kc,
                 ldx: k,
                 ldo: n,
@@ -154,6 +163,8 @@ impl PackedMatrix {
             while r0 < m {
                 let rows = rows_per_block.min(m - r0);
                 isa.block(rows, x.as_ptr().add(r0 * k + k0), out.add(r0 * n), &step);
+                // Later row blocks find the next chunk requested already: they prefetch their own (cached) one.
+                step.prefetch = step.w;
                 r0 += rows;
             }
             k0 += kc;
@@ -173,6 +184,8 @@ unsafe impl Sync for SendPtr {}
 struct Step {
     /// The chunk's first packed row: `kc` rows of `PANEL` floats.
     w: *const f32,
+    /// Where to prefetch from, `PANEL` floats per step of depth (only a hint: may point past the panels).
+    prefetch: *const f32,
     kc: usize,
     /// Row strides of x and out.
     ldx: usize,
@@ -314,6 +327,9 @@ mod x86 {
             }
         }
         for kk in 0..step.kc {
+            let ahead = step.prefetch.wrapping_add(kk * PANEL) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             let w0 = _mm512_loadu_ps(step.w.add(kk * PANEL));
             let w1 = _mm512_loadu_ps(step.w.add(kk * PANEL + 16));
             for (r, acc) in acc.iter_mut().enumerate() {
@@ -356,6 +372,11 @@ mod x86 {
             }
         }
         for kk in 0..step.kc {
+            if half == 0 {
+                let ahead = step.prefetch.wrapping_add(kk * PANEL) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            }
             let w0 = _mm256_loadu_ps(w.add(kk * PANEL));
             let w1 = _mm256_loadu_ps(w.add(kk * PANEL + 8));
             for (r, acc) in acc.iter_mut().enumerate() {
