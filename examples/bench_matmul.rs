@@ -25,7 +25,7 @@ fn main() -> Result<()> {
     let dev = Device::Cpu;
     let shapes = [(512, 512), (512, 128), (512, 1408), (1408, 512), (512, 8192), (768, 2048), (2048, 768), (768, 32000)];
     println!("| M | K | N | candle GFLOP/s | packed GFLOP/s |");
-    for m in [8usize, 64] {
+    for m in [8usize, 32, 64] {
         for &(k, n) in &shapes {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             // Enough distinct weights to overflow the caches, as in a decode step (each weight read once).
