@@ -23,13 +23,26 @@ fn main() -> Result<()> {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let dev = Device::Cpu;
-    let shapes = [(512, 512), (512, 128), (512, 1408), (1408, 512), (512, 8192), (768, 2048), (2048, 768), (768, 32000)];
+    let shapes = [
+        (512, 512),
+        (512, 128),
+        (512, 1408),
+        (1408, 512),
+        (512, 8192),
+        (768, 2048),
+        (2048, 768),
+        (768, 32000),
+    ];
     println!("| M | K | N | candle GFLOP/s | packed GFLOP/s |");
     for m in [8usize, 32, 64] {
         for &(k, n) in &shapes {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             // Enough distinct weights to overflow the caches, as in a decode step (each weight read once).
-            let copies = if std::env::var_os("HOT").is_some() { 1 } else { (96 << 20) / (4 * n * k) + 1 };
+            let copies = if std::env::var_os("HOT").is_some() {
+                1
+            } else {
+                (96 << 20) / (4 * n * k) + 1
+            };
             let ws = (0..copies)
                 .map(|_| Ok(Tensor::randn(0f32, 0.02, (n, k), &dev)?))
                 .collect::<Result<Vec<_>>>()?;
@@ -47,7 +60,11 @@ fn main() -> Result<()> {
                 i.set((i.get() + 1) % copies);
                 Ok(r1v2_kernels::packed_linear(&x, &packed[i.get()])?)
             })?;
-            println!("| {m} | {k} | {n} | {:.1} | {:.1} |", flops / a / 1e9, flops / b / 1e9);
+            println!(
+                "| {m} | {k} | {n} | {:.1} | {:.1} |",
+                flops / a / 1e9,
+                flops / b / 1e9
+            );
         }
     }
     Ok(())

@@ -160,11 +160,13 @@ fn library_group(
     let mut groups = if config["model_type"] == "qwen2" {
         let cfg = qwen2::Config::from_file(&dir.join("config.json"))?;
         let store = WeightStore::load(dir, DType::F32, &Device::Cpu)?;
-        let model = qwen2::ForCausalLM::new(&cfg, store.frozen_var_builder())?;
+        let mut model = qwen2::ForCausalLM::new(&cfg, store.frozen_var_builder())?;
+        model.pack_weights()?; // as the CLI does
         let generator = Qwen2Generator::new(&model, &Device::Cpu);
         generate_groups(&generator, &[prompt], n, &params, Some(&decode))?
     } else {
-        let loaded = ChatModel::load(dir, DType::F32, &Device::Cpu, Trainable::frozen())?;
+        let mut loaded = ChatModel::load(dir, DType::F32, &Device::Cpu, Trainable::frozen())?;
+        loaded.model.llm.pack_weights()?; // as the CLI does
         let generator = ChatGenerator::new(&loaded.model, &Device::Cpu);
         generate_groups(&generator, &[prompt], n, &params, Some(&decode))?
     };

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use r1v2_actors::generate::qwen2::Qwen2Generator;
+use r1v2_actors::generate::shards::ShardPlan;
 use r1v2_actors::generate::{
     generate_groups, generate_groups_batched, generate_one_uncached, BatchOptions, Group,
     PromptInput, Rollout, SamplingParams,
@@ -172,5 +173,105 @@ fn continuous_batching_equals_uncached_rows_whatever_max_batch_rows() -> anyhow:
             }
         }
     }
+    Ok(())
+}
+
+#[test]
+fn sharded_and_packed_decoding_equal_the_plain_batch_and_the_uncached_rows() -> anyhow::Result<()> {
+    let plain = load_model()?;
+    let mut packed = load_model()?;
+    packed.pack_weights()?;
+    assert!(packed.is_packed() && !plain.is_packed());
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        max_new_tokens: 10,
+        // Rows leave at different steps: shards shrink unevenly, rows move between them, shards merge.
+        stop_token_ids: (0..26).collect(),
+        seed: 11,
+        ..SamplingParams::default()
+    };
+    let prompts: Vec<PromptInput> = (0..5u32)
+        .map(|i| {
+            PromptInput::text(
+                vec![17 + i, 42, 99 - i, 3, 250 - 7 * i][..1 + i as usize].to_vec(),
+                i as u64,
+            )
+        })
+        .collect();
+    let plans = [
+        ShardPlan::single(),
+        ShardPlan {
+            max_shards: 2,
+            min_rows_per_shard: 1,
+        },
+        ShardPlan {
+            max_shards: 3,
+            min_rows_per_shard: 2,
+        },
+    ];
+    let mut runs = Vec::new();
+    for model in [&plain, &packed] {
+        for plan in plans {
+            for max_batch_rows in [4, 9, 64] {
+                let generator = Qwen2Generator::new(model, &Device::Cpu).with_shard_plan(plan);
+                let groups = generate_groups_batched(
+                    &generator,
+                    &prompts,
+                    3,
+                    &params,
+                    None,
+                    &BatchOptions { max_batch_rows },
+                    &mut |_, _, _| {},
+                )?;
+                check_prompts_against_uncached(model, &prompts, &groups, &params);
+                runs.push(((model.is_packed(), plan, max_batch_rows), groups));
+            }
+        }
+    }
+    let lengths: Vec<usize> = runs[0]
+        .1
+        .iter()
+        .flat_map(|g| g.rollouts.iter().map(|r| r.token_ids.len()))
+        .collect();
+    assert!(lengths.iter().any(|&l| l != lengths[0]), "{lengths:?}");
+    // Same tokens whatever the shards, the batch or the kernel; log-probs within rounding.
+    let (_, first) = &runs[0];
+    for (setup, groups) in &runs[1..] {
+        for (a, b) in first.iter().zip(groups) {
+            for (ra, rb) in a.rollouts.iter().zip(&b.rollouts) {
+                assert_eq!(ra.token_ids, rb.token_ids, "{setup:?}");
+                for (x, y) in ra.logprobs.iter().zip(&rb.logprobs) {
+                    assert!(
+                        (x.policy - y.policy).abs() < 1e-5,
+                        "{setup:?}: {x:?} vs {y:?}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn packed_forward_equals_candle_and_unpacking_restores_it() -> anyhow::Result<()> {
+    let mut model = load_model()?;
+    let ids = Tensor::new(&[[17u32, 42, 99, 3], [5, 77, 8, 250]], &Device::Cpu)?; // (2, 4)
+    let before = model.forward(&ids, None)?;
+    model.pack_weights()?;
+    let packed = model.forward(&ids, None)?;
+    let diff = (&packed - &before)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "packed logits differ by {diff}");
+    model.unpack_weights();
+    assert!(!model.is_packed());
+    let after = model.forward(&ids, None)?;
+    assert_eq!(
+        after.flatten_all()?.to_vec1::<f32>()?,
+        before.flatten_all()?.to_vec1::<f32>()?
+    );
     Ok(())
 }

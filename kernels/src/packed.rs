@@ -40,7 +40,10 @@ impl PackedMatrix {
     /// Packs `weight` (N, K) row-major and `bias` (N).
     pub fn pack(weight: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Result<Self> {
         if weight.len() != n * k {
-            candle_core::bail!("PackedMatrix: {} weights for a ({n}, {k}) matrix", weight.len());
+            candle_core::bail!(
+                "PackedMatrix: {} weights for a ({n}, {k}) matrix",
+                weight.len()
+            );
         }
         if let Some(bias) = bias {
             if bias.len() != n {
@@ -72,7 +75,9 @@ impl PackedMatrix {
     pub fn from_tensors(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         let weight = weight.flatten_all()?.to_vec1::<f32>()?;
-        let bias = bias.map(|b| b.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        let bias = bias
+            .map(|b| b.flatten_all()?.to_vec1::<f32>())
+            .transpose()?;
         Self::pack(&weight, n, k, bias.as_deref())
     }
 
@@ -415,7 +420,10 @@ impl CustomOp1 for PackedMatmul<'_> {
             candle_core::bail!("packed-matmul: a scalar input");
         };
         if k != packed.k {
-            candle_core::bail!("packed-matmul: input has {k} features, the weight {}", packed.k);
+            candle_core::bail!(
+                "packed-matmul: input has {k} features, the weight {}",
+                packed.k
+            );
         }
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("packed-matmul: the input must be contiguous");
@@ -448,11 +456,20 @@ mod tests {
     }
 
     /// f64 reference of x @ W^T + b.
-    fn reference(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f64> {
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Vec<f64> {
         let mut out = vec![0f64; m * n];
         for r in 0..m {
             for j in 0..n {
-                let dot: f64 = (0..k).map(|kk| x[r * k + kk] as f64 * w[j * k + kk] as f64).sum();
+                let dot: f64 = (0..k)
+                    .map(|kk| x[r * k + kk] as f64 * w[j * k + kk] as f64)
+                    .sum();
                 out[r * n + j] = dot + b.map_or(0.0, |b| b[j] as f64);
             }
         }
@@ -463,9 +480,19 @@ mod tests {
     fn matches_reference_on_every_tail() -> Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         // Partial panels (n % 32), several depth chunks with a partial one (k > 128), every row-block tail.
-        for &(m, n, k) in &[(1, 5, 3), (13, 70, 300), (25, 64, 128), (7, 33, 129), (64, 96, 40)] {
+        for &(m, n, k) in &[
+            (1, 5, 3),
+            (13, 70, 300),
+            (25, 64, 128),
+            (7, 33, 129),
+            (64, 96, 40),
+        ] {
             for with_bias in [false, true] {
-                let (x, w, b) = (random(m * k, &mut rng), random(n * k, &mut rng), random(n, &mut rng));
+                let (x, w, b) = (
+                    random(m * k, &mut rng),
+                    random(n * k, &mut rng),
+                    random(n, &mut rng),
+                );
                 let bias = with_bias.then_some(b.as_slice());
                 let packed = PackedMatrix::pack(&w, n, k, bias)?;
                 let mut out = vec![f32::NAN; m * n];
@@ -504,7 +531,11 @@ mod tests {
     fn every_instruction_set_gives_the_same_bits() -> Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let (m, n, k) = (19, 77, 300);
-        let (x, w, b) = (random(m * k, &mut rng), random(n * k, &mut rng), random(n, &mut rng));
+        let (x, w, b) = (
+            random(m * k, &mut rng),
+            random(n * k, &mut rng),
+            random(n, &mut rng),
+        );
         let packed = PackedMatrix::pack(&w, n, k, Some(&b))?;
         let mut isas = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
@@ -522,7 +553,9 @@ mod tests {
             packed.matmul_with(isa, &x, m, &mut out)?;
             match &first {
                 None => first = Some(out),
-                Some(expected) => assert_eq!(&out, expected, "{isa:?} differs from the portable kernel"),
+                Some(expected) => {
+                    assert_eq!(&out, expected, "{isa:?} differs from the portable kernel")
+                }
             }
         }
         Ok(())
@@ -538,12 +571,19 @@ mod tests {
         let got = packed_linear(&x, &packed)?;
         let want = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
         assert_eq!(got.dims(), &[2, 3, 40]);
-        let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-4, "max difference {diff}");
         // Non-contiguous input is made contiguous; wrong widths and dtypes are errors.
         let xt = Tensor::randn(0f32, 1.0, (48, 5), &dev)?.t()?;
         assert_eq!(packed_linear(&xt, &packed)?.dims(), &[5, 40]);
-        let err = packed_linear(&Tensor::zeros((2, 47), candle_core::DType::F32, &dev)?, &packed);
+        let err = packed_linear(
+            &Tensor::zeros((2, 47), candle_core::DType::F32, &dev)?,
+            &packed,
+        );
         assert!(err.unwrap_err().to_string().contains("47 features"));
         let err = packed_linear(&x.to_dtype(candle_core::DType::F64)?, &packed);
         assert!(err.unwrap_err().to_string().contains("f32 input only"));

@@ -196,3 +196,7 @@ impl Handler<Heartbeat> for PolicyGenerator {
         self.liveness.reply()
     }
 }
+
+#[cfg(test)]
+#[path = "policy_generator_tests.rs"]
+mod tests;

@@ -15,8 +15,8 @@ use candle_core::{DType, Device, Tensor};
 use super::engine::StepModel;
 use super::qwen2::Qwen2Generator;
 use super::rollout::PromptInput;
-use crate::model::chat::ChatModel;
 use super::shards::ShardedCache;
+use crate::model::chat::ChatModel;
 use crate::{Error, Result};
 
 /// A chat model driven by the generation engine.

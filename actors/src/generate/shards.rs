@@ -90,8 +90,11 @@ impl ShardedCache {
                 self.rows.len()
             )));
         }
-        let mut out: Vec<Vec<Option<T>>> =
-            self.shards.iter().map(|s| vec![None; s.batch_size()]).collect();
+        let mut out: Vec<Vec<Option<T>>> = self
+            .shards
+            .iter()
+            .map(|s| vec![None; s.batch_size()])
+            .collect();
         for (&(shard, local), value) in self.rows.iter().zip(per_row) {
             out[shard][local] = Some(value.clone());
         }
@@ -99,7 +102,11 @@ impl ShardedCache {
             .map(|shard| {
                 shard
                     .into_iter()
-                    .map(|v| v.ok_or_else(|| Error::msg("sharded KV cache: a shard row has no global row")))
+                    .map(|v| {
+                        v.ok_or_else(|| {
+                            Error::msg("sharded KV cache: a shard row has no global row")
+                        })
+                    })
                     .collect()
             })
             .collect()
@@ -150,7 +157,8 @@ impl ShardedCache {
             })
             .collect();
         for (shard, keep) in self.shards.iter_mut().zip(&local) {
-            let unchanged = keep.len() == shard.batch_size() && keep.iter().enumerate().all(|(i, &r)| i == r);
+            let unchanged =
+                keep.len() == shard.batch_size() && keep.iter().enumerate().all(|(i, &r)| i == r);
             if !unchanged {
                 shard.select_rows(keep)?;
             }
@@ -187,7 +195,9 @@ impl ShardedCache {
                 continue;
             }
             let part = if receiving == 1 {
-                joining.take().ok_or_else(|| Error::msg("sharded KV cache: joining rows used twice"))?
+                joining
+                    .take()
+                    .ok_or_else(|| Error::msg("sharded KV cache: joining rows used twice"))?
             } else {
                 let mut part = joining
                     .as_ref()
@@ -204,9 +214,13 @@ impl ShardedCache {
 
     /// All rows in one `KvCache`, in global order.
     fn into_single(mut self) -> Result<KvCache> {
-        let in_order = self.shards.len() == 1 && self.rows.iter().enumerate().all(|(i, &(_, r))| i == r);
+        let in_order =
+            self.shards.len() == 1 && self.rows.iter().enumerate().all(|(i, &(_, r))| i == r);
         if in_order {
-            return self.shards.pop().ok_or_else(|| Error::msg("sharded KV cache: no shard"));
+            return self
+                .shards
+                .pop()
+                .ok_or_else(|| Error::msg("sharded KV cache: no shard"));
         }
         let mut offsets = Vec::with_capacity(self.shards.len());
         let mut merged: Option<KvCache> = None;
@@ -248,7 +262,10 @@ impl ShardedCache {
             let into = (0..last)
                 .min_by_key(|&s| (self.shards[s].batch_size(), s))
                 .unwrap_or(0); // at least two shards here
-            let moved = self.shards.pop().ok_or_else(|| Error::msg("sharded KV cache: no shard"))?;
+            let moved = self
+                .shards
+                .pop()
+                .ok_or_else(|| Error::msg("sharded KV cache: no shard"))?;
             let offset = self.shards[into].batch_size();
             self.shards[into].append_rows(moved)?;
             for row in &mut self.rows {

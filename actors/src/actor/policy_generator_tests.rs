@@ -1,0 +1,127 @@
+//! The generator's snapshot packs its LLM for the CPU decode loop: after a `SyncWeights` it must sample from the
+//! new weights, not from the packed copies of the old ones.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::*;
+use crate::generate::SamplingParams;
+use crate::model::chat::Trainable;
+use crate::prompt::EncodedPrompt;
+use crate::protocol::{GroupRequest, PolicyWeights};
+use crate::rl::PromptId;
+
+fn fixture() -> &'static Path {
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/internvl/vit300m"
+    ))
+}
+
+const TRAINABLE: Trainable = Trainable {
+    vision: false,
+    adapter: false,
+    llm: true,
+};
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        repetition_penalty: 1.0,
+        max_new_tokens: 8,
+        ..SamplingParams::default()
+    }
+}
+
+fn tokens(rollouts: &Rollouts) -> Vec<Vec<u32>> {
+    rollouts.groups[0]
+        .rollouts
+        .iter()
+        .map(|r| r.token_ids.clone())
+        .collect()
+}
+
+#[test]
+fn generation_after_sync_samples_from_the_new_weights() -> Result<()> {
+    let loaded = ChatModel::load(fixture(), DType::F32, &Device::Cpu, TRAINABLE)?;
+    let prompts = PromptBank::new();
+    prompts.insert(EncodedPrompt {
+        id: PromptId(0),
+        token_ids: vec![5, 6, 7, 8],
+        pixel_values: None,
+        answer: String::new(),
+        verifier: "math".into(),
+        question: String::new(),
+        meta: None,
+    });
+    let snapshot = Snapshot {
+        model: RwLock::new(loaded.model),
+        vars: loaded.trainable_vars.into_iter().collect(),
+        device: Device::Cpu,
+        prompts,
+        decode: Arc::new(|ids: &[u32]| Ok(format!("{ids:?}"))),
+        version: AtomicU64::new(0),
+    };
+    let request = GenerateGroups {
+        prompts: vec![GroupRequest {
+            prompt_id: PromptId(0),
+            prompt_index: 0,
+        }],
+        n: 2,
+        params: greedy(),
+    };
+    let before = snapshot.generate(&request)?;
+    assert!(snapshot.model.read().llm.is_packed());
+
+    // New weights: every LLM tensor moved by noise of its own scale.
+    let mut names: Vec<&String> = snapshot.vars.keys().collect();
+    names.sort();
+    let new: Vec<(String, Tensor)> = names
+        .into_iter()
+        .map(|name| {
+            let t = snapshot.vars[name].as_tensor();
+            Ok((name.clone(), (t + t.randn_like(0.0, 0.5)?)?))
+        })
+        .collect::<Result<_>>()?;
+    let version = snapshot.sync(&SyncWeights {
+        weights: PolicyWeights {
+            version: 1,
+            tensors: Arc::new(new.clone()),
+        },
+    })?;
+    assert_eq!(version, 1);
+    let after = snapshot.generate(&request)?;
+    assert_eq!(after.policy_version, 1);
+
+    // Reference: a fresh, unpacked model holding the new weights.
+    let mut reference = ChatModel::load(fixture(), DType::F32, &Device::Cpu, TRAINABLE)?;
+    for (name, var) in &reference.trainable_vars {
+        let tensor = &new
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("every var synced")
+            .1;
+        var.set(tensor)?;
+    }
+    reference.model.llm.unpack_weights();
+    let generator = ChatGenerator::new(&reference.model, &Device::Cpu);
+    let input = PromptInput {
+        token_ids: vec![5, 6, 7, 8],
+        prompt_index: 0,
+        pixel_values: None,
+    };
+    let expected = generate::generate_groups(&generator, &[input], 2, &greedy(), None)?;
+    let expected: Vec<Vec<u32>> = expected[0]
+        .rollouts
+        .iter()
+        .map(|r| r.token_ids.clone())
+        .collect();
+    assert_eq!(tokens(&after), expected);
+    assert_ne!(
+        tokens(&before),
+        tokens(&after),
+        "the new weights change the greedy tokens"
+    );
+    Ok(())
+}
