@@ -75,6 +75,46 @@ fn check_prompts_against_uncached(
     }
 }
 
+/// `prompts` in groups of 3 through the continuous-batching engine, each rollout checked against the uncached
+/// reference.
+fn batched_checked(
+    model: &ForCausalLM,
+    generator: &Qwen2Generator,
+    prompts: &[PromptInput],
+    params: &SamplingParams,
+    max_batch_rows: usize,
+) -> anyhow::Result<Vec<Group<Rollout>>> {
+    let groups = generate_groups_batched(
+        generator,
+        prompts,
+        3,
+        params,
+        None,
+        &BatchOptions { max_batch_rows },
+        &mut |_, _, _| {},
+    )?;
+    check_prompts_against_uncached(model, prompts, &groups, params);
+    Ok(groups)
+}
+
+/// Same tokens in every run; log-probs within rounding (the matmuls' rounding may depend on the batch).
+fn assert_same_rollouts<S: std::fmt::Debug>(runs: &[(S, Vec<Group<Rollout>>)]) {
+    let (_, first) = &runs[0];
+    for (setup, groups) in &runs[1..] {
+        for (a, b) in first.iter().zip(groups) {
+            for (ra, rb) in a.rollouts.iter().zip(&b.rollouts) {
+                assert_eq!(ra.token_ids, rb.token_ids, "{setup:?}");
+                for (x, y) in ra.logprobs.iter().zip(&rb.logprobs) {
+                    assert!(
+                        (x.policy - y.policy).abs() < 1e-5,
+                        "{setup:?}: {x:?} vs {y:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn greedy_equals_argmax_of_repeated_full_forwards() -> anyhow::Result<()> {
     let model = load_model()?;
@@ -150,29 +190,11 @@ fn continuous_batching_equals_uncached_rows_whatever_max_batch_rows() -> anyhow:
     let generator = Qwen2Generator::new(&model, &Device::Cpu);
     let mut runs = Vec::new();
     for max_batch_rows in [3, 4, 7, 64] {
-        let groups = generate_groups_batched(
-            &generator,
-            &prompts,
-            3,
-            &params,
-            None,
-            &BatchOptions { max_batch_rows },
-            &mut |_, _, _| {},
-        )?;
-        check_prompts_against_uncached(&model, &prompts, &groups, &params);
-        runs.push(groups);
+        let groups = batched_checked(&model, &generator, &prompts, &params, max_batch_rows)?;
+        runs.push((max_batch_rows, groups));
     }
     // Whatever the batch, the same tokens; log-probs differ in the last bits at most.
-    for other in &runs[1..] {
-        for (a, b) in runs[0].iter().zip(other) {
-            for (ra, rb) in a.rollouts.iter().zip(&b.rollouts) {
-                assert_eq!(ra.token_ids, rb.token_ids);
-                for (x, y) in ra.logprobs.iter().zip(&rb.logprobs) {
-                    assert!((x.policy - y.policy).abs() < 1e-5, "{x:?} vs {y:?}");
-                }
-            }
-        }
-    }
+    assert_same_rollouts(&runs);
     Ok(())
 }
 
@@ -215,16 +237,7 @@ fn sharded_and_packed_decoding_equal_the_plain_batch_and_the_uncached_rows() -> 
         for plan in plans {
             for max_batch_rows in [4, 9, 64] {
                 let generator = Qwen2Generator::new(model, &Device::Cpu).with_shard_plan(plan);
-                let groups = generate_groups_batched(
-                    &generator,
-                    &prompts,
-                    3,
-                    &params,
-                    None,
-                    &BatchOptions { max_batch_rows },
-                    &mut |_, _, _| {},
-                )?;
-                check_prompts_against_uncached(model, &prompts, &groups, &params);
+                let groups = batched_checked(model, &generator, &prompts, &params, max_batch_rows)?;
                 runs.push(((model.is_packed(), plan, max_batch_rows), groups));
             }
         }
@@ -236,20 +249,7 @@ fn sharded_and_packed_decoding_equal_the_plain_batch_and_the_uncached_rows() -> 
         .collect();
     assert!(lengths.iter().any(|&l| l != lengths[0]), "{lengths:?}");
     // Same tokens whatever the shards, the batch or the kernel; log-probs within rounding.
-    let (_, first) = &runs[0];
-    for (setup, groups) in &runs[1..] {
-        for (a, b) in first.iter().zip(groups) {
-            for (ra, rb) in a.rollouts.iter().zip(&b.rollouts) {
-                assert_eq!(ra.token_ids, rb.token_ids, "{setup:?}");
-                for (x, y) in ra.logprobs.iter().zip(&rb.logprobs) {
-                    assert!(
-                        (x.policy - y.policy).abs() < 1e-5,
-                        "{setup:?}: {x:?} vs {y:?}"
-                    );
-                }
-            }
-        }
-    }
+    assert_same_rollouts(&runs);
     Ok(())
 }
 
