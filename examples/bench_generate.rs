@@ -7,8 +7,8 @@
 //! runs this example on the same weights with the same thread count, printing one table. The batch is
 //! `prompts x n` rows: `n` responses to each of `prompts` prompts of `prompt-len` tokens. No stop token:
 //! every response runs to `new-tokens`, so the token count is exact. Timing covers the whole request
-//! (prefill included), as transformers' `generate` does. The model is packed and the batch sharded as in
-//! `r1v2 generate` and the policy generator (`R1V2_UNPACKED=1`: candle's matmuls instead of the packed kernel).
+//! (prefill included), as transformers' `generate` does. The model is packed, the batch sharded and CANDLE_NUM_THREADS
+//! defaults to 1, as in `r1v2 generate` and the policy generator (`R1V2_UNPACKED=1`: candle's matmuls instead of the packed kernel).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -51,6 +51,10 @@ fn main() -> Result<()> {
     if let Some(threads) = args.threads {
         // Before any thread pool exists (candle and rayon read it when they first start).
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    // As the `r1v2` binary (src/main.rs): candle's spinning element-wise pool would take a core from the matmuls.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let device = Device::Cpu;
     let cfg: Config = read_config(&args.model.join("config.json"))?;
