@@ -81,16 +81,6 @@ impl PackedMatrix {
         Self::pack(&weight, n, k, bias.as_deref())
     }
 
-    /// Output features N.
-    pub fn out_features(&self) -> usize {
-        self.n
-    }
-
-    /// Input features K.
-    pub fn in_features(&self) -> usize {
-        self.k
-    }
-
     /// `out (M, N) = x (M, K) @ W^T + b`, both row-major.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         self.matmul_with(Isa::detect(), x, m, out)
@@ -274,8 +264,10 @@ unsafe fn portable_block(rows: usize, x: *const f32, out: *mut f32, step: &Step)
             }
         }
         for (j, a) in acc.iter().enumerate().take(step.cols) {
-            let b = step.bias.map_or(0.0, |b| *b.add(j));
-            *out_row.add(j) = if step.bias.is_some() { a + b } else { *a };
+            *out_row.add(j) = match step.bias {
+                Some(b) => a + *b.add(j),
+                None => *a,
+            };
         }
     }
 }

@@ -157,7 +157,6 @@ impl Snapshot {
             let tensor = tensor.to_device(&self.device)?.to_dtype(var.dtype())?;
             var.set(&tensor)?;
         }
-
         self.version.store(weights.version, Ordering::SeqCst);
         Ok(weights.version)
     }

@@ -76,11 +76,6 @@ impl ShardedCache {
         self.rows.len()
     }
 
-    /// The shards, each with its own rows.
-    pub fn shards(&self) -> &[KvCache] {
-        &self.shards
-    }
-
     /// `per_row` (global order) cut into each shard's rows, in the shard's order.
     pub fn scatter<T: Clone>(&self, per_row: &[T]) -> Result<Vec<Vec<T>>> {
         if per_row.len() != self.rows.len() {

@@ -438,22 +438,22 @@ impl ForCausalLM {
     /// are taken now: after overwriting weights (`Var::set`), pack again. Weights elsewhere than f32 on the CPU
     /// stay unpacked. Costs a second copy of those weights in memory.
     pub fn pack_weights(&mut self) -> Result<()> {
-        for layer in &mut self.model.layers {
-            for linear in layer.linears_mut() {
-                linear.pack()?;
-            }
-        }
-        self.lm_head.pack()
+        self.linears_mut().try_for_each(Linear::pack)
     }
 
     /// Drops the packed copies (see [`Self::pack_weights`]).
     pub fn unpack_weights(&mut self) {
-        for layer in &mut self.model.layers {
-            for linear in layer.linears_mut() {
-                linear.unpack();
-            }
-        }
-        self.lm_head.unpack();
+        self.linears_mut().for_each(Linear::unpack);
+    }
+
+    /// Every projection of every layer, then the LM head.
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        let layers = self
+            .model
+            .layers
+            .iter_mut()
+            .flat_map(DecoderLayer::linears_mut);
+        layers.chain(std::iter::once(&mut self.lm_head))
     }
 
     /// Whether the LM head (and so every projection, see [`Self::pack_weights`]) is packed.
