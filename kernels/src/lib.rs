@@ -14,14 +14,17 @@
 //! | [`swiglu`] | `swiglu.rs` | gate (..., F), up (..., F) -> (..., F) | composed (silu has a backward) |
 //! | [`token_logprobs`] | `logprobs.rs` | logits (..., V), targets (...) u32/i64 -> (...) f32 | CustomOp2 |
 //!
-//! Inference only, without a backward: [`packed`] (`x @ W^T + b` with the weight packed once into column
-//! panels, AVX-512 / AVX2 register-blocked, batch-invariant) for the CPU decode loop of models that are not trained.
+//! Inference only, without a backward, for the CPU decode loop of models that are not trained: [`packed`]
+//! (`x @ W^T + b` with the weight packed once into column panels, AVX-512 / AVX2 register-blocked,
+//! batch-invariant) and [`cached_attention`] (`attention.rs`: scores, mask, softmax and values in one pass per
+//! query over a KV cache read in place, batch-invariant).
 //!
 //! Other modules: `cpu.rs` (element types, strided reads, dtype dispatch shared by the kernels),
 //! [`reference`] (the composed versions), `cuda.rs` (the place for CUDA kernels, `cuda` feature).
 //! CPU kernels take f32, f64, bf16 and f16 (the last two computed in f32) and any layout
 //! (non-contiguous inputs are read through their strides). CUDA versions come in a later issue.
 
+mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -33,6 +36,7 @@ mod rope;
 mod softmax;
 mod swiglu;
 
+pub use attention::cached_attention;
 pub use logprobs::{token_logprobs, token_logprobs_as};
 pub use norm::{layer_norm, rms_norm};
 pub use packed::{packed_linear, PackedMatrix};

@@ -31,3 +31,42 @@ fn swiglu_rejects_mismatched_shapes() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn untracked_f32_takes_the_fused_pass_with_the_same_bits() -> Result<()> {
+    let mut rng = rng(420);
+    let gate = uniform(&mut rng, &[4, 37], -8.0, 8.0, DType::F32)?;
+    let up = uniform(&mut rng, &[4, 37], -2.0, 2.0, DType::F32)?;
+    let fused = swiglu(&gate, &up)?;
+    // Untracked f32 inputs take the fused pass: its bits equal the composition's.
+    let composed = (gate.silu()? * &up)?;
+    anyhow::ensure!(
+        fused.flatten_all()?.to_vec1::<f32>()? == composed.flatten_all()?.to_vec1::<f32>()?,
+        "the fused pass differs from silu(gate) * up"
+    );
+    // A non-contiguous gate is read correctly too.
+    let gate_t = uniform(&mut rng, &[37, 4], -8.0, 8.0, DType::F32)?.t()?;
+    let fused = swiglu(&gate_t, &up)?;
+    let composed = (gate_t.silu()? * &up)?;
+    anyhow::ensure!(
+        fused.flatten_all()?.to_vec1::<f32>()? == composed.flatten_all()?.to_vec1::<f32>()?,
+        "non-contiguous gate"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_variable_input_keeps_the_gradient() -> Result<()> {
+    let mut rng = rng(430);
+    let gate = candle_core::Var::from_tensor(&uniform(&mut rng, &[2, 5], -3.0, 3.0, DType::F32)?)?;
+    let up = uniform(&mut rng, &[2, 5], -1.0, 1.0, DType::F32)?;
+    let grads = swiglu(gate.as_tensor(), &up)?.sum_all()?.backward()?;
+    let grad = grads
+        .get(gate.as_tensor())
+        .ok_or_else(|| anyhow::anyhow!("no gradient reached the gate"))?;
+    anyhow::ensure!(
+        grad.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+        "zero gradient"
+    );
+    Ok(())
+}
