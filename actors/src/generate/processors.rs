@@ -16,8 +16,13 @@
 //!
 //! Removed tokens get `-inf` (transformers' `filter_value`). Greedy decoding (`do_sample=False`) runs only the
 //! repetition penalty and takes the argmax (the first index among equal maxima, as `torch.argmax`).
+//!
+//! Probabilities are `exp(score - max)` computed in f32 (a vectorized `expf`, relative error below 2e-7, the
+//! same bits on every CPU) and summed in f64 in a fixed order, so a draw depends on the logits and the row's
+//! random stream only.
 
 use super::sampling::{RowRng, SamplingParams};
+use super::vexp;
 use crate::{Error, Result};
 
 /// The token ids a row has in its context (prompt + generated): what the repetition penalty reads.
@@ -81,20 +86,6 @@ pub struct SampledToken {
     pub logprobs: TokenLogprobs,
 }
 
-/// `log(sum(exp(scale * x)))` over the finite entries of `values`, accumulated in f64.
-fn log_sum_exp(values: &[f32], scale: f64) -> f64 {
-    let max = values
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 * scale));
-    let sum: f64 = values
-        .iter()
-        .filter(|v| v.is_finite())
-        .map(|&v| (v as f64 * scale - max).exp())
-        .sum();
-    max + sum.ln()
-}
-
 /// transformers' `RepetitionPenaltyLogitsProcessor` on one row.
 pub fn apply_repetition_penalty(scores: &mut [f32], seen: &SeenTokens, penalty: f64) {
     if penalty == 1.0 {
@@ -131,12 +122,14 @@ pub fn top_k_filter(scores: &mut [f32], top_k: usize, scratch: &mut Vec<f32>) {
 /// transformers' `TopPLogitsWarper` on one row: keeps a token iff the mass ranked above it is `< top_p`.
 ///
 /// Sorts only the top candidates (64, doubled until the nucleus is covered), not the whole vocabulary.
-pub fn top_p_filter(scores: &mut [f32], top_p: f64, candidates: &mut Vec<u32>) {
+pub fn top_p_filter(scores: &mut [f32], top_p: f64, scratch: &mut Scratch) {
     if top_p >= 1.0 {
         return;
     }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let total: f64 = scores.iter().map(|&v| (v as f64 - max).exp()).sum();
+    let max = vexp::max(scores);
+    let weights = &mut scratch.weights;
+    let total = vexp::exp_shifted(scores, 1.0, max, weights, &mut scratch.block_sums);
+    let candidates = &mut scratch.ids;
     candidates.clear();
     candidates.extend((0..scores.len() as u32).filter(|&i| scores[i as usize].is_finite()));
     let by_score_desc = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]);
@@ -153,7 +146,7 @@ pub fn top_p_filter(scores: &mut [f32], top_p: f64, candidates: &mut Vec<u32>) {
                 kept = Some(rank);
                 break;
             }
-            mass_above += (scores[id as usize] as f64 - max).exp() / total;
+            mass_above += weights[id as usize] as f64 / total;
         }
         match kept {
             Some(rank) => break rank,
@@ -173,14 +166,22 @@ pub fn top_p_filter(scores: &mut [f32], top_p: f64, candidates: &mut Vec<u32>) {
 }
 
 /// transformers' `MinPLogitsWarper` on one row: removes tokens with `p < min_p * p_max`, i.e.
-/// `exp(score - max_score) < min_p`.
-pub fn min_p_filter(scores: &mut [f32], min_p: f64) {
+/// `exp(score - max_score) < min_p` (a token exactly at the threshold is kept). The exp is f32's: ratios below
+/// `f32::MIN_POSITIVE` (`score - max_score < -87.3`) count as 0, which matters only for `min_p < 1.2e-38`.
+pub fn min_p_filter(scores: &mut [f32], min_p: f64, scratch: &mut Scratch) {
     if min_p <= 0.0 {
         return;
     }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    for score in scores.iter_mut() {
-        if ((*score as f64) - max).exp() < min_p {
+    let max = vexp::max(scores);
+    vexp::exp_shifted(
+        scores,
+        1.0,
+        max,
+        &mut scratch.weights,
+        &mut scratch.block_sums,
+    );
+    for (score, &weight) in scores.iter_mut().zip(&scratch.weights) {
+        if (weight as f64) < min_p {
             *score = f32::NEG_INFINITY;
         }
     }
@@ -203,16 +204,18 @@ pub fn process_logits(
         scores.iter_mut().for_each(|s| *s /= temperature);
     }
     top_k_filter(scores, params.top_k, &mut scratch.values);
-    top_p_filter(scores, params.top_p, &mut scratch.ids);
-    min_p_filter(scores, params.min_p);
+    top_p_filter(scores, params.top_p, scratch);
+    min_p_filter(scores, params.min_p, scratch);
 }
 
-/// Reusable buffers for [`sample_next`], one per worker thread.
+/// Reusable buffers for [`sample_next`] and the processors, one per worker thread.
 #[derive(Debug, Default)]
 pub struct Scratch {
     scores: Vec<f32>,
-    /// `exp(score - max)` of every token: computed once per draw.
-    weights: Vec<f64>,
+    /// `exp(score - max)` of every token: computed once per draw (and by the top-p and min-p filters).
+    weights: Vec<f32>,
+    /// The sums of `weights` over blocks of 256 tokens (`vexp::BLOCK`), in f64.
+    block_sums: Vec<f64>,
     values: Vec<f32>,
     ids: Vec<u32>,
 }
@@ -220,8 +223,9 @@ pub struct Scratch {
 /// Chooses the next token of one row from its raw `logits` (length = vocabulary), drawing one uniform from
 /// `rng` unless greedy, and returns it with its [`TokenLogprobs`].
 ///
-/// Sampling is inverse-CDF over the processed probabilities in token-id order, accumulated in f64, so the
-/// choice depends on the logits and the row's stream only.
+/// Sampling is inverse-CDF over the processed probabilities in token-id order (f32 exps accumulated in f64 in a
+/// fixed order, whole blocks of 256 tokens first), so the choice depends on the logits and the row's stream
+/// only, whatever the CPU. Empty or non-finite logits are an error.
 pub fn sample_next(
     params: &SamplingParams,
     logits: &[f32],
@@ -229,7 +233,17 @@ pub fn sample_next(
     rng: &mut RowRng,
     scratch: &mut Scratch,
 ) -> Result<SampledToken> {
-    if let Some(at) = logits.iter().position(|v| !v.is_finite()) {
+    if logits.is_empty() {
+        return Err(Error::msg(
+            "sampling: the model produced no logits (empty vocabulary)",
+        ));
+    }
+    // A branch-free pass (it vectorizes); the position is looked for only when there is a non-finite logit.
+    if !logits.iter().fold(true, |ok, v| ok & v.is_finite()) {
+        let at = logits
+            .iter()
+            .position(|v| !v.is_finite())
+            .unwrap_or_default();
         return Err(Error::msg(format!(
             "sampling: the model produced a non-finite logit ({}) at vocabulary index {at}",
             logits[at]
@@ -240,11 +254,12 @@ pub fn sample_next(
     scores.extend_from_slice(logits);
     process_logits(params, seen, &mut scores, scratch);
 
-    // When no processor changed a score, the draw's normaliser is also the policy's (`log_sum_exp(logits, 1)`,
-    // the same sum in the same order), and the pass over the vocabulary is not repeated.
+    // When no processor changed a score, the draw's normaliser is also the policy's
+    // (`vexp::log_sum_exp(logits, 1)`, the same sum bit for bit), and the pass over the vocabulary is not
+    // repeated.
     let mut policy_lse = None;
     let (token, processed) = if params.is_greedy() {
-        // The first maximal index, as torch.argmax; logits are non-empty (checked by the caller's shapes).
+        // The first maximal index, as torch.argmax; logits are non-empty (checked above).
         let mut best = 0;
         for (i, &s) in scores.iter().enumerate() {
             if s > scores[best] {
@@ -253,31 +268,23 @@ pub fn sample_next(
         }
         (best, 0.0)
     } else {
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let weights = &mut scratch.weights;
-        weights.clear();
-        weights.extend(scores.iter().map(|&s| (s as f64 - max).exp()));
-        let total: f64 = weights.iter().sum();
+        let max = vexp::max(&scores);
+        let total = vexp::exp_shifted(
+            &scores,
+            1.0,
+            max,
+            &mut scratch.weights,
+            &mut scratch.block_sums,
+        );
         let target = rng.next_uniform() * total;
-        let mut acc = 0.0;
-        let mut chosen = None;
-        let mut last_kept = 0;
-        for (i, &w) in weights.iter().enumerate() {
-            if w > 0.0 {
-                last_kept = i;
-                acc += w;
-                if acc > target {
-                    chosen = Some(i);
-                    break;
-                }
-            }
-        }
-        // Rounding can leave `acc` a hair under `target` at the end: take the last kept token then.
-        let token = chosen.unwrap_or(last_kept);
+        // The processors keep at least the top token, whose weight is exp(0) = 1.
+        let token = vexp::inverse_cdf(&scratch.weights, &scratch.block_sums, target)
+            .ok_or_else(|| Error::msg("sampling: the logits processors removed every token"))?;
         let unprocessed = scores
             .iter()
             .zip(logits)
-            .all(|(s, l)| s.to_bits() == l.to_bits());
+            .fold(true, |same, (s, l)| same & (s.to_bits() == l.to_bits()));
+        let max = max as f64;
         if unprocessed {
             policy_lse = Some(max + total.ln());
         }
@@ -286,12 +293,13 @@ pub fn sample_next(
     scratch.scores = scores;
 
     let raw = logits[token] as f64;
-    let policy = (raw - policy_lse.unwrap_or_else(|| log_sum_exp(logits, 1.0))) as f32;
+    let policy = (raw - policy_lse.unwrap_or_else(|| vexp::log_sum_exp(logits, 1.0))) as f32;
     let tempered = if params.is_greedy() || params.temperature == 1.0 {
         policy
     } else {
-        let inv_t = 1.0 / params.temperature;
-        (raw * inv_t - log_sum_exp(logits, inv_t)) as f32
+        // `raw * inv_t` is exact in f64, and `log_sum_exp` scales by the same f32.
+        let inv_t = (1.0 / params.temperature) as f32;
+        (raw * inv_t as f64 - vexp::log_sum_exp(logits, inv_t)) as f32
     };
     Ok(SampledToken {
         token_id: token as u32,
