@@ -158,7 +158,7 @@ impl CustomOp3 for CachedAttention {
             .with_min_len(4)
             .enumerate()
             .for_each_init(
-                || vec![0f32; s],
+                || vec![0f32; shape.group * s],
                 |scores, (row, out)| {
                     let (bi, ti) = (row / t, row % t);
                     let task = Task {
@@ -223,7 +223,11 @@ impl Isa {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { run_avx2(shape, task, scores, out) },
-            Isa::Portable => run_task(shape, task, scores, out),
+            Isa::Portable => run_task(shape, task, scores, out, |q, k, dots| {
+                for (dot_q, q) in dots.iter_mut().zip(q) {
+                    *dot_q = dot(q, k);
+                }
+            }),
         }
     }
 }
@@ -231,55 +235,88 @@ impl Isa {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn run_avx512(shape: &Shapes, task: &Task, scores: &mut [f32], out: &mut [f32]) {
-    run_task(shape, task, scores, out)
+    run_task(shape, task, scores, out, |q, k, dots| {
+        x86::dot4_avx512(q, k, dots)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn run_avx2(shape: &Shapes, task: &Task, scores: &mut [f32], out: &mut [f32]) {
-    run_task(shape, task, scores, out)
+    run_task(shape, task, scores, out, |q, k, dots| {
+        for (dot, q) in dots.iter_mut().zip(q) {
+            *dot = x86::dot_avx2(q, k);
+        }
+    })
 }
 
-/// Every head of one task; `out` is its `H * D` outputs.
+/// Every head of one task; `out` is its `H * D` outputs, `scores` room for `group * S` weights. The query heads
+/// of one KV head go together, so each key and value row is loaded once for the whole group.
 #[inline(always)]
-fn run_task(shape: &Shapes, task: &Task, scores: &mut [f32], out: &mut [f32]) {
-    let d = shape.dim;
-    for (head, out) in out.chunks_exact_mut(d).enumerate() {
-        let kv_head = head / shape.group;
-        let q = &task.q[head * shape.steps * d..][..d];
-        let mut max = f32::NEG_INFINITY;
-        for (key, (score, &m)) in scores.iter_mut().zip(task.mask).enumerate() {
-            *score = if m == f32::NEG_INFINITY {
-                f32::NEG_INFINITY
-            } else {
-                dot(q, task.k.row(task.batch, kv_head, key, d)) * shape.scale + m
-            };
-            max = max.max(*score);
+fn run_task(
+    shape: &Shapes,
+    task: &Task,
+    scores: &mut [f32],
+    out: &mut [f32],
+    dot4: impl Fn([&[f32]; 4], &[f32], &mut [f32; 4]),
+) {
+    let (d, group) = (shape.dim, shape.group);
+    let keys = task.mask.len();
+    for (kv_head, out) in out.chunks_exact_mut(group * d).enumerate() {
+        let first_head = kv_head * group;
+        for (key, &m) in task.mask.iter().enumerate() {
+            if m == f32::NEG_INFINITY {
+                (0..group).for_each(|g| scores[g * keys + key] = f32::NEG_INFINITY);
+                continue;
+            }
+            let k_row = task.k.row(task.batch, kv_head, key, d);
+            let mut g = 0;
+            while g < group {
+                // Up to four query heads against this key row at once (independent sums, same bits as `dot`).
+                let n = (group - g).min(4);
+                let mut dots = [0f32; 4];
+                let query =
+                    |i: usize| &task.q[(first_head + g + i.min(n - 1)) * shape.steps * d..][..d];
+                dot4([query(0), query(1), query(2), query(3)], k_row, &mut dots);
+                for (i, dot) in dots[..n].iter().enumerate() {
+                    scores[(g + i) * keys + key] = dot * shape.scale + m;
+                }
+                g += n;
+            }
         }
-        let mut total = 0f32;
-        for score in scores.iter_mut() {
-            *score = if *score == f32::NEG_INFINITY {
-                0.0
-            } else {
-                (*score - max).exp()
-            };
-            total += *score;
+        // Softmax per head, in key order: every query row has a finite score (its own slot), so total > 0.
+        for weights in scores[..group * keys].chunks_exact_mut(keys) {
+            let max = weights.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut total = 0f32;
+            for w in weights.iter_mut() {
+                *w = if *w == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (*w - max).exp()
+                };
+                total += *w;
+            }
+            weights.iter_mut().for_each(|w| *w /= total);
         }
         out.fill(0.0);
-        for (key, &weight) in scores.iter().enumerate() {
-            if weight != 0.0 {
-                let value = task.v.row(task.batch, kv_head, key, d);
+        for (key, &m) in task.mask.iter().enumerate() {
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            let value = task.v.row(task.batch, kv_head, key, d);
+            for (g, out) in out.chunks_exact_mut(d).enumerate() {
+                let weight = scores[g * keys + key];
                 for (o, &x) in out.iter_mut().zip(value) {
                     *o += weight * x;
                 }
             }
         }
-        let inv = 1.0 / total;
-        out.iter_mut().for_each(|o| *o *= inv);
     }
 }
 
-/// `sum(a * b)` in [`LANES`] partial sums over `i % LANES`, combined pairwise, then the tail in order.
+/// `sum(a * b)` in [`LANES`] partial sums over `i % LANES` (whole chunks of 16), combined by halves (lane `i`
+/// takes lane `i + 8`, then `i + 4`, `i + 2`, `i + 1`), then the tail in order. The vector versions in [`x86`]
+/// perform exactly these operations.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
@@ -302,6 +339,76 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += x * y;
     }
     sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! [`super::dot`] in registers: one multiply and one add per lane and chunk, then the same halving.
+    use std::arch::x86_64::*;
+
+    use super::LANES;
+
+    /// [`super::dot`]`(q[i], k)` for four queries, their sums interleaved so the four chains overlap.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; every query has the length of `k`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot4_avx512(q: [&[f32]; 4], k: &[f32], dots: &mut [f32; 4]) {
+        let whole = k.len() / LANES * LANES;
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i < whole {
+            let kv = _mm512_loadu_ps(k.as_ptr().add(i));
+            for (acc, q) in acc.iter_mut().zip(&q) {
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(i)), kv));
+            }
+            i += LANES;
+        }
+        for ((dot, acc), q) in dots.iter_mut().zip(acc).zip(&q) {
+            let low = _mm512_castps512_ps256(acc);
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+            *dot = finish(_mm256_add_ps(low, high), &q[whole..], &k[whole..]);
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2; `a` and `b` have the same length.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let whole = a.len() / LANES * LANES;
+        let (mut low, mut high) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i < whole {
+            let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+            low = _mm256_add_ps(low, _mm256_mul_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb)));
+            high = _mm256_add_ps(
+                high,
+                _mm256_mul_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8))),
+            );
+            i += LANES;
+        }
+        finish(_mm256_add_ps(low, high), &a[whole..], &b[whole..])
+    }
+
+    /// Lanes 0..8 (already `lane i + lane i+8`) -> halved to one, then the tail added in order.
+    ///
+    /// # Safety
+    /// The CPU has AVX.
+    #[target_feature(enable = "avx")]
+    #[inline]
+    unsafe fn finish(eight: __m256, a_tail: &[f32], b_tail: &[f32]) -> f32 {
+        let four = _mm_add_ps(
+            _mm256_castps256_ps128(eight),
+            _mm256_extractf128_ps::<1>(eight),
+        );
+        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        let one = _mm_add_ss(two, _mm_shuffle_ps::<1>(two, two));
+        let mut sum = _mm_cvtss_f32(one);
+        for (x, y) in a_tail.iter().zip(b_tail) {
+            sum += x * y;
+        }
+        sum
+    }
 }
 
 #[cfg(test)]
@@ -407,7 +514,15 @@ mod tests {
 
     #[test]
     fn a_row_does_not_depend_on_its_batch_and_every_isa_agrees() -> Result<()> {
-        let (b, h, h_kv, t, past, d) = (6, 8, 2, 2, 40, 64);
+        // Head dims of whole 16-lane chunks and with a tail.
+        for d in [64, 20] {
+            row_and_isa_invariance(d)?;
+        }
+        Ok(())
+    }
+
+    fn row_and_isa_invariance(d: usize) -> Result<()> {
+        let (b, h, h_kv, t, past) = (6, 8, 2, 2, 40);
         let s = past + t;
         let (q, k, v) = inputs(b, h, h_kv, t, s, d)?;
         let mask = mask(b, t, past)?;
@@ -460,13 +575,13 @@ mod tests {
         let runs: Vec<Vec<f32>> = isas
             .iter()
             .map(|isa| {
-                let (mut scores, mut out) = (vec![0f32; s], vec![0f32; h * d]);
+                let (mut scores, mut out) = (vec![0f32; (h / h_kv) * s], vec![0f32; h * d]);
                 isa.run(&shape, &task, &mut scores, &mut out);
                 out
             })
             .collect();
         for run in &runs[1..] {
-            assert_eq!(run, &runs[0]);
+            assert_eq!(run, &runs[0], "head dim {d}");
         }
         let from_op = all.narrow(0, 3, 1)?.narrow(1, 1, 1)?.flatten_all()?;
         assert_eq!(runs[0], from_op.to_vec1::<f32>()?);

@@ -6,7 +6,6 @@
 //!
 //! Where no gradient can flow (generation's decode loop), f32 CPU inputs take one fused pass instead.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// SwiGLU: `silu(gate) * up`. gate (..., F), up (..., F) -> (..., F).
