@@ -18,6 +18,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::isa::Isa;
+
 /// Lanes of the dot-product accumulators.
 const LANES: usize = 16;
 
@@ -192,29 +194,7 @@ struct Task<'a> {
     batch: usize,
 }
 
-#[derive(Clone, Copy)]
-enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
 impl Isa {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
-    }
-
     fn run(self, shape: &Shapes, task: &Task, scores: &mut [f32], out: &mut [f32]) {
         match self {
             // SAFETY: `detect` saw the feature on this CPU.
@@ -555,16 +535,6 @@ mod tests {
             dim: d,
             scale: 0.125,
         };
-        let mut isas = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") {
-                isas.push(Isa::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") {
-                isas.push(Isa::Avx512);
-            }
-        }
         let task = Task {
             q: &q_all[(3 * h * t + 1) * d..],
             k: kk,
@@ -572,7 +542,7 @@ mod tests {
             mask: &mask_all[(3 * t + 1) * s..][..s],
             batch: 3,
         };
-        let runs: Vec<Vec<f32>> = isas
+        let runs: Vec<Vec<f32>> = Isa::available()
             .iter()
             .map(|isa| {
                 let (mut scores, mut out) = (vec![0f32; (h / h_kv) * s], vec![0f32; h * d]);

@@ -16,8 +16,9 @@
 //!
 //! Inference only, without a backward, for the CPU decode loop of models that are not trained: [`packed`]
 //! (`x @ W^T + b` with the weight packed once into column panels, AVX-512 / AVX2 register-blocked,
-//! batch-invariant) and [`cached_attention`] (`attention.rs`: scores, mask, softmax and values in one pass per
-//! query over a KV cache read in place, batch-invariant).
+//! batch-invariant), [`cached_attention`] (`attention.rs`: scores, mask, softmax and values in one pass per
+//! query over a KV cache read in place, batch-invariant) and [`vexp`] (`exp` over f32 slices with fixed-order sums,
+//! for the sampler). Each picks its compiled copy with [`Isa::detect`] and gives the same bits on every [`Isa`].
 //!
 //! Other modules: `cpu.rs` (element types, strided reads, dtype dispatch shared by the kernels),
 //! [`reference`] (the composed versions), `cuda.rs` (the place for CUDA kernels, `cuda` feature).
@@ -28,6 +29,7 @@ mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod isa;
 mod logprobs;
 mod norm;
 pub mod packed;
@@ -35,8 +37,10 @@ pub mod reference;
 mod rope;
 mod softmax;
 mod swiglu;
+pub mod vexp;
 
 pub use attention::cached_attention;
+pub use isa::Isa;
 pub use logprobs::{token_logprobs, token_logprobs_as};
 pub use norm::{layer_norm, rms_norm};
 pub use packed::{packed_linear, PackedMatrix};

@@ -18,6 +18,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::isa::Isa;
+
 /// Output columns per packed panel.
 pub const PANEL: usize = 32;
 /// Depth of one chunk: a 16 KiB slice of a panel, reused by every row block while it sits in L1.
@@ -198,30 +200,7 @@ struct Step {
     bias: Option<*const f32>,
 }
 
-/// The instruction set a matmul runs with, detected once per call (a cached CPUID read).
-#[derive(Debug, Clone, Copy)]
-enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
 impl Isa {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
-    }
-
     fn rows_per_block(self) -> usize {
         match self {
             #[cfg(target_arch = "x86_64")]
@@ -564,18 +543,8 @@ mod tests {
             random(n, &mut rng),
         );
         let packed = PackedMatrix::pack(&w, n, k, Some(&b))?;
-        let mut isas = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                isas.push(Isa::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") {
-                isas.push(Isa::Avx512);
-            }
-        }
         let mut first: Option<Vec<f32>> = None;
-        for isa in isas {
+        for isa in Isa::available() {
             let mut out = vec![0f32; m * n];
             packed.matmul_with(isa, &x, m, &mut out)?;
             match &first {

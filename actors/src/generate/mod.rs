@@ -10,7 +10,6 @@
 //! | [`qwen2`] | [`StepModel`] for the Qwen2 LLM and its KV cache |
 //! | [`shards`] | [`shards::ShardedCache`]: the running rows' KV cache in shards that decode concurrently |
 //! | [`chat`] | [`StepModel`] for the InternVL-chat model: images encoded once per group, then the LLM |
-//! | `vexp` | the sampler's `exp` over f32 slices: vectorized, bit-identical on every instruction set |
 
 pub mod chat;
 pub mod engine;
@@ -20,7 +19,6 @@ pub mod rollout;
 pub mod sampling;
 pub mod shards;
 pub mod stop;
-mod vexp;
 
 pub use engine::{
     generate_groups, generate_groups_streaming, generate_one_uncached, StepModel, TokenSink,

@@ -22,8 +22,8 @@
 //! random stream only.
 
 use super::sampling::{RowRng, SamplingParams};
-use super::vexp;
 use crate::{Error, Result};
+use r1v2_kernels::vexp;
 
 /// The token ids a row has in its context (prompt + generated): what the repetition penalty reads.
 #[derive(Debug, Clone)]

@@ -1,4 +1,5 @@
-//! `exp` over f32 slices for the sampler: vectorized, and bit-identical on every instruction set.
+//! `exp` over f32 slices (the sampler's passes over the vocabulary): vectorized, and bit-identical on every
+//! instruction set ([`crate::Isa`]).
 //!
 //! [`exp_shifted`] writes `exp(value * scale - shift)` of a slice and returns its sum, [`exp_sum`] returns
 //! the same sum without writing, [`log_sum_exp`] and [`max`] build on them, and [`inverse_cdf`] draws from
@@ -16,11 +17,13 @@
 //! for AVX-512F, for AVX2 + FMA, and plain (whose `mul_add` may be a libm `fmaf` call on x86-64 CPUs without
 //! FMA). The copy for the CPU is picked at run time, and all three give the same bits.
 
+use crate::isa::Isa;
+
 /// Entries per step: the loops work on `[f32; LANES]` arrays, one AVX-512 register or two AVX2 ones.
 const LANES: usize = 16;
 
 /// Entries per block of [`exp_shifted`]'s block sums.
-pub(crate) const BLOCK: usize = 256;
+pub const BLOCK: usize = 256;
 
 /// `log2(e)`, the factor of the range reduction.
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -161,30 +164,7 @@ fn max_lanes(values: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
-/// The instruction set the passes run with, detected per call (a cached CPUID read).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
 impl Isa {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
-    }
-
     /// [`pass`] compiled for this instruction set.
     fn pass(
         self,
@@ -258,7 +238,7 @@ mod x86 {
 
 /// Writes `out[i] = exp(values[i] * scale - shift)` (the argument rounded once) and `block_sums[b]`, the sum of
 /// block `b` (entries `b * BLOCK ..`), and returns the block sums added in order: the total the draw walks.
-pub(crate) fn exp_shifted(
+pub fn exp_shifted(
     values: &[f32],
     scale: f32,
     shift: f32,
@@ -277,19 +257,19 @@ pub(crate) fn exp_shifted(
 }
 
 /// The total [`exp_shifted`] returns, bit for bit, without writing the exps.
-pub(crate) fn exp_sum(values: &[f32], scale: f32, shift: f32) -> f64 {
+pub fn exp_sum(values: &[f32], scale: f32, shift: f32) -> f64 {
     Isa::detect().pass(values, scale, shift, None)
 }
 
 /// The largest entry of `values`, ignoring NaN; `-inf` when empty.
-pub(crate) fn max(values: &[f32]) -> f32 {
+pub fn max(values: &[f32]) -> f32 {
     Isa::detect().max(values)
 }
 
 /// `ln(sum(exp(v * scale)))` over `values`, shifted by the largest `v * scale` and accumulated in f64: what
 /// `max + ln(total)` gives for [`exp_shifted`]`(values, 1, max)` when `scale` is 1. `-inf` entries count 0;
 /// `-inf` for an empty slice. `scale` must be positive and the entries finite or `-inf`.
-pub(crate) fn log_sum_exp(values: &[f32], scale: f32) -> f64 {
+pub fn log_sum_exp(values: &[f32], scale: f32) -> f64 {
     let max = max(values);
     // `max * scale` is the largest `v * scale` (scale > 0), rounded as `exp1`'s argument is.
     let shift = max * scale;
@@ -305,7 +285,7 @@ pub(crate) fn log_sum_exp(values: &[f32], scale: f32) -> f64 {
 /// ends at the total exactly. When rounding leaves the sum `<= target` (past the last block, or in a block
 /// whose tokens add up a hair below its sum), the last token of that block with a positive weight is taken.
 /// `None` when every weight is 0.
-pub(crate) fn inverse_cdf(weights: &[f32], block_sums: &[f64], target: f64) -> Option<usize> {
+pub fn inverse_cdf(weights: &[f32], block_sums: &[f64], target: f64) -> Option<usize> {
     let last_kept = |(start, block): (usize, &[f32])| {
         let kept = block.iter().rposition(|&w| w > 0.0);
         kept.map(|i| start + i)
@@ -345,20 +325,6 @@ mod tests {
             lo.to_bits().max(hi.to_bits()),
         );
         (a..=b).step_by(stride).map(f32::from_bits).collect()
-    }
-
-    fn isas() -> Vec<Isa> {
-        let mut isas = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                isas.push(Isa::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") {
-                isas.push(Isa::Avx512);
-            }
-        }
-        isas
     }
 
     fn exps(values: &[f32]) -> Vec<f32> {
@@ -467,7 +433,7 @@ mod tests {
         values.extend(sweep(-0.0, X_MIN, 100_003));
         values.extend([f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0, -0.0, X_MIN]);
         let mut first = None;
-        for isa in isas() {
+        for isa in Isa::available() {
             let mut out = vec![0f32; values.len()];
             let mut sums = vec![0f64; values.len().div_ceil(BLOCK)];
             let total = isa.pass(&values, 1.25, 3.5, Some((&mut out[..], &mut sums[..])));
