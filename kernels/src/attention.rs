@@ -9,8 +9,9 @@
 //!
 //! Each output element is a fixed sequence of f32 multiplies and adds: dot products in 16 lanes combined in a
 //! fixed tree, the softmax in key order, the value sum in key order. It does not depend on the batch, the
-//! number of threads, or the instruction set the loop was compiled for (the AVX-512 / AVX2 copies run the
-//! same Rust code, and Rust never fuses a multiply and an add on its own), which generation's determinism needs.
+//! number of threads, or the instruction set (the AVX-512 / AVX2 copies compile the same loops, Rust never fuses
+//! a multiply and an add on its own, and the dot products' intrinsics perform the portable [`dot`]'s operations),
+//! which generation's determinism needs.
 //!
 //! There is no backward: use it where no gradient flows (the model's forward checks that no input is tracked).
 
@@ -68,8 +69,7 @@ pub fn cached_attention(
     let op = CachedAttention {
         mask: mask.contiguous()?,
         scale: scale as f32,
-        heads: h,
-        kv_heads: h_kv,
+        group: h / h_kv,
     };
     q.contiguous()?.apply_op3_no_bwd(k, v, &op)
 }
@@ -77,8 +77,8 @@ pub fn cached_attention(
 struct CachedAttention {
     mask: Tensor,
     scale: f32,
-    heads: usize,
-    kv_heads: usize,
+    /// Query heads per KV head.
+    group: usize,
 }
 
 /// A (B, Hkv, S, D) operand read in place: element `(b, h, s, 0..D)` starts at
@@ -148,7 +148,7 @@ impl CustomOp3 for CachedAttention {
         };
         let mask = &mask[m0..m1];
         let shape = Shapes {
-            group: self.heads / self.kv_heads,
+            group: self.group,
             steps: t,
             dim: d,
             scale: self.scale,
@@ -203,11 +203,7 @@ impl Isa {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { run_avx2(shape, task, scores, out) },
-            Isa::Portable => run_task(shape, task, scores, out, |q, k, dots| {
-                for (dot_q, q) in dots.iter_mut().zip(q) {
-                    *dot_q = dot(q, k);
-                }
-            }),
+            Isa::Portable => run_task(shape, task, scores, out, one_by_one(dot)),
         }
     }
 }
@@ -223,11 +219,23 @@ unsafe fn run_avx512(shape: &Shapes, task: &Task, scores: &mut [f32], out: &mut 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn run_avx2(shape: &Shapes, task: &Task, scores: &mut [f32], out: &mut [f32]) {
-    run_task(shape, task, scores, out, |q, k, dots| {
-        for (dot, q) in dots.iter_mut().zip(q) {
-            *dot = x86::dot_avx2(q, k);
+    run_task(
+        shape,
+        task,
+        scores,
+        out,
+        one_by_one(|a, b| unsafe { x86::dot_avx2(a, b) }),
+    )
+}
+
+/// The four-query dot of [`run_task`] as four calls of a one-query `dot`.
+#[inline(always)]
+fn one_by_one(dot: impl Fn(&[f32], &[f32]) -> f32) -> impl Fn([&[f32]; 4], &[f32], &mut [f32; 4]) {
+    move |q, k, dots| {
+        for (d, q) in dots.iter_mut().zip(q) {
+            *d = dot(q, k);
         }
-    })
+    }
 }
 
 /// Every head of one task; `out` is its `H * D` outputs, `scores` room for `group * S` weights. The query heads

@@ -1,12 +1,13 @@
 //! Shared plumbing of the CPU kernels: element types and their accumulator, reading a storage through its
-//! layout, and the dtype dispatch every `cpu_fwd` uses.
+//! layout, the dtype dispatch every `cpu_fwd` uses, and [`no_grad_f32_cpu`], the test the inference-only fused
+//! paths (attention, swiglu) share.
 //!
 //! Kernels are written once, generic over [`Elem`]: f32 and f64 compute in their own precision, bf16 and
 //! f16 load each element into f32, compute there, and round once on the way out.
 
 use std::borrow::Cow;
 
-use candle_core::{CpuStorage, Layout, Result, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 use half::{bf16, f16};
 
 /// Accumulator type a kernel computes in: f32 or f64.
@@ -141,6 +142,15 @@ macro_rules! float_dispatch {
     };
 }
 pub(crate) use float_dispatch;
+
+/// Whether the inference-only fused paths may run on `tensors`: all f32 on the CPU, and no gradient can reach
+/// any of them (`track_op` is false: none is a variable nor computed from one, as in generation from loaded
+/// weights). Those paths have no backward.
+pub fn no_grad_f32_cpu(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
+}
 
 #[cfg(test)]
 mod tests {

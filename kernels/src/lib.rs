@@ -20,7 +20,8 @@
 //! query over a KV cache read in place, batch-invariant) and [`vexp`] (`exp` over f32 slices with fixed-order sums,
 //! for the sampler). Each picks its compiled copy with [`Isa::detect`] and gives the same bits on every [`Isa`].
 //!
-//! Other modules: `cpu.rs` (element types, strided reads, dtype dispatch shared by the kernels),
+//! Other modules: `cpu.rs` (element types, strided reads, dtype dispatch shared by the kernels,
+//! [`no_grad_f32_cpu`]),
 //! [`reference`] (the composed versions), `cuda.rs` (the place for CUDA kernels, `cuda` feature).
 //! CPU kernels take f32, f64, bf16 and f16 (the last two computed in f32) and any layout
 //! (non-contiguous inputs are read through their strides). CUDA versions come in a later issue.
@@ -40,6 +41,7 @@ mod swiglu;
 pub mod vexp;
 
 pub use attention::cached_attention;
+pub use cpu::no_grad_f32_cpu;
 pub use isa::Isa;
 pub use logprobs::{token_logprobs, token_logprobs_as};
 pub use norm::{layer_norm, rms_norm};

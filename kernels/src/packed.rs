@@ -138,11 +138,11 @@ impl PackedMatrix {
         let panel = self.panels.as_ptr().add(p * k * PANEL);
         let bias = self.bias.as_ref().map(|b| b.as_ptr().add(p * PANEL));
         let out = out.0.add(p * PANEL);
+        let rows_per_block = isa.rows_per_block();
+        let blocks = m.div_ceil(rows_per_block);
         let mut k0 = 0;
         while k0 < k {
             let kc = DEPTH_CHUNK.min(k - k0);
-            let rows_per_block = isa.rows_per_block();
-            let blocks = m.div_ceil(rows_per_block);
             let mut step = Step {
                 w: panel.add(k0 * PANEL),
                 prefetch: std::ptr::null(),

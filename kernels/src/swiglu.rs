@@ -6,7 +6,9 @@
 //!
 //! Where no gradient can flow (generation's decode loop), f32 CPU inputs take one fused pass instead.
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use crate::cpu::no_grad_f32_cpu;
 
 /// SwiGLU: `silu(gate) * up`. gate (..., F), up (..., F) -> (..., F).
 ///
@@ -23,12 +25,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             up.shape()
         );
     }
-    let fused = gate.device().is_cpu()
-        && gate.dtype() == DType::F32
-        && up.dtype() == DType::F32
-        && !gate.track_op()
-        && !up.track_op();
-    if fused {
+    if no_grad_f32_cpu(&[gate, up]) {
         gate.contiguous()?
             .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
     } else {

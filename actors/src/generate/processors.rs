@@ -126,9 +126,8 @@ pub fn top_p_filter(scores: &mut [f32], top_p: f64, scratch: &mut Scratch) {
     if top_p >= 1.0 {
         return;
     }
-    let max = vexp::max(scores);
-    let weights = &mut scratch.weights;
-    let total = vexp::exp_shifted(scores, 1.0, max, weights, &mut scratch.block_sums);
+    let (_, total) = scratch.exps(scores);
+    let weights = &scratch.weights;
     let candidates = &mut scratch.ids;
     candidates.clear();
     candidates.extend((0..scores.len() as u32).filter(|&i| scores[i as usize].is_finite()));
@@ -172,14 +171,7 @@ pub fn min_p_filter(scores: &mut [f32], min_p: f64, scratch: &mut Scratch) {
     if min_p <= 0.0 {
         return;
     }
-    let max = vexp::max(scores);
-    vexp::exp_shifted(
-        scores,
-        1.0,
-        max,
-        &mut scratch.weights,
-        &mut scratch.block_sums,
-    );
+    scratch.exps(scores);
     for (score, &weight) in scores.iter_mut().zip(&scratch.weights) {
         if (weight as f64) < min_p {
             *score = f32::NEG_INFINITY;
@@ -218,6 +210,16 @@ pub struct Scratch {
     block_sums: Vec<f64>,
     values: Vec<f32>,
     ids: Vec<u32>,
+}
+
+impl Scratch {
+    /// Fills `weights` with `exp(score - max)` and `block_sums` with their block sums ([`vexp::exp_shifted`]);
+    /// returns the max and the total.
+    fn exps(&mut self, scores: &[f32]) -> (f32, f64) {
+        let max = vexp::max(scores);
+        let total = vexp::exp_shifted(scores, 1.0, max, &mut self.weights, &mut self.block_sums);
+        (max, total)
+    }
 }
 
 /// Chooses the next token of one row from its raw `logits` (length = vocabulary), drawing one uniform from
@@ -268,14 +270,7 @@ pub fn sample_next(
         }
         (best, 0.0)
     } else {
-        let max = vexp::max(&scores);
-        let total = vexp::exp_shifted(
-            &scores,
-            1.0,
-            max,
-            &mut scratch.weights,
-            &mut scratch.block_sums,
-        );
+        let (max, total) = scratch.exps(&scores);
         let target = rng.next_uniform() * total;
         // The processors keep at least the top token, whose weight is exp(0) = 1.
         let token = vexp::inverse_cdf(&scratch.weights, &scratch.block_sums, target)

@@ -7,7 +7,9 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use r1v2_kernels::{cached_attention, rms_norm, rope, softmax_last_dim, swiglu, token_logprobs};
+use r1v2_kernels::{
+    cached_attention, no_grad_f32_cpu, rms_norm, rope, softmax_last_dim, swiglu, token_logprobs,
+};
 
 use super::kv_cache::{mask_rows, KvCache, Layout};
 use super::linear::{linear, linear_no_bias, Linear};
@@ -39,13 +41,6 @@ impl RotaryEmbedding {
             angles.sin()?.to_dtype(dtype)?,
         ))
     }
-}
-
-/// Whether attention over a KV cache may take the fused inference kernel ([`cached_attention`]): f32 on the
-/// CPU, and no gradient can flow (the kernel has no backward; `track_op` is false when no input is a variable
-/// nor computed from one, as in generation from loaded weights).
-fn fused_attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    q.device().is_cpu() && q.dtype() == DType::F32 && ![q, k, v].iter().any(|x| x.track_op())
 }
 
 #[derive(Debug, Clone)]
@@ -106,15 +101,15 @@ impl Attention {
         let q = rope(&q.contiguous()?, cos, sin)?;
         let k = rope(&k.contiguous()?, cos, sin)?;
         let v = v.contiguous()?;
-        let fused = cache.is_some() && fused_attention_applies(&q, &k, &v);
+        // Generation on the CPU (a cached step, nothing tracked) takes the fused kernel, which has no backward.
+        let fused = cache.is_some() && no_grad_f32_cpu(&[&q, &k, &v]);
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
         let scale = 1.0 / (d as f64).sqrt();
         if fused {
-            // Generation on the CPU: one pass per query over the cache, read in place (no backward, and none
-            // is needed: see `fused_attention_applies`).
+            // One pass per query over the cache, read in place.
             let out = cached_attention(&q, &k, &v, mask, scale)?; // (B, T, H*D)
             return self.o_proj.forward(&out);
         }
