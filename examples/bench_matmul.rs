@@ -1,5 +1,12 @@
-//! Decode-shaped matmuls on the CPU: `x (M, K) @ W^T` with W stored as (N, K) (the checkpoint layout)
-//! or pre-transposed as (K, N), GFLOP/s per shape.
+//! Decode-shaped matmuls on the CPU, GFLOP/s: per shape, candle's `x (M, K) @ W^T` beside the packed kernel
+//! (`r1v2_kernels::packed_linear`); then every matmul of one decode step of the ~20M and ~100M Qwen2 configs of
+//! `benches/bench_generate.py` (all layers and the LM head, each weight read once, as in generation) through
+//! the packed kernel alone. Weights are cold (more than the caches hold) unless `HOT` is set.
+//!
+//!     RAYON_NUM_THREADS=1 cargo run --release --example bench_matmul
+//!
+//! Generation runs one shard of rows per thread, each shard's matmuls on one thread: `RAYON_NUM_THREADS=1` with
+//! 32 rows is a 64-row batch on 2 threads; few rows (one shard) split each matmul across the threads.
 use std::time::Instant;
 
 use anyhow::Result;
@@ -64,6 +71,78 @@ fn main() -> Result<()> {
                 "| {m} | {k} | {n} | {:.1} | {:.1} |",
                 flops / a / 1e9,
                 flops / b / 1e9
+            );
+        }
+    }
+    decode_steps()
+}
+
+/// One decode step's matmuls, packed: (hidden, intermediate, layers, vocab, heads, KV heads) of each config.
+fn decode_steps() -> Result<()> {
+    println!();
+    println!("| config | rows | packed GFLOP/s | ms per step |");
+    println!("|---|---:|---:|---:|");
+    let mut state = 1u64;
+    let mut random = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+            })
+            .collect()
+    };
+    for (name, (hidden, inter, layers, vocab, heads, kv_heads)) in [
+        (
+            "20M",
+            (512usize, 1408usize, 6usize, 8192usize, 8usize, 2usize),
+        ),
+        ("100M", (768, 2048, 12, 32000, 12, 2)),
+    ] {
+        let kv = hidden / heads * kv_heads;
+        // (K, N) of q/k/v together, o, gate/up together, down; then the tied LM head.
+        let layer = [
+            (hidden, hidden + 2 * kv),
+            (hidden, hidden),
+            (hidden, 2 * inter),
+            (inter, hidden),
+        ];
+        let shapes: Vec<(usize, usize)> = (0..layers)
+            .flat_map(|_| layer)
+            .chain([(hidden, vocab)])
+            .collect();
+        let weights = shapes
+            .iter()
+            .map(|&(k, n)| {
+                Ok(r1v2_kernels::PackedMatrix::pack(
+                    &random(n * k),
+                    n,
+                    k,
+                    None,
+                )?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for m in [1usize, 8, 32, 64] {
+            let xs: Vec<Vec<f32>> = shapes.iter().map(|&(k, _)| random(m * k)).collect();
+            let flops: f64 = shapes.iter().map(|&(k, n)| 2.0 * (m * k * n) as f64).sum();
+            let step = || -> Result<()> {
+                for (w, x) in weights.iter().zip(&xs) {
+                    std::hint::black_box(w.matmul_vec(x, m)?);
+                }
+                Ok(())
+            };
+            step()?;
+            let mut best = f64::MAX;
+            for _ in 0..10 {
+                let start = Instant::now();
+                step()?;
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            println!(
+                "| {name} | {m} | {:.1} | {:.2} |",
+                flops / best / 1e9,
+                best * 1e3
             );
         }
     }

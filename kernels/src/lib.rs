@@ -11,7 +11,7 @@
 //! | [`layer_norm`] | `norm.rs` | x (..., D), weight (D), bias (D)? -> (..., D) | CustomOp2/3, fused backward |
 //! | [`softmax_last_dim`] | `softmax.rs` | x (..., N) -> (..., N) | CustomOp1, fused backward |
 //! | [`rope`] | `rope.rs` | x (B, H, T, D), cos/sin (T, D/2) or (B, T, D/2) -> (B, H, T, D) | CustomOp3 |
-//! | [`swiglu`] | `swiglu.rs` | gate (..., F), up (..., F) -> (..., F) | composed (silu has a backward) |
+//! | [`swiglu`], [`silu`] | `swiglu.rs` | gate (..., F), up (..., F) -> (..., F) | CustomOp1 SiLU (f32/f64 CPU; candle's elsewhere), then mul |
 //! | [`token_logprobs`] | `logprobs.rs` | logits (..., V), targets (...) u32/i64 -> (...) f32 | CustomOp2 |
 //!
 //! Inference only, without a backward, for the CPU decode loop of models that are not trained: [`packed`]
@@ -48,4 +48,4 @@ pub use norm::{layer_norm, rms_norm};
 pub use packed::{packed_linear, PackedMatrix};
 pub use rope::rope;
 pub use softmax::softmax_last_dim;
-pub use swiglu::swiglu;
+pub use swiglu::{silu, swiglu};

@@ -22,12 +22,10 @@ use crate::isa::Isa;
 
 /// Output columns per packed panel.
 pub const PANEL: usize = 32;
-/// Depth of one chunk: a 16 KiB slice of a panel, reused by every row block while it sits in L1.
-const DEPTH_CHUNK: usize = 128;
-/// How far ahead in the packed stream a chunk is prefetched, in chunks. Spread over the row blocks and two
-/// chunks ahead, cold weights (a decode step reads each once) run ~20% faster at 32 and 64 rows than with the
-/// next chunk requested all at once by the first block (`examples/bench_matmul`, AMD EPYC, 1 and 2 threads).
-const PREFETCH_CHUNKS: usize = 2;
+/// Depth of one chunk: a 64 KiB slice of a panel, read from memory by the first row block and from L2 by the
+/// others. Accumulators cross chunk boundaries through memory, so deeper chunks spill less: 512 runs a decode
+/// step's matmuls ~15% faster than 128 at 32 rows on one thread (`examples/bench_matmul`, AMD EPYC).
+const DEPTH_CHUNK: usize = 512;
 /// Below this many multiply-adds a matmul runs on the calling thread (a rayon fork costs more).
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
@@ -59,7 +57,7 @@ impl PackedMatrix {
         let num_panels = n.div_ceil(PANEL);
         let mut panels = vec![0f32; num_panels * k * PANEL];
         panels
-            .par_chunks_mut(k * PANEL)
+            .par_chunks_mut((k * PANEL).max(1))
             .enumerate()
             .for_each(|(p, panel)| {
                 for j in 0..PANEL.min(n - p * PANEL) {
@@ -87,30 +85,76 @@ impl PackedMatrix {
         Self::pack(&weight, n, k, bias.as_deref())
     }
 
-    /// `out (M, N) = x (M, K) @ W^T + b`, both row-major.
+    /// `out (M, N) = x (M, K) @ W^T + b`, both row-major; every element of `out` is overwritten.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         self.matmul_with(Isa::detect(), x, m, out)
     }
 
-    fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        let (n, k) = (self.n, self.k);
-        if x.len() != m * k || out.len() != m * n {
+    /// [`Self::matmul`] into a new `(M, N)` buffer, which is written once (not zero-filled first).
+    pub fn matmul_vec(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        self.check(x, m)?;
+        let len = m * self.n;
+        let mut out = Vec::with_capacity(len);
+        // SAFETY: `x` holds (m, k) floats (checked) and `out` has room for m * n, every one of which `write`
+        // initializes before the length is set.
+        unsafe {
+            self.write(Isa::detect(), x, m, out.as_mut_ptr());
+            out.set_len(len);
+        }
+        Ok(out)
+    }
+
+    fn check(&self, x: &[f32], m: usize) -> Result<()> {
+        if x.len() != m * self.k {
             candle_core::bail!(
-                "PackedMatrix::matmul: x has {} floats and out {}, expected ({m}, {k}) and ({m}, {n})",
+                "PackedMatrix::matmul: x has {} floats, expected ({m}, {})",
                 x.len(),
-                out.len()
+                self.k
             );
         }
-        if m == 0 || n == 0 {
-            return Ok(());
+        Ok(())
+    }
+
+    fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        self.check(x, m)?;
+        if out.len() != m * self.n {
+            candle_core::bail!(
+                "PackedMatrix::matmul: out has {} floats, expected ({m}, {})",
+                out.len(),
+                self.n
+            );
         }
-        let out_ptr = SendPtr(out.as_mut_ptr());
+        // SAFETY: both lengths were checked.
+        unsafe { self.write(isa, x, m, out.as_mut_ptr()) };
+        Ok(())
+    }
+
+    /// Writes every element of `out (M, N)`.
+    ///
+    /// # Safety
+    /// `x` holds m rows of k floats and `out` has room for m rows of n floats (it may be uninitialized).
+    unsafe fn write(&self, isa: Isa, x: &[f32], m: usize, out: *mut f32) {
+        let (n, k) = (self.n, self.k);
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            // No depth: the bias alone (the kernels below would not run).
+            for r in 0..m {
+                for j in 0..n {
+                    *out.add(r * n + j) = self.bias.as_ref().map_or(0.0, |b| b[j]);
+                }
+            }
+            return;
+        }
+        let out_ptr = SendPtr(out);
         let num_panels = n.div_ceil(PANEL);
         let run = |panels: std::ops::Range<usize>| {
             for p in panels {
                 // SAFETY: panel `p` writes only output columns p*PANEL..min(n, (p+1)*PANEL) of each of the m
                 // rows, inside `out` (m * n floats), and no two tasks share a panel; `x` and the panels are
-                // read within their lengths (checked above and by construction).
+                // read within their lengths (the caller's contract and construction). The first depth chunk
+                // writes before anything reads, so `out` may start uninitialized.
                 unsafe { self.panel_matmul(isa, p, x, m, out_ptr) };
             }
         };
@@ -124,7 +168,6 @@ impl PackedMatrix {
                 run(t * num_panels / tasks..(t + 1) * num_panels / tasks);
             });
         }
-        Ok(())
     }
 
     /// One panel of output columns for all m rows.
@@ -157,13 +200,13 @@ impl PackedMatrix {
             let mut r0 = 0;
             for block in 0..blocks {
                 let rows = rows_per_block.min(m - r0);
-                // Block `block` of `blocks` requests its share of the chunk PREFETCH_CHUNKS ahead in the packed
-                // stream (the panels are contiguous, so that may be the next panel's), one depth step every
-                // `blocks` iterations: the requests spread over the whole chunk instead of bursting in the first
-                // block. Prefetches never fault; an address past the panels is a hint that is not dereferenced.
-                step.prefetch = step
-                    .w
-                    .wrapping_add((PREFETCH_CHUNKS * DEPTH_CHUNK + block * kc / blocks) * PANEL);
+                // Block `block` of `blocks` requests its share of a chunk further on in the packed stream (the
+                // panels are contiguous, so that may be the next panel's), one depth step every `blocks`
+                // iterations: the requests spread over the whole chunk instead of bursting in one block.
+                // Prefetches never fault; an address past the panels is a hint that is not dereferenced.
+                step.prefetch = step.w.wrapping_add(
+                    (step.prefetch_chunks() * DEPTH_CHUNK + block * kc / blocks) * PANEL,
+                );
                 isa.block(rows, x.as_ptr().add(r0 * k + k0), out.add(r0 * n), &step);
                 r0 += rows;
             }
@@ -186,7 +229,8 @@ struct Step {
     w: *const f32,
     /// Where to start prefetching (only a hint: may point past the panels).
     prefetch: *const f32,
-    /// Prefetch one depth step (`PANEL` floats, 2 cache lines) every this many steps of the chunk.
+    /// Prefetch one depth step (`PANEL` floats, 2 cache lines) every this many steps of the chunk; the number
+    /// of row blocks that share the chunk.
     prefetch_every: usize,
     kc: usize,
     /// Row strides of x and out.
@@ -198,6 +242,19 @@ struct Step {
     first: bool,
     /// Added after the last chunk.
     bias: Option<*const f32>,
+}
+
+impl Step {
+    /// Several row blocks reuse a chunk: the next one is brought into L1 while this one runs. A single block
+    /// reads each weight once: it is brought two chunks ahead into L2 only, where it does not evict the rows of
+    /// `x` and the partial sums from L1 (one row block, 8 rows on 2 threads: ~20% faster than into L1).
+    fn prefetch_chunks(&self) -> usize {
+        if self.prefetch_every > 1 {
+            1
+        } else {
+            2
+        }
+    }
 }
 
 impl Isa {
@@ -274,7 +331,8 @@ mod x86 {
     }
 
     /// Walks a block's prefetch share (see `PackedMatrix::panel_matmul`): one depth step of the panel, two cache
-    /// lines, every `step.prefetch_every` calls of `tick`.
+    /// lines, every `step.prefetch_every` calls of `tick`, into L1 when several blocks share the chunk and into
+    /// L2 when one block reads it (see `Step::prefetch_chunks`).
     struct Prefetcher {
         at: *const i8,
         every: usize,
@@ -297,8 +355,13 @@ mod x86 {
                 self.count = 0;
                 // SAFETY: prefetch is a hint that never faults, whatever the address.
                 unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(self.at);
-                    _mm_prefetch::<_MM_HINT_T0>(self.at.wrapping_add(64));
+                    if self.every > 1 {
+                        _mm_prefetch::<_MM_HINT_T0>(self.at);
+                        _mm_prefetch::<_MM_HINT_T0>(self.at.wrapping_add(64));
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T1>(self.at);
+                        _mm_prefetch::<_MM_HINT_T1>(self.at.wrapping_add(64));
+                    }
                 }
                 self.at = self.at.wrapping_add(PANEL * std::mem::size_of::<f32>());
             }
@@ -439,8 +502,7 @@ impl CustomOp1 for PackedMatmul<'_> {
             other => candle_core::bail!("packed-matmul: f32 input only, got {:?}", other.dtype()),
         };
         let m = batch.iter().product::<usize>();
-        let mut out = vec![0f32; m * packed.n];
-        packed.matmul(x, m, &mut out)?;
+        let out = packed.matmul_vec(x, m)?;
         let mut shape = batch.to_vec();
         shape.push(packed.n);
         Ok((CpuStorage::F32(out), Shape::from(shape)))
@@ -485,12 +547,14 @@ mod tests {
     #[test]
     fn matches_reference_on_every_tail() -> Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        // Partial panels (n % 32), several depth chunks with a partial one (k > 128), every row-block tail.
+        // Partial panels (n % 32), several depth chunks with a partial one (k > 512), every row-block tail,
+        // one row block (prefetch into L2) and several (into L1), no depth at all (the bias alone).
         for &(m, n, k) in &[
+            (3, 40, 0),
             (1, 5, 3),
-            (13, 70, 300),
-            (25, 64, 128),
-            (7, 33, 129),
+            (13, 70, 1100),
+            (25, 64, 512),
+            (7, 33, 513),
             (64, 96, 40),
         ] {
             for with_bias in [false, true] {
@@ -503,6 +567,11 @@ mod tests {
                 let packed = PackedMatrix::pack(&w, n, k, bias)?;
                 let mut out = vec![f32::NAN; m * n];
                 packed.matmul(&x, m, &mut out)?;
+                assert_eq!(
+                    packed.matmul_vec(&x, m)?,
+                    out,
+                    "({m}, {n}, {k}): matmul_vec"
+                );
                 let expected = reference(&x, &w, bias, m, n, k);
                 for (i, (&got, &want)) in out.iter().zip(&expected).enumerate() {
                     let tol = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
@@ -536,7 +605,7 @@ mod tests {
     #[test]
     fn every_instruction_set_gives_the_same_bits() -> Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        let (m, n, k) = (19, 77, 300);
+        let (m, n, k) = (19, 77, 1100);
         let (x, w, b) = (
             random(m * k, &mut rng),
             random(n * k, &mut rng),

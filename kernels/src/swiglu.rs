@@ -1,22 +1,27 @@
-//! SwiGLU gate of the Qwen2 MLP, `silu(gate) * up`: a composition of candle ops when a gradient may flow.
+//! SwiGLU gate of the Qwen2 MLP, `silu(gate) * up`.
 //!
-//! Both steps already have a backward in candle-core 0.11.1 (`backprop.rs`: `Op::Unary(_, Silu)` uses
-//! `d silu / dx = sigmoid(x) * (1 - silu(x)) + silu(x)`, and `Op::Binary(_, _, Mul)`), so gradients flow
-//! without a CustomOp. The same holds for the adapter's GELU: candle's `gelu_erf` has a backward (`UnaryOp::GeluErf`).
+//! On the CPU in f32, `silu(g) = g / (1 + exp(-g))` takes its exp from [`crate::vexp`] (vectorized, the same
+//! bits on every instruction set): [`Silu`] is a CustomOp with a backward for a forward that may be trained,
+//! followed by candle's `mul`; where no gradient can flow (generation's decode loop) one fused pass computes
+//! the same expression, `g / (1 + exp(-g)) * u`, without the intermediate tensor. Both give the same bits, so
+//! a forward with and one without a gradient agree exactly (a trainer's no-grad log-probs equal its graded
+//! ones; the finite-difference checks rely on it).
 //!
-//! Where no gradient can flow (generation's decode loop), f32 CPU inputs take one fused pass instead.
+//! Elsewhere (f64, other devices) it is candle's `silu` (with its backward, `Op::Unary(_, Silu)`) times `up`;
+//! [`Silu`] also runs f64 on the CPU, with libm's exp, for the finite-difference checks.
 
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::cpu::no_grad_f32_cpu;
+use crate::isa::Isa;
+use crate::vexp::exp1;
 
 /// SwiGLU: `silu(gate) * up`. gate (..., F), up (..., F) -> (..., F).
 ///
-/// When no gradient can reach the inputs (neither is a variable nor computed from one: `track_op` is false, as
-/// in generation) and both are f32 on the CPU, this runs one fused pass without a backward, element for element
-/// the same arithmetic as the composition (`g / (1 + exp(-g)) * u`, libm's `exp`), so a forward with and one
-/// without a gradient agree bit for bit (a trainer's no-grad log-probs equal its graded ones; the
-/// finite-difference checks rely on it). A vectorized exp (`crate::vexp`) would break that by an ulp.
+/// f32 and f64 CPU inputs take [`Silu`] (a backward) then `* up`, or, in f32, when no gradient can reach them (neither is a
+/// variable nor computed from one: `track_op` is false, as in generation), one fused pass with the same
+/// arithmetic and no backward. Other inputs take candle's `silu`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.shape() != up.shape() {
         bail!(
@@ -28,8 +33,48 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if no_grad_f32_cpu(&[gate, up]) {
         gate.contiguous()?
             .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
+    } else if gate.device().is_cpu() && matches!(gate.dtype(), DType::F32 | DType::F64) {
+        silu(gate)? * up
     } else {
         gate.silu()? * up
+    }
+}
+
+/// `silu(x) = x / (1 + exp(-x))` through [`Silu`] (CPU, f32 or f64), with a backward.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Silu)
+}
+
+/// SiLU on the CPU: f32 with [`crate::vexp`]'s exp (as the fused pass of [`swiglu`]), f64 with libm's.
+/// Backward: `d silu / dx = s * (1 + x * (1 - s))` with `s = sigmoid(x)`, composed of candle ops.
+pub struct Silu;
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "r1v2-silu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("silu: contiguous input only");
+        };
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(Isa::detect().silu_mul(&x[start..end], None)),
+            CpuStorage::F64(x) => CpuStorage::F64(
+                x[start..end]
+                    .iter()
+                    .map(|&x| x / (1.0 + (-x).exp()))
+                    .collect(),
+            ),
+            other => bail!("silu: f32 or f64 only, got {:?}", other.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let sigmoid = (arg.neg()?.exp()? + 1.0)?.recip()?;
+        let slope = (&sigmoid * ((arg * sigmoid.affine(-1.0, 1.0)?)? + 1.0)?)?;
+        Ok(Some(grad_res.mul(&slope)?))
     }
 }
 
@@ -53,11 +98,100 @@ impl CustomOp2 for SiluMul {
         else {
             bail!("silu-mul: contiguous f32 inputs only");
         };
-        let (gate, up) = (&gate[g0..g1], &up[u0..u1]);
-        let mut out = vec![0f32; gate.len()];
-        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
+        let out = Isa::detect().silu_mul(&gate[g0..g1], Some(&up[u0..u1]));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `g / (1 + exp(-g))`, times `u` when given: the one expression both paths compute, element by element.
+#[inline(always)]
+fn silu_one(g: f32, u: Option<f32>) -> f32 {
+    let s = g / (1.0 + exp1(-g));
+    match u {
+        Some(u) => s * u,
+        None => s,
+    }
+}
+
+/// [`silu_one`] over a slice, 16 lanes at a time (the tail one by one: the same operations per element).
+#[inline(always)]
+fn silu_mul_lanes(gate: &[f32], up: Option<&[f32]>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(gate.len());
+    let (gate_chunks, gate_tail) = gate.as_chunks::<16>();
+    match up {
+        Some(up) => {
+            let (up_chunks, up_tail) = up.as_chunks::<16>();
+            for (g, u) in gate_chunks.iter().zip(up_chunks) {
+                let lanes: [f32; 16] = std::array::from_fn(|i| silu_one(g[i], Some(u[i])));
+                out.extend_from_slice(&lanes);
+            }
+            out.extend(
+                gate_tail
+                    .iter()
+                    .zip(up_tail)
+                    .map(|(&g, &u)| silu_one(g, Some(u))),
+            );
+        }
+        None => {
+            for g in gate_chunks {
+                let lanes: [f32; 16] = std::array::from_fn(|i| silu_one(g[i], None));
+                out.extend_from_slice(&lanes);
+            }
+            out.extend(gate_tail.iter().map(|&g| silu_one(g, None)));
+        }
+    }
+    out
+}
+
+impl Isa {
+    /// [`silu_mul_lanes`] compiled for this instruction set (`up`, when given, as long as `gate`).
+    fn silu_mul(self, gate: &[f32], up: Option<&[f32]>) -> Vec<f32> {
+        match self {
+            // SAFETY: `detect` (or the test that lists the instruction sets) found the features on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { x86::avx512_silu_mul(gate, up) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { x86::avx2_silu_mul(gate, up) },
+            Isa::Portable => silu_mul_lanes(gate, up),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    /// [`super::silu_mul_lanes`] with AVX-512F; the CPU must have it.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn avx512_silu_mul(gate: &[f32], up: Option<&[f32]>) -> Vec<f32> {
+        super::silu_mul_lanes(gate, up)
+    }
+
+    /// [`super::silu_mul_lanes`] with AVX2 and FMA; the CPU must have them.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn avx2_silu_mul(gate: &[f32], up: Option<&[f32]>) -> Vec<f32> {
+        super::silu_mul_lanes(gate, up)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        // Past both ends of exp's range, and a tail after the 16-lane chunks.
+        let gate: Vec<f32> = (0..357).map(|i| (i as f32 - 178.0) * 0.61).collect();
+        let up: Vec<f32> = (0..357)
+            .map(|i| ((i * 37) % 11) as f32 * 0.3 - 1.5)
+            .collect();
+        for up in [None, Some(up.as_slice())] {
+            let runs: Vec<Vec<f32>> = Isa::available()
+                .iter()
+                .map(|isa| isa.silu_mul(&gate, up))
+                .collect();
+            for (isa, run) in Isa::available().iter().zip(&runs) {
+                assert_eq!(run, &runs[0], "{isa:?} differs from the portable pass");
+            }
+        }
     }
 }

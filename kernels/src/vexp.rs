@@ -49,7 +49,7 @@ const POLY: [f32; 6] = [
 
 /// `exp(x)` of one entry, without branches; see the module docs for the range.
 #[inline(always)]
-fn exp1(x: f32) -> f32 {
+pub(crate) fn exp1(x: f32) -> f32 {
     // `x >= X_MIN` is false for NaN, and `max` maps NaN to X_MIN (`clamp` would keep it): every lane computes
     // on a finite input.
     let keep = x >= X_MIN;
@@ -166,7 +166,7 @@ fn max_lanes(values: &[f32]) -> f32 {
 
 impl Isa {
     /// [`pass`] compiled for this instruction set.
-    fn pass(
+    pub(crate) fn pass(
         self,
         values: &[f32],
         scale: f32,
@@ -185,7 +185,7 @@ impl Isa {
     }
 
     /// [`max_lanes`] compiled for this instruction set.
-    fn max(self, values: &[f32]) -> f32 {
+    pub(crate) fn max(self, values: &[f32]) -> f32 {
         match self {
             // SAFETY: as in `pass`.
             #[cfg(target_arch = "x86_64")]

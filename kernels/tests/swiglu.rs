@@ -1,11 +1,12 @@
-//! SwiGLU (composed: candle's silu and mul have a backward): finite-difference gradient check.
+//! SwiGLU (r1v2's SiLU op with a backward, then candle's mul; fused where no gradient flows): finite-difference
+//! gradient check, the fused and graded paths' bits, and candle's silu as a reference.
 
 mod common;
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use common::{finite_difference_check, rng, uniform};
-use r1v2_kernels::swiglu;
+use r1v2_kernels::{silu, swiglu};
 
 #[test]
 fn swiglu_gradient_matches_finite_differences() -> Result<()> {
@@ -18,6 +19,13 @@ fn swiglu_gradient_matches_finite_differences() -> Result<()> {
         &[0, 1],
         401,
     )
+}
+
+#[test]
+fn silu_gradient_matches_finite_differences() -> Result<()> {
+    let mut rng = rng(405);
+    let x = uniform(&mut rng, &[4, 9], -6.0, 6.0, DType::F64)?;
+    finite_difference_check(|t: &[Tensor]| silu(&t[0]), &[x], &[0], 406)
 }
 
 #[test]
@@ -43,14 +51,24 @@ fn untracked_f32_takes_the_fused_pass_with_the_same_bits() -> Result<()> {
     let gate = uniform(&mut rng, &[4, 37], -100.0, 100.0, DType::F32)?;
     let up = uniform(&mut rng, &[4, 37], -2.0, 2.0, DType::F32)?;
     let fused = swiglu(&gate, &up)?;
+    // The graded path (a variable gate): r1v2's SiLU op, then candle's mul.
+    let tracked = candle_core::Var::from_tensor(&gate)?;
     anyhow::ensure!(
-        values(&fused)? == values(&(gate.silu()? * &up)?)?,
-        "the fused pass differs from silu(gate) * up"
+        values(&fused)? == values(&swiglu(tracked.as_tensor(), &up)?)?,
+        "the fused pass differs from the graded path"
     );
+    // Both are candle's silu(gate) * up up to exp's rounding.
+    let candle = (gate.silu()? * &up)?;
+    for (i, (got, want)) in values(&fused)?.iter().zip(values(&candle)?).enumerate() {
+        anyhow::ensure!(
+            (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+            "element {i}: {got} vs candle's {want}"
+        );
+    }
     // A non-contiguous gate is read correctly too.
     let gate_t = uniform(&mut rng, &[37, 4], -8.0, 8.0, DType::F32)?.t()?;
     anyhow::ensure!(
-        values(&swiglu(&gate_t, &up)?)? == values(&(gate_t.silu()? * &up)?)?,
+        values(&swiglu(&gate_t, &up)?)? == values(&swiglu(&gate_t.contiguous()?, &up)?)?,
         "non-contiguous gate"
     );
     // A row's result does not depend on its batch.
@@ -59,6 +77,29 @@ fn untracked_f32_takes_the_fused_pass_with_the_same_bits() -> Result<()> {
         values(&alone)? == values(&fused.narrow(0, 2, 1)?)?,
         "row 2 alone differs from row 2 in the batch"
     );
+    Ok(())
+}
+
+#[test]
+fn f32_gradient_matches_candles_silu() -> Result<()> {
+    let mut rng = rng(440);
+    let gate =
+        candle_core::Var::from_tensor(&uniform(&mut rng, &[3, 45], -12.0, 12.0, DType::F32)?)?;
+    let up = uniform(&mut rng, &[3, 45], -1.5, 1.5, DType::F32)?;
+    let ours = swiglu(gate.as_tensor(), &up)?.sum_all()?.backward()?;
+    let candle = (gate.as_tensor().silu()? * &up)?.sum_all()?.backward()?;
+    let grad = |g: &candle_core::backprop::GradStore| -> Result<Vec<f32>> {
+        values(
+            g.get(gate.as_tensor())
+                .ok_or_else(|| anyhow::anyhow!("no gradient"))?,
+        )
+    };
+    for (i, (got, want)) in grad(&ours)?.iter().zip(grad(&candle)?).enumerate() {
+        anyhow::ensure!(
+            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "element {i}: gradient {got} vs candle's {want}"
+        );
+    }
     Ok(())
 }
 
