@@ -122,7 +122,12 @@ fn silu_mul_lanes(gate: &[f32], up: Option<&[f32]>) -> Vec<f32> {
         Some(up) => {
             let (up_chunks, up_tail) = up.as_chunks::<16>();
             for (g, u) in gate_chunks.iter().zip(up_chunks) {
-                let lanes: [f32; 16] = std::array::from_fn(|i| silu_one(g[i], Some(u[i])));
+                // Plain loops over the lanes (a closure, as in `array::from_fn`, is not inlined into the
+                // target-feature copies, and `mul_add` would then call libm's fmaf).
+                let mut lanes = [0f32; 16];
+                for ((l, &g), &u) in lanes.iter_mut().zip(g).zip(u) {
+                    *l = silu_one(g, Some(u));
+                }
                 out.extend_from_slice(&lanes);
             }
             out.extend(
@@ -134,7 +139,10 @@ fn silu_mul_lanes(gate: &[f32], up: Option<&[f32]>) -> Vec<f32> {
         }
         None => {
             for g in gate_chunks {
-                let lanes: [f32; 16] = std::array::from_fn(|i| silu_one(g[i], None));
+                let mut lanes = [0f32; 16];
+                for (l, &g) in lanes.iter_mut().zip(g) {
+                    *l = silu_one(g, None);
+                }
                 out.extend_from_slice(&lanes);
             }
             out.extend(gate_tail.iter().map(|&g| silu_one(g, None)));
