@@ -13,9 +13,10 @@ fn main() -> Result<()> {
     println!("| rows | keys | heads / KV heads | head dim | ms per call | cache GB/s |");
     println!("|---:|---:|---|---:|---:|---:|");
     // The 20M bench config at the end of a short run and at a long one, the 100M config's heads at a long
-    // response, and a Qwen2-7B-like layer (28 heads over 4, head dim 128).
+    // response (8 rows, and one row alone), and a Qwen2-7B-like layer (28 heads over 4, head dim 128).
     for &(b, s, h, h_kv, d) in &[
-        (64usize, 48usize, 8usize, 2usize, 64usize),
+        (1usize, 4096usize, 12usize, 2usize, 64usize),
+        (64, 48, 8, 2, 64),
         (64, 512, 8, 2, 64),
         (8, 2048, 12, 2, 64),
         (8, 512, 28, 4, 128),

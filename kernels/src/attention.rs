@@ -3,8 +3,9 @@
 //!
 //! The composed version (`q @ k^T * scale + mask`, softmax, `@ v`, then a transpose to `(B, T, H*D)`) runs
 //! about ten candle ops per layer; in a decode step (T = 1) those are tiny batched matmuls whose set-up costs
-//! more than their arithmetic. Here one task per (batch row, query position) computes every head and writes its
-//! `H*D` outputs where the output projection reads them. Grouped-query attention reads KV head `h / group` for
+//! more than their arithmetic. Here one task per (batch row, query position, KV head) computes that KV head's
+//! query heads and writes their outputs where the output projection reads them (`(B, T, H*D)`); a single row
+//! (batch 1, a long response) still spreads over the threads. Grouped-query attention reads KV head `h / group` for
 //! query head `h`, as transformers' `repeat_kv`; keys whose mask is `-inf` are skipped, not multiplied.
 //!
 //! Each output element is a fixed sequence of f32 operations: dot products in 16 lanes combined in a fixed
@@ -161,11 +162,14 @@ impl CustomOp3 for CachedAttention {
         };
         let isa = Isa::detect();
         let mut out = vec![0f32; b * t * h * d];
-        // One task per (batch row, query position): its H * D outputs are contiguous in (B, T, H * D).
-        out.par_chunks_mut(h * d)
-            .with_min_len(4)
+        // One task per (batch row, query position, KV head): the outputs of the KV head's query heads are
+        // `group * D` contiguous floats of (B, T, H * D). Per KV head, so that a single row (batch 1, a long
+        // response) still spreads over the threads.
+        let h_kv = h / self.group;
+        out.par_chunks_mut(self.group * d)
             .enumerate()
-            .for_each_init(Scratch::default, |scratch, (row, out)| {
+            .for_each_init(Scratch::default, |scratch, (task, out)| {
+                let (row, kv_head) = (task / h_kv, task % h_kv);
                 let (bi, ti) = (row / t, row % t);
                 let task = Task {
                     q: &q[(bi * h * t + ti) * d..],
@@ -173,6 +177,7 @@ impl CustomOp3 for CachedAttention {
                     v,
                     mask: &mask[row * s..][..s],
                     batch: bi,
+                    kv_head,
                 };
                 isa.run(&shape, &task, scratch, out);
             });
@@ -188,13 +193,16 @@ struct Shapes {
     scale: f32,
 }
 
-/// One (batch row, query position): its queries (head `hh` at `q[hh * T * D..][..D]`), the cache and its mask.
+/// One (batch row, query position, KV head): the row's queries (head `hh` at `q[hh * T * D..][..D]`), the cache
+/// and its mask.
 struct Task<'a> {
     q: &'a [f32],
     k: Strided<'a>,
     v: Strided<'a>,
     mask: &'a [f32],
     batch: usize,
+    /// The KV head whose query heads this task computes.
+    kv_head: usize,
 }
 
 /// A task's working memory, reused across the tasks of a thread.
@@ -270,7 +278,7 @@ fn one_by_one(dot: impl Fn(&[f32], &[f32]) -> f32) -> impl Fn(Rows, Rows, &mut D
     }
 }
 
-/// Every head of one task; `out` is its `H * D` outputs. The query heads of one KV head go together: blocks of
+/// The query heads of one task's KV head; `out` is their `group * D` outputs. They go together: blocks of
 /// 4 heads x 4 keys for the scores (each key row loaded once per block), the softmax per head with
 /// [`crate::vexp`], and the values of up to 4 heads summed in registers, each value row loaded once per block.
 ///
@@ -296,57 +304,55 @@ fn run_task(
         .collect();
     let mut weights: Vec<[f32; BLOCK]> = Vec::with_capacity(live.len());
     let mut rows: Vec<&[f32]> = Vec::with_capacity(live.len());
-    for (kv_head, out) in out.chunks_exact_mut(group * d).enumerate() {
-        let first_head = kv_head * group;
-        let query = |g: usize| &task.q[(first_head + g) * shape.steps * d..][..d];
-        scores.fill(f32::NEG_INFINITY);
-        for h0 in (0..group).step_by(BLOCK) {
-            let heads = BLOCK.min(group - h0);
-            // A short block repeats its last head (or key); the extra sums are not kept.
-            let q: [&[f32]; BLOCK] = std::array::from_fn(|i| query(h0 + i.min(heads - 1)));
-            for (b, block) in live.chunks(BLOCK).enumerate() {
-                // The cache is read once per step, from memory: ask for the rows a few blocks ahead.
-                for &key in live.iter().skip((b + AHEAD) * BLOCK).take(BLOCK) {
-                    prefetch(task.k.row(task.batch, kv_head, key, d));
-                }
-                let k: [&[f32]; BLOCK] = std::array::from_fn(|i| {
-                    task.k
-                        .row(task.batch, kv_head, block[i.min(block.len() - 1)], d)
-                });
-                let mut sums = [0f32; BLOCK * BLOCK];
-                dots(q, k, &mut sums);
-                for (i, &key) in block.iter().enumerate() {
-                    for head in 0..heads {
-                        scores[(h0 + head) * keys + key] =
-                            sums[BLOCK * i + head] * shape.scale + task.mask[key];
-                    }
+    let kv_head = task.kv_head;
+    let first_head = kv_head * group;
+    let query = |g: usize| &task.q[(first_head + g) * shape.steps * d..][..d];
+    scores.fill(f32::NEG_INFINITY);
+    for h0 in (0..group).step_by(BLOCK) {
+        let heads = BLOCK.min(group - h0);
+        // A short block repeats its last head (or key); the extra sums are not kept.
+        let q: [&[f32]; BLOCK] = std::array::from_fn(|i| query(h0 + i.min(heads - 1)));
+        for (b, block) in live.chunks(BLOCK).enumerate() {
+            // The cache is read once per step, from memory: ask for the rows a few blocks ahead.
+            for &key in live.iter().skip((b + AHEAD) * BLOCK).take(BLOCK) {
+                prefetch(task.k.row(task.batch, kv_head, key, d));
+            }
+            let k: [&[f32]; BLOCK] = std::array::from_fn(|i| {
+                task.k
+                    .row(task.batch, kv_head, block[i.min(block.len() - 1)], d)
+            });
+            let mut sums = [0f32; BLOCK * BLOCK];
+            dots(q, k, &mut sums);
+            for (i, &key) in block.iter().enumerate() {
+                for head in 0..heads {
+                    scores[(h0 + head) * keys + key] =
+                        sums[BLOCK * i + head] * shape.scale + task.mask[key];
                 }
             }
         }
-        // Softmax per head: every query row has a finite score (its own slot), so the total is positive.
-        for weights in scores.chunks_exact_mut(keys) {
-            let max = isa.max(weights);
-            let total = isa.pass(weights, 1.0, max, Some(exp_buffers(exps, sums, keys)));
-            for (w, &e) in weights.iter_mut().zip(exps.iter()) {
-                *w = (e as f64 / total) as f32;
-            }
+    }
+    // Softmax per head: every query row has a finite score (its own slot), so the total is positive.
+    for weights in scores.chunks_exact_mut(keys) {
+        let max = isa.max(weights);
+        let total = isa.pass(weights, 1.0, max, Some(exp_buffers(exps, sums, keys)));
+        for (w, &e) in weights.iter_mut().zip(exps.iter()) {
+            *w = (e as f64 / total) as f32;
         }
-        rows.clear();
-        rows.extend(
+    }
+    rows.clear();
+    rows.extend(
+        live.iter()
+            .map(|&key| task.v.row(task.batch, kv_head, key, d)),
+    );
+    for (h0, out) in (0..group).step_by(BLOCK).zip(out.chunks_mut(BLOCK * d)) {
+        let heads = BLOCK.min(group - h0);
+        weights.clear();
+        weights.extend(
             live.iter()
-                .map(|&key| task.v.row(task.batch, kv_head, key, d)),
+                .map(|&key| std::array::from_fn(|i| scores[(h0 + i.min(heads - 1)) * keys + key])),
         );
-        for (h0, out) in (0..group).step_by(BLOCK).zip(out.chunks_mut(BLOCK * d)) {
-            let heads = BLOCK.min(group - h0);
-            weights.clear();
-            weights.extend(
-                live.iter().map(|&key| {
-                    std::array::from_fn(|i| scores[(h0 + i.min(heads - 1)) * keys + key])
-                }),
-            );
-            let mut outs: Vec<&mut [f32]> = out.chunks_exact_mut(d).collect();
-            values(&weights, &rows, &mut outs);
-        }
+        let mut outs: Vec<&mut [f32]> = out.chunks_exact_mut(d).collect();
+        values(&weights, &rows, &mut outs);
     }
 }
 
@@ -725,18 +731,22 @@ mod tests {
             dim: d,
             scale: 0.125,
         };
-        let task = Task {
-            q: &q_all[(3 * h * t + 1) * d..],
-            k: kk,
-            v: vv,
-            mask: &mask_all[(3 * t + 1) * s..][..s],
-            batch: 3,
-        };
+        // Row 3, position 1, every KV head's task in turn.
         let runs: Vec<Vec<f32>> = Isa::available()
             .iter()
             .map(|isa| {
                 let mut out = vec![0f32; h * d];
-                isa.run(&shape, &task, &mut Scratch::default(), &mut out);
+                for (kv_head, out) in out.chunks_exact_mut(shape.group * d).enumerate() {
+                    let task = Task {
+                        q: &q_all[(3 * h * t + 1) * d..],
+                        k: kk,
+                        v: vv,
+                        mask: &mask_all[(3 * t + 1) * s..][..s],
+                        batch: 3,
+                        kv_head,
+                    };
+                    isa.run(&shape, &task, &mut Scratch::default(), out);
+                }
                 out
             })
             .collect();
