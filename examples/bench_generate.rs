@@ -88,7 +88,7 @@ fn main() -> Result<()> {
         let groups = generate_groups(&generator, &prompts, args.n, &params, None)?;
         Ok(groups
             .iter()
-            .flat_map(|g| g.rollouts.iter().map(|r| r.token_ids.len()))
+            .flat_map(|g| g.iter().map(|r| r.token_ids.len()))
             .sum())
     };
     run()?; // warm-up

@@ -34,6 +34,7 @@ impl Verifier for WordCount {
             extracted: Some(words.to_string()),
             reason: format!("{words} words, wanted {wanted}"),
             hallucination: None,
+            failure: None,
         })
     }
 }

@@ -5,6 +5,7 @@
 //! | [`cli`] | the `r1v2` subcommands, one file each |
 //! | [`text`] | `tokenizer.json` wrapper and the Qwen / InternVL-chat template |
 //! | [`images`] | InternVL image preprocessing: dynamic tiling, bicubic resize, normalisation |
+//! | [`model_dir`] | a model directory: which family it holds, its config and headers; device names |
 //! | [`prompting`] | [`prompting::PromptEncoder`]: question + image files -> prompt ids and tiles, stop ids, decode |
 //! | [`data`] | JSONL prompt datasets, the seeded per-epoch shuffling loader and its resumable cursor |
 //! | [`telemetry`] | tracing setup (terminal + RUN_DIR/log.jsonl), metrics.jsonl writer/reader, progress bar |
@@ -24,6 +25,7 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod images;
+pub mod model_dir;
 pub mod prompting;
 pub mod telemetry;
 pub mod text;

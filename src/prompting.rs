@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::cli::model_dir::{read_json, ModelKind};
 use crate::images::{load_image, TilingConfig};
+use crate::model_dir::{read_json, ModelKind};
 use crate::text::tokenizer::{END_OF_TEXT, IMG_CONTEXT, IM_END};
 use crate::text::{encode_prompt, ChatTemplate, Tokenizer};
 use crate::{Error, Result};

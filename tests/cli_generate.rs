@@ -16,7 +16,7 @@ use r1v2::cli::generate::describe_finish;
 use r1v2::prompting::PromptEncoder;
 use r1v2_actors::generate::chat::ChatGenerator;
 use r1v2_actors::generate::qwen2::Qwen2Generator;
-use r1v2_actors::generate::{generate_groups, Group, PromptInput, Rollout, SamplingParams};
+use r1v2_actors::generate::{generate_groups, PromptInput, Rollout, SamplingParams};
 use r1v2_actors::model::chat::{ChatModel, Trainable};
 use r1v2_actors::model::qwen2;
 use r1v2_actors::model::weights::WeightStore;
@@ -141,7 +141,7 @@ fn library_group(
     n: usize,
     seed: u64,
     max_new_tokens: usize,
-) -> Result<Group<Rollout>> {
+) -> Result<Vec<Rollout>> {
     let encoder = PromptEncoder::from_model_dir(dir, &Device::Cpu, DType::F32)?;
     let encoded = encoder.encode(question, images)?;
     let prompt = PromptInput {
@@ -174,7 +174,7 @@ fn library_group(
 }
 
 /// The CLI's `--json` lines equal the library's rollouts: token ids, text, finish reason, log-probs.
-fn check_json_output(output: &Output, group: &Group<Rollout>) -> Result<()> {
+fn check_json_output(output: &Output, group: &[Rollout]) -> Result<()> {
     ensure!(
         output.status.success(),
         "{}",
@@ -184,8 +184,8 @@ fn check_json_output(output: &Output, group: &Group<Rollout>) -> Result<()> {
         .lines()
         .map(serde_json::from_str)
         .collect::<std::result::Result<_, _>>()?;
-    ensure!(lines.len() == group.rollouts.len());
-    for (line, rollout) in lines.iter().zip(&group.rollouts) {
+    ensure!(lines.len() == group.len());
+    for (line, rollout) in lines.iter().zip(group) {
         let ids: Vec<u32> = serde_json::from_value(line["token_ids"].clone())?;
         ensure!(
             ids == rollout.token_ids,
@@ -222,7 +222,7 @@ fn chat_model_with_an_image_matches_the_library() -> Result<()> {
     let output = r1v2(&args);
     ensure!(output.status.success());
     let stdout = String::from_utf8(output.stdout)?;
-    for rollout in &group.rollouts {
+    for rollout in group {
         let header = format!(
             "--- response {}/3 (finish: {}, {} tokens) ---\n",
             rollout.sample_index + 1,
@@ -255,7 +255,7 @@ fn streamed_single_response_is_the_library_text() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let rollout = &group.rollouts[0];
+    let rollout = &group[0];
     let text = rollout.text.as_deref().unwrap_or_default();
     ensure!(!text.is_empty(), "the library produced no text to compare");
     ensure!(String::from_utf8(output.stdout)? == format!("{text}\n"));
@@ -279,7 +279,7 @@ fn qwen2_model_matches_the_library() -> Result<()> {
     check_json_output(&r1v2(&args), &group)?;
     // Another seed gives other responses (the seed reaches the sampler).
     let other = library_group(dir.path(), "Tell me a story.", &[], 2, 6, 15)?;
-    ensure!(other.rollouts != group.rollouts);
+    ensure!(other != group);
     Ok(())
 }
 

@@ -138,7 +138,36 @@ fn tiny_config_runs_every_stage_and_actor_end_to_end() {
         log.contains("\"stage\":\"grpo\"") || log.contains("\"stage\": \"grpo\""),
         "no grpo span in log.jsonl"
     );
+    assert_shut_down_in_order(&log);
     assert!(run.join("config.toml").is_file());
+}
+
+/// The end of a run closes every actor, in pipeline order, and says so.
+fn assert_shut_down_in_order(log: &str) {
+    let order = [
+        "policy_generator",
+        "rule_verifier",
+        "reward_model",
+        "sample_buffer",
+        "hallucination_monitor",
+        "optimizer",
+    ];
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"shut down\""))
+        .filter_map(|l| {
+            order
+                .iter()
+                .copied()
+                .find(|a| l.contains(&format!("\"{a}\"")))
+        })
+        .collect();
+    // (tiny.toml has a reward model, so all six run.)
+    assert_eq!(closed, order, "actors shut down out of order (log.jsonl)");
+    assert!(
+        log.contains("every actor shut down"),
+        "no end-of-run shutdown logged"
+    );
 }
 
 #[test]
@@ -368,6 +397,7 @@ fn ctrl_c_stops_after_the_current_step_with_a_checkpoint() {
     let logged = read_metrics(&run.join("metrics.jsonl")).unwrap().len() as u64;
     assert_eq!(step, logged, "the checkpoint is of the last finished step");
     assert!(step < 405, "the run did not stop early");
+    assert_shut_down_in_order(&std::fs::read_to_string(run.join("log.jsonl")).unwrap());
 }
 
 #[test]

@@ -1,78 +1,171 @@
-//! The typed messages the actors exchange (design.md "Actors"), one struct per message and per payload.
+//! Every message the actors exchange (design.md "Actors"), one struct per message, and the actors' names.
 //!
-//! | message | to | reply |
-//! |---|---|---|
-//! | [`Verify`] | RuleVerifier | [`Verdicts`] |
-//! | [`Score`] | RewardModel | [`RmScores`] |
-//! | [`ScoredGroups`] | SampleBuffer | [`Accepted`] |
-//! | [`NextBatch`] | SampleBuffer | [`TrainBatch`] |
-//! | [`Snapshot`] | SampleBuffer | [`BufferSnapshot`] |
-//! | [`Calibrate`] | the reward combiner | `()` |
-//! | [`Heartbeat`] | every actor | [`HeartbeatReply`] |
-//! | [`Shutdown`] | SampleBuffer | `()` |
+//! | message | to (handler file) | reply | sent by |
+//! |---|---|---|---|
+//! | [`GenerateGroups`] | PolicyGenerator (actor/policy_generator.rs) | [`Rollouts`] | controller: each step, probes |
+//! | [`SyncWeights`] | PolicyGenerator (actor/policy_generator.rs) | version held | controller: after each update |
+//! | [`Verify`] | RuleVerifier (actor/rule_verifier.rs) | [`Verdicts`] | controller: each step, probes |
+//! | [`Score`] | RewardModel (actor/reward_model.rs) | [`RmScores`] | controller: each step |
+//! | [`ScoredGroups`] | SampleBuffer (actor/sample_buffer.rs) | [`Accepted`] | controller: each GRPO step |
+//! | [`NextBatch`] | SampleBuffer (actor/sample_buffer.rs) | [`TrainBatch`] | controller: each GRPO step |
+//! | [`Snapshot`] | SampleBuffer (actor/sample_buffer.rs) | [`BufferSnapshot`] | controller: checkpoints |
+//! | [`ObserveStep`] | MonitorActor (actor/monitor.rs) | [`MonitorReport`] | controller: each RL step |
+//! | [`ObserveProbe`] | MonitorActor (actor/monitor.rs) | `()` | controller: when the probe set is due |
+//! | [`MonitorSnapshot`] | MonitorActor (actor/monitor.rs) | the monitor's state | controller: checkpoints |
+//! | [`TrainSft`] / [`TrainMpo`] / [`TrainGrpo`] | Optimizer (actor/optimizer.rs) | [`UpdateReport`] | controller: each step |
+//! | [`RefreshReference`] | Optimizer (actor/optimizer.rs) | version | controller: at a stage's start, MPO rounds |
+//! | [`CurrentWeights`] | Optimizer (actor/optimizer.rs) | [`PolicyWeights`] | controller: syncing the generators at start |
+//! | [`SaveState`] | Optimizer (actor/optimizer.rs) | version written | controller: checkpoints |
+//! | [`Heartbeat`] | every actor | [`HeartbeatReply`] | the watchdog (src/trainer/watchdog.rs) |
+//! | [`Shutdown`] | every actor | `()` | controller: the end of a run, in order |
 //!
-//! [`Rollout`] and [`Group`] are what a generator produces; a group becomes a [`SampledGroup`] once its
-//! rewards and advantages are known. Fallible requests reply with [`crate::Result`]: the error names the
-//! request's item that could not be used.
+//! A group's data travels as one [`Group`] (crate::rl::group) from the generator to the optimizer.
+//! Fallible requests reply with [`crate::Result`]: the error names the request's item that could not be
+//! used. The batch and report types of the updates belong to [`crate::train`] and are re-exported here.
 
 use actix::{Message, MessageResponse};
 use serde::{Deserialize, Serialize};
 
+use crate::monitor::signals::StepObservation;
+use crate::monitor::HallucinationMonitor;
 use crate::rl::advantages::GroupKindCounts;
 use crate::rl::config::Calibration;
-use crate::rl::ssb::{SampledGroup, SsbMetrics, SsbState};
+use crate::rl::ssb::SsbState;
 use crate::rl::PromptId;
 use crate::verifiers::registry::VerifyRequest;
-use crate::verifiers::Verdict;
+use crate::verifiers::{HallucinationFlags, Verdict};
 
-/// Why a generator stopped a response.
+pub use crate::rl::{Group, Sample};
+pub use crate::train::{MpoPair, PolicyWeights, SftExample, TrainBatch, UpdateReport};
+
+/// The actors, by role: the names heartbeats, logs and the watchdog use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ActorName {
+    /// Samples groups with a snapshot of the policy.
+    PolicyGenerator,
+    /// The rule verifier pool.
+    RuleVerifier,
+    /// The frozen reward model.
+    RewardModel,
+    /// The Selective Sample Buffer.
+    SampleBuffer,
+    /// The hallucination monitor.
+    HallucinationMonitor,
+    /// The optimizer (policy trainer).
+    Optimizer,
+}
+
+impl ActorName {
+    /// The snake-case name (`policy_generator`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PolicyGenerator => "policy_generator",
+            Self::RuleVerifier => "rule_verifier",
+            Self::RewardModel => "reward_model",
+            Self::SampleBuffer => "sample_buffer",
+            Self::HallucinationMonitor => "hallucination_monitor",
+            Self::Optimizer => "optimizer",
+        }
+    }
+}
+
+impl std::fmt::Display for ActorName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message's name, for heartbeats, logs and the watchdog.
+pub trait Named {
+    /// The message's type name.
+    const NAME: &'static str;
+}
+
+macro_rules! named {
+    ($($message:ident),* $(,)?) => {
+        $(impl Named for $message {
+            const NAME: &'static str = stringify!($message);
+        })*
+    };
+}
+
+named!(
+    GenerateGroups,
+    SyncWeights,
+    Verify,
+    Score,
+    ScoredGroups,
+    NextBatch,
+    Snapshot,
+    ObserveStep,
+    ObserveProbe,
+    MonitorSnapshot,
+    TrainSft,
+    TrainMpo,
+    TrainGrpo,
+    RefreshReference,
+    CurrentWeights,
+    SaveState,
+    Heartbeat,
+    Shutdown,
+);
+
+// ---- Policy generator -------------------------------------------------------------------------------
+
+/// One prompt to sample a group for: which prompt of the [`crate::prompt::PromptBank`], and its position
+/// in the run's stream of prompts (keys the random streams of its responses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FinishReason {
-    /// An end-of-sequence / stop token was sampled.
-    Stop,
-    /// The response reached the maximum number of new tokens.
-    Length,
-}
-
-/// One sampled response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Rollout {
-    /// The prompt it answers.
-    pub prompt_id: PromptId,
-    /// Its index among the prompt's G samples.
-    pub sample_index: u32,
-    /// Response token ids (the prompt excluded).
-    pub token_ids: Vec<u32>,
-    /// Log-prob of each response token under the behaviour policy (same length as `token_ids`).
-    pub behaviour_logprobs: Vec<f32>,
-    /// The decoded response.
-    pub text: String,
-    /// Why generation stopped.
-    pub finish_reason: FinishReason,
-    /// Version of the policy that sampled it.
-    pub policy_version: u64,
-}
-
-/// The G rollouts of one prompt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Group {
+pub struct GroupRequest {
     /// The prompt.
     pub prompt_id: PromptId,
-    /// The responses, in sample-index order.
-    pub rollouts: Vec<Rollout>,
+    /// Its index in the run's prompt stream (`generate::PromptInput::prompt_index`).
+    pub prompt_index: u64,
 }
+
+/// Sample `n` responses for each prompt with the generator's current policy.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<Rollouts>")]
+pub struct GenerateGroups {
+    /// The prompts, in order.
+    pub prompts: Vec<GroupRequest>,
+    /// Responses per prompt (G).
+    pub n: usize,
+    /// Sampling parameters (seed included).
+    pub params: crate::generate::SamplingParams,
+}
+
+/// Reply to [`GenerateGroups`]: one group per prompt, in order, each stamped with the policy version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollouts {
+    /// The groups (not scored yet).
+    pub groups: Vec<Group>,
+    /// The policy version that sampled them.
+    pub policy_version: u64,
+    /// Response tokens generated.
+    pub tokens: usize,
+}
+
+/// Load these weights; the reply is the version the generator now holds.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<u64>")]
+pub struct SyncWeights {
+    /// The weights.
+    pub weights: PolicyWeights,
+}
+
+// ---- Rule verifier and reward model ---------------------------------------------------------------------
 
 /// Rule-verify these responses; the reply has one verdict per item, in order.
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Verdicts")]
+#[rtype(result = "crate::Result<Verdicts>")]
 pub struct Verify {
     /// The requests (verifier name, prompt, response, reference answer, meta).
     pub items: Vec<VerifyRequest>,
 }
 
 /// Reply to [`Verify`]: `verdicts[i]` judges `items[i]`. A verifier that failed, panicked or timed out gives a
-/// zero-score verdict whose reason says so.
-#[derive(Debug, Clone, PartialEq, MessageResponse)]
+/// zero-score verdict carrying its [`crate::verifiers::VerifyFailure`].
+#[derive(Debug, Clone, PartialEq)]
 pub struct Verdicts {
     /// One verdict per request.
     pub verdicts: Vec<Verdict>,
@@ -102,12 +195,14 @@ pub struct RmScores {
     pub scores: Vec<f32>,
 }
 
+// ---- Sample buffer -------------------------------------------------------------------------------------
+
 /// Groups whose rewards and advantages are known, for the sample buffer.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "crate::Result<Accepted>")]
 pub struct ScoredGroups {
     /// The groups.
-    pub groups: Vec<SampledGroup>,
+    pub groups: Vec<Group>,
 }
 
 /// Reply to [`ScoredGroups`]: how many groups were kept and the kinds of all of them.
@@ -119,7 +214,8 @@ pub struct Accepted {
     pub kinds: GroupKindCounts,
 }
 
-/// Assemble the next training batch of `target` groups for the policy at `policy_version`.
+/// Assemble the next training batch of `target` groups for the policy at `policy_version`; the reply is a
+/// [`TrainBatch`] (fresh informative groups first, then replayed ones).
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "crate::Result<TrainBatch>")]
 pub struct NextBatch {
@@ -127,19 +223,6 @@ pub struct NextBatch {
     pub target: usize,
     /// Version of the policy about to be updated.
     pub policy_version: u64,
-}
-
-/// Reply to [`NextBatch`]: fresh informative groups first, then replayed ones.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainBatch {
-    /// The policy version the batch was assembled for.
-    pub policy_version: u64,
-    /// The groups.
-    pub groups: Vec<SampledGroup>,
-    /// How many of `groups` (the last ones) were replayed from the buffer.
-    pub replayed: usize,
-    /// The buffer's metrics for this batch (ssb/*).
-    pub metrics: SsbMetrics,
 }
 
 /// Ask the sample buffer for its whole state, for a checkpoint.
@@ -153,120 +236,59 @@ pub struct BufferSnapshot {
     /// The Selective Sample Buffer, RNG position included.
     pub ssb: SsbState,
     /// Informative groups received since the last batch.
-    pub pending: Vec<SampledGroup>,
+    pub pending: Vec<Group>,
     /// Number of groups received since the last batch (zero-advantage ones included).
     pub pending_received: usize,
     /// Kinds of those groups.
     pub pending_kinds: GroupKindCounts,
 }
 
-/// New RM threshold / weight for the reward combiner (from the hallucination monitor).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
-#[rtype(result = "()")]
-pub struct Calibrate {
+// ---- Hallucination monitor --------------------------------------------------------------------------------
+
+/// A training step's observation.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<MonitorReport>")]
+pub struct ObserveStep {
+    /// The training step.
+    pub step: u64,
+    /// Its flags and samples.
+    pub observation: StepObservation,
+}
+
+/// A probe-set run's flags, one per probe response that carries them.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<()>")]
+pub struct ObserveProbe {
+    /// The training step it ran at.
+    pub step: u64,
+    /// The flags.
+    pub flags: Vec<HallucinationFlags>,
+}
+
+/// Ask for the monitor's whole state (for a checkpoint).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "crate::Result<HallucinationMonitor>")]
+pub struct MonitorSnapshot;
+
+/// Reply to [`ObserveStep`].
+#[derive(Debug, Clone)]
+pub struct MonitorReport {
+    /// `(metric name, value)`, every key on every step (see `HallucinationMonitor::metrics`).
+    pub metrics: Vec<(&'static str, f64)>,
+    /// A new calibration for the reward combiner, when the monitor moved it at this step.
+    pub calibrate: Option<CalibrationChange>,
+}
+
+/// New RM threshold / weight for the reward combiner (the controller applies it from the next step).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationChange {
     /// The new calibration.
     pub calibration: Calibration,
     /// Why it changed (logged).
     pub reason: String,
 }
 
-/// Are you alive, and what did you last do?
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "HeartbeatReply")]
-pub struct Heartbeat;
-
-/// Reply to [`Heartbeat`].
-#[derive(Debug, Clone, PartialEq, MessageResponse)]
-pub struct HeartbeatReply {
-    /// The actor's name.
-    pub actor: &'static str,
-    /// Name of the last message it handled (before this heartbeat), if any.
-    pub last_message: Option<&'static str>,
-    /// How many messages it handled (heartbeats excluded).
-    pub handled: u64,
-    /// How many times it was restarted after a panic.
-    pub restarts: u32,
-}
-
-/// Close the actor: it refuses work queued after this message. actix restarts a supervised actor and a
-/// `SyncArbiter` worker whenever they stop while addresses remain, so these actors end when their last address
-/// is dropped; the sync pools (RuleVerifier, RewardModel) hold no state to close and take no `Shutdown`.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct Shutdown;
-
-// ---- Policy generator and optimizer -------------------------------------------------------------------
-
-/// The trainable tensors of one policy version, by checkpoint name: what the optimizer publishes and the
-/// generators load. Cheap to clone (the tensors are shared).
-#[derive(Debug, Clone)]
-pub struct PolicyWeights {
-    /// The policy version these weights are (0 = the initial checkpoint; +1 per optimizer step).
-    pub version: u64,
-    /// `(checkpoint name, tensor)` for every trainable parameter.
-    pub tensors: std::sync::Arc<Vec<(String, candle_core::Tensor)>>,
-}
-
-/// One prompt to sample a group for: which prompt of the [`crate::prompt::PromptBank`], and its position
-/// in the run's stream of prompts (keys the random streams of its responses).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupRequest {
-    /// The prompt.
-    pub prompt_id: PromptId,
-    /// Its index in the run's prompt stream (`generate::PromptInput::prompt_index`).
-    pub prompt_index: u64,
-}
-
-/// Sample `n` responses for each prompt with the generator's current policy.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "crate::Result<Rollouts>")]
-pub struct GenerateGroups {
-    /// The prompts, in order.
-    pub prompts: Vec<GroupRequest>,
-    /// Responses per prompt (G).
-    pub n: usize,
-    /// Sampling parameters (seed included).
-    pub params: crate::generate::SamplingParams,
-}
-
-/// Reply to [`GenerateGroups`]: one group per prompt, in order, each stamped with the policy version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Rollouts {
-    /// The groups.
-    pub groups: Vec<Group>,
-    /// The policy version that sampled them.
-    pub policy_version: u64,
-    /// Response tokens generated.
-    pub tokens: usize,
-}
-
-/// Load these weights; the reply is the version the generator now holds.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "crate::Result<u64>")]
-pub struct SyncWeights {
-    /// The weights.
-    pub weights: PolicyWeights,
-}
-
-/// One preference pair for an MPO update: two responses to the same prompt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MpoPair {
-    /// The prompt (in the prompt bank).
-    pub prompt_id: PromptId,
-    /// The chosen response's token ids.
-    pub chosen: Vec<u32>,
-    /// The rejected response's token ids.
-    pub rejected: Vec<u32>,
-}
-
-/// One supervised example: a prompt and the response to learn (the SFT warm start).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SftExample {
-    /// The prompt (in the prompt bank).
-    pub prompt_id: PromptId,
-    /// The target response's token ids (end-of-turn token included).
-    pub response: Vec<u32>,
-}
+// ---- Optimizer ---------------------------------------------------------------------------------------------
 
 /// Run one supervised update (token-mean negative log-likelihood of the responses) on these examples.
 #[derive(Debug, Clone, Message)]
@@ -292,18 +314,15 @@ pub struct TrainMpo {
     pub pairs: Vec<MpoPair>,
 }
 
-/// Reply to [`TrainGrpo`] / [`TrainMpo`]: the new policy and the update's metrics.
-#[derive(Debug, Clone)]
-pub struct UpdateReport {
-    /// The weights after the update (`weights.version` = the new version).
-    pub weights: PolicyWeights,
-    /// Metrics by design.md name: `actor/pg_loss`, `actor/kl`, `actor/clipfrac`, `actor/entropy`,
-    /// `actor/grad_norm`, `actor/lr` for GRPO; `mpo/dpo`, `mpo/bco`, `mpo/sft`, `mpo/delta`,
-    /// `actor/grad_norm`, `actor/lr` for MPO.
-    pub metrics: std::collections::BTreeMap<String, f64>,
-    /// Response tokens the update trained on.
-    pub tokens: usize,
-}
+/// Make the current policy the frozen reference. Replies the policy version it now is.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "crate::Result<u64>")]
+pub struct RefreshReference;
+
+/// The trainable weights at the current version.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "crate::Result<PolicyWeights>")]
+pub struct CurrentWeights;
 
 /// Write the trainable state to `dir`: the model in the HF layout under `dir/model`, the optimizer state
 /// beside it. The reply is the version written.
@@ -313,3 +332,30 @@ pub struct SaveState {
     /// The (temporary) checkpoint directory.
     pub dir: std::path::PathBuf,
 }
+
+// ---- Every actor --------------------------------------------------------------------------------------------
+
+/// Are you alive, and what did you last do?
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "HeartbeatReply")]
+pub struct Heartbeat;
+
+/// Reply to [`Heartbeat`].
+#[derive(Debug, Clone, PartialEq, MessageResponse)]
+pub struct HeartbeatReply {
+    /// The actor.
+    pub actor: ActorName,
+    /// Name of the last message it handled (before this heartbeat), if any.
+    pub last_message: Option<&'static str>,
+    /// How many messages it handled (heartbeats excluded).
+    pub handled: u64,
+    /// How many times it was restarted after a panic.
+    pub restarts: u32,
+}
+
+/// Close the actor: it refuses work queued after this message with an error, and the reply says it is
+/// closed. The controller sends it to every actor at the end of a run, in pipeline order, and awaits each
+/// reply before dropping the addresses (which ends the actors' threads). A pool's workers share the flag.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use r1v2_actors::generate::chat::ChatGenerator;
 use r1v2_actors::generate::qwen2::Qwen2Generator;
 use r1v2_actors::generate::{
-    generate_groups, generate_groups_streaming, generate_one_uncached, Group, PromptInput, Rollout,
+    generate_groups, generate_groups_streaming, generate_one_uncached, PromptInput, Rollout,
     SamplingParams, StepModel,
 };
 use r1v2_actors::model::chat::{ChatModel, Trainable};
@@ -97,12 +97,12 @@ impl Fixture {
     fn check_against_uncached(
         &self,
         prompts: &[PromptInput],
-        groups: &[Group<Rollout>],
+        groups: &[Vec<Rollout>],
         params: &SamplingParams,
     ) -> Result<()> {
         let cfg = self.model.llm.config();
         for (group, prompt) in groups.iter().zip(prompts) {
-            for rollout in &group.rollouts {
+            for rollout in group {
                 let reference = generate_one_uncached(
                     |seq| self.full_logits(prompt, seq),
                     cfg.vocab_size,
@@ -153,7 +153,7 @@ fn greedy_equals_argmax_of_full_chat_forwards(variant: &str) -> Result<()> {
             expected.push(argmax);
             sequence.push(argmax);
         }
-        for rollout in &group.rollouts {
+        for rollout in group {
             ensure!(
                 rollout.token_ids == expected,
                 "{variant} prompt {}: {:?} vs argmax {expected:?}",
@@ -223,13 +223,13 @@ fn sampled_groups_equal_uncached_rows(variant: &str) -> Result<()> {
         generator.vision_runs()
     );
     for (group, tokens) in groups.iter().zip(&streamed) {
-        for (rollout, tokens) in group.rollouts.iter().zip(tokens) {
+        for (rollout, tokens) in group.iter().zip(tokens) {
             ensure!(&rollout.token_ids == tokens, "the sink missed tokens");
         }
     }
     let lengths: Vec<usize> = groups
         .iter()
-        .flat_map(|g| g.rollouts.iter().map(|r| r.token_ids.len()))
+        .flat_map(|g| g.iter().map(|r| r.token_ids.len()))
         .collect();
     ensure!(
         lengths.iter().any(|&l| l != lengths[0]),

@@ -7,8 +7,8 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use r1v2_actors::generate::qwen2::Qwen2Generator;
 use r1v2_actors::generate::shards::ShardPlan;
 use r1v2_actors::generate::{
-    generate_groups, generate_groups_batched, generate_one_uncached, BatchOptions, Group,
-    PromptInput, Rollout, SamplingParams,
+    generate_groups, generate_groups_batched, generate_one_uncached, BatchOptions, PromptInput,
+    Rollout, SamplingParams,
 };
 use r1v2_actors::model::qwen2::{Config, ForCausalLM};
 use r1v2_actors::model::weights::WeightStore;
@@ -38,20 +38,20 @@ fn prompts() -> Vec<PromptInput> {
 }
 
 /// Every rollout equals the uncached reference: same tokens and finish reason, log-probs within 1e-4.
-fn check_against_uncached(model: &ForCausalLM, groups: &[Group<Rollout>], params: &SamplingParams) {
+fn check_against_uncached(model: &ForCausalLM, groups: &[Vec<Rollout>], params: &SamplingParams) {
     check_prompts_against_uncached(model, &prompts(), groups, params)
 }
 
 fn check_prompts_against_uncached(
     model: &ForCausalLM,
     prompts: &[PromptInput],
-    groups: &[Group<Rollout>],
+    groups: &[Vec<Rollout>],
     params: &SamplingParams,
 ) {
     let cfg = model.config();
     assert_eq!(groups.len(), prompts.len());
     for (group, prompt) in groups.iter().zip(prompts) {
-        for rollout in &group.rollouts {
+        for rollout in group {
             let reference = generate_one_uncached(
                 |seq| full_logits(model, seq),
                 cfg.vocab_size,
@@ -83,7 +83,7 @@ fn batched_checked(
     prompts: &[PromptInput],
     params: &SamplingParams,
     max_batch_rows: usize,
-) -> anyhow::Result<Vec<Group<Rollout>>> {
+) -> anyhow::Result<Vec<Vec<Rollout>>> {
     let groups = generate_groups_batched(
         generator,
         prompts,
@@ -98,11 +98,11 @@ fn batched_checked(
 }
 
 /// Same tokens in every run; log-probs within rounding (the matmuls' rounding may depend on the batch).
-fn assert_same_rollouts<S: std::fmt::Debug>(runs: &[(S, Vec<Group<Rollout>>)]) {
+fn assert_same_rollouts<S: std::fmt::Debug>(runs: &[(S, Vec<Vec<Rollout>>)]) {
     let (_, first) = &runs[0];
     for (setup, groups) in &runs[1..] {
         for (a, b) in first.iter().zip(groups) {
-            for (ra, rb) in a.rollouts.iter().zip(&b.rollouts) {
+            for (ra, rb) in a.iter().zip(b) {
                 assert_eq!(ra.token_ids, rb.token_ids, "{setup:?}");
                 for (x, y) in ra.logprobs.iter().zip(&rb.logprobs) {
                     assert!(
@@ -128,10 +128,7 @@ fn greedy_equals_argmax_of_repeated_full_forwards() -> anyhow::Result<()> {
     let groups = generate_groups(&generator, &prompts(), 2, &params, None)?;
     check_against_uncached(&model, &groups, &params);
     // Greedy rows of one prompt are identical.
-    assert_eq!(
-        groups[0].rollouts[0].token_ids,
-        groups[0].rollouts[1].token_ids
-    );
+    assert_eq!(groups[0][0].token_ids, groups[0][1].token_ids);
     Ok(())
 }
 
@@ -153,13 +150,13 @@ fn sampled_groups_equal_uncached_rows_whatever_the_batch() -> anyhow::Result<()>
     check_against_uncached(&model, &groups, &params);
     let lengths: Vec<usize> = groups
         .iter()
-        .flat_map(|g| g.rollouts.iter().map(|r| r.token_ids.len()))
+        .flat_map(|g| g.iter().map(|r| r.token_ids.len()))
         .collect();
     assert!(lengths.iter().any(|&l| l != lengths[0]), "{lengths:?}");
     // The second prompt alone, with a smaller group: its first two responses keep their tokens. Their
     // log-probs move in the last bits only (the matmuls' rounding depends on the batch size).
     let alone = generate_groups(&generator, &prompts()[1..], 2, &params, None)?;
-    for (ours, batched) in alone[0].rollouts.iter().zip(&groups[1].rollouts) {
+    for (ours, batched) in alone[0].iter().zip(&groups[1]) {
         assert_eq!(ours.token_ids, batched.token_ids);
         assert_eq!(ours.finish_reason, batched.finish_reason);
         for (a, b) in ours.logprobs.iter().zip(&batched.logprobs) {
@@ -245,7 +242,7 @@ fn sharded_and_packed_decoding_equal_the_plain_batch_and_the_uncached_rows() -> 
     let lengths: Vec<usize> = runs[0]
         .1
         .iter()
-        .flat_map(|g| g.rollouts.iter().map(|r| r.token_ids.len()))
+        .flat_map(|g| g.iter().map(|r| r.token_ids.len()))
         .collect();
     assert!(lengths.iter().any(|&l| l != lengths[0]), "{lengths:?}");
     // Same tokens whatever the shards, the batch or the kernel; log-probs within rounding.

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 
 use r1v2_actors::generate::{
     generate_groups, generate_groups_batched, generate_one_uncached, BatchOptions, FinishReason,
-    Group, PromptInput, Rollout, SamplingParams, StepModel,
+    PromptInput, Rollout, SamplingParams, StepModel,
 };
 use r1v2_actors::Result;
 use rand::{Rng, SeedableRng};
@@ -133,8 +133,7 @@ fn shared_prefix_batch_equals_uncached_rows() {
     let groups = generate_groups(&model, &prompts, 6, &params(), Some(&letters)).unwrap();
     assert_eq!(*model.prefills.borrow(), 2, "one prefill per prompt");
     for (group, prompt) in groups.iter().zip(&prompts) {
-        assert_eq!(group.prompt_index, prompt.prompt_index);
-        for rollout in &group.rollouts {
+        for rollout in group {
             let reference = generate_one_uncached(
                 |seq| Ok(toy_logits(seq)),
                 VOCAB,
@@ -148,11 +147,7 @@ fn shared_prefix_batch_equals_uncached_rows() {
             assert_eq!(rollout, &reference);
         }
     }
-    let lengths: Vec<usize> = groups[0]
-        .rollouts
-        .iter()
-        .map(|r| r.token_ids.len())
-        .collect();
+    let lengths: Vec<usize> = groups[0].iter().map(|r| r.token_ids.len()).collect();
     assert!(
         lengths.iter().any(|&l| l != lengths[0]),
         "rows should finish at different steps: {lengths:?}"
@@ -170,11 +165,7 @@ fn finished_rows_leave_the_batch() {
     );
     assert!(batches[0] <= 8);
     // Each decode step serves exactly the rows that still needed a token: a row of L tokens took L - 1 steps.
-    let needed: usize = groups[0]
-        .rollouts
-        .iter()
-        .map(|r| r.token_ids.len() - 1)
-        .sum();
+    let needed: usize = groups[0].iter().map(|r| r.token_ids.len() - 1).sum();
     assert_eq!(batches.iter().sum::<usize>(), needed);
     assert!(
         batches.last().copied().unwrap_or(0) < 8,
@@ -189,7 +180,7 @@ fn tokens_do_not_depend_on_batch_mates_or_group_size() {
     let b = prompt(11, &[9, 8, 7, 6]);
     let together = generate_groups(&model, &[a.clone(), b.clone()], 4, &params(), None).unwrap();
     let alone = generate_groups(&model, std::slice::from_ref(&b), 2, &params(), None).unwrap();
-    assert_eq!(together[1].rollouts[..2], alone[0].rollouts[..]);
+    assert_eq!(together[1][..2], alone[0][..]);
     let moved = generate_groups(&model, &[b, a], 4, &params(), None).unwrap();
     assert_eq!(moved[1], together[0]);
     // Another seed gives other responses.
@@ -198,7 +189,7 @@ fn tokens_do_not_depend_on_batch_mates_or_group_size() {
         ..params()
     };
     let other = generate_groups(&model, &[prompt(10, &[2, 3])], 4, &reseeded, None).unwrap();
-    assert_ne!(other[0].rollouts, together[0].rollouts);
+    assert_ne!(other[0], together[0]);
 }
 
 #[test]
@@ -208,7 +199,7 @@ fn finish_reasons_stop_tokens_strings_and_length() {
     let groups = generate_groups(&model, &prompts, 8, &params(), None).unwrap();
     let mut seen_stop = false;
     let mut seen_length = false;
-    for rollout in groups.iter().flat_map(|g| &g.rollouts) {
+    for rollout in groups.iter().flat_map(|g| g) {
         let last = *rollout.token_ids.last().unwrap(); // every response has at least one token
         match rollout.finish_reason {
             FinishReason::StopToken(id) => {
@@ -232,7 +223,6 @@ fn finish_reasons_stop_tokens_strings_and_length() {
 
     // Stop strings across token boundaries: stop at the first response's first two-letter window.
     let first = groups[0]
-        .rollouts
         .iter()
         .find(|r| r.token_ids.len() >= 3)
         .expect("a response of 3+ tokens");
@@ -242,7 +232,7 @@ fn finish_reasons_stop_tokens_strings_and_length() {
         ..params()
     };
     let stopped = generate_groups(&model, &prompts[..1], 8, &with_stop, Some(&letters)).unwrap();
-    let rollout = &stopped[0].rollouts[first.sample_index as usize];
+    let rollout = &stopped[0][first.sample_index as usize];
     assert_eq!(rollout.finish_reason, FinishReason::StopString(0));
     assert!(rollout.text.as_deref().unwrap().ends_with(&stop)); // text is set when decode is given
     assert!(first.token_ids.starts_with(&rollout.token_ids));
@@ -258,7 +248,7 @@ fn context_limit_ends_rows_with_length() {
         ..params()
     };
     let groups = generate_groups(&model, &[prompt(0, &long)], 2, &unbounded, None).unwrap();
-    for rollout in &groups[0].rollouts {
+    for rollout in &groups[0] {
         assert_eq!(
             rollout.token_ids.len(),
             4,
@@ -306,7 +296,7 @@ fn five_prompts() -> Vec<PromptInput> {
     ]
 }
 
-fn batched(model: &impl StepModel, max_batch_rows: usize) -> Vec<Group<Rollout>> {
+fn batched(model: &impl StepModel, max_batch_rows: usize) -> Vec<Vec<Rollout>> {
     generate_groups_batched(
         model,
         &five_prompts(),
@@ -344,7 +334,7 @@ fn continuous_batching_keeps_every_token_whatever_max_batch_rows() {
         let model = ToyLm::default();
         let groups = batched(&model, max_batch_rows);
         for (group, expected) in groups.iter().zip(&reference) {
-            assert_eq!(&group.rollouts, expected, "max_batch_rows {max_batch_rows}");
+            assert_eq!(group, expected, "max_batch_rows {max_batch_rows}");
         }
         assert_eq!(*model.prefills.borrow(), 5, "one prefill per prompt");
         let batches = model.step_batches.borrow();
@@ -373,13 +363,7 @@ fn the_batch_refills_while_rows_still_run() {
     // longest response minus its first token (drawn from the prefill).
     let sequential: usize = groups
         .iter()
-        .map(|g| {
-            g.rollouts
-                .iter()
-                .map(|r| r.token_ids.len() - 1)
-                .max()
-                .unwrap_or(0)
-        })
+        .map(|g| g.iter().map(|r| r.token_ids.len() - 1).max().unwrap_or(0))
         .sum();
     let steps = model.step_batches.borrow().len();
     assert!(
@@ -389,7 +373,7 @@ fn the_batch_refills_while_rows_still_run() {
     // Every decode step served exactly the rows that still needed a token.
     let needed: usize = groups
         .iter()
-        .flat_map(|g| g.rollouts.iter().map(|r| r.token_ids.len() - 1))
+        .flat_map(|g| g.iter().map(|r| r.token_ids.len() - 1))
         .sum();
     assert_eq!(model.step_batches.borrow().iter().sum::<usize>(), needed);
 }

@@ -214,7 +214,7 @@ fn chair_aggregates_over_verdicts() -> Result<()> {
         verify(&v, "A dog and a cat.", meta.clone())?, // 2 claims, 1 unsupported
         verify(&v, "A man with a dog.", meta.clone())?, // 2 claims, 0 unsupported
         verify(&v, "A horse, a cow, a dog.", meta)?,   // 3 claims, 2 unsupported
-        Verdict::failed("no flags"),                   // ignored
+        Verdict::zero("no flags"),                     // ignored
     ];
     // CHAIR-i = (1 + 0 + 2) / (2 + 2 + 3) = 3/7; CHAIR-s = 2 of 3 flagged responses.
     assert!((chair_i(&verdicts).expect("claims") - 3.0 / 7.0).abs() < 1e-12);

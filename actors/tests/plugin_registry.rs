@@ -200,16 +200,16 @@ impl Verifier for Moody {
             "error" => Err(Error::msg("moody refused")),
             "sleep" => {
                 std::thread::sleep(Duration::from_secs(6));
-                Ok(Verdict::failed("late"))
+                Ok(Verdict::zero("late"))
             }
             "nan" => Ok(Verdict {
                 score: f32::NAN,
-                ..Verdict::failed("nan")
+                ..Verdict::zero("nan")
             }),
             other => Ok(Verdict {
                 score: other.len() as f32 / 10.0,
                 format_ok: true,
-                ..Verdict::failed("ok")
+                ..Verdict::zero("ok")
             }),
         }
     }
@@ -266,7 +266,7 @@ fn batch_keeps_order_and_runs_in_parallel() {
             IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
             Ok(Verdict {
                 score: input.answer.parse::<f32>().unwrap_or(0.0),
-                ..Verdict::failed("")
+                ..Verdict::zero("")
             })
         }
     }

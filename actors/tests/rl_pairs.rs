@@ -2,15 +2,48 @@
 
 use anyhow::Result;
 use r1v2_actors::rl::mpo::{
-    mine_pairs, ReferenceCache, ReferenceLogprobs, ScoredGroup, ScoredResponse, VerifierOutcome,
+    mine_pairs, ReferenceCache, ReferenceLogprobs, ScoredResponse, VerifierOutcome,
 };
-use r1v2_actors::rl::PromptId;
+use r1v2_actors::rl::{Group, PromptId, Sample};
+use r1v2_actors::verifiers::Verdict;
 
-fn r(score: f64, verifier: VerifierOutcome, format_ok: bool) -> ScoredResponse {
-    ScoredResponse {
-        score,
-        verifier,
-        format_ok,
+/// A scored sample that pair mining sees as `(score, verifier, format_ok)`: `score` is its RM score, the
+/// verdict passes or fails (none for `NotApplicable`, which is never blocked by the format).
+fn r(score: f64, verifier: VerifierOutcome, format_ok: bool) -> Sample {
+    let mut sample = Sample::scored(vec![1, 2], vec![-1.0, -1.0], 0.0, 0.0, None);
+    sample.rm_score = Some(score);
+    sample.verdict = match verifier {
+        VerifierOutcome::Pass | VerifierOutcome::Fail => Some(Verdict {
+            score: if verifier == VerifierOutcome::Pass {
+                1.0
+            } else {
+                0.0
+            },
+            format_ok,
+            extracted: None,
+            reason: String::new(),
+            hallucination: None,
+            failure: None,
+        }),
+        VerifierOutcome::NotApplicable => {
+            assert!(
+                format_ok,
+                "a sample without a verdict is not blocked by the format"
+            );
+            None
+        }
+    };
+    let seen = ScoredResponse::of(&sample);
+    assert_eq!((seen.verifier, seen.format_ok), (verifier, format_ok));
+    assert!(seen.score == score || (seen.score.is_nan() && score.is_nan()));
+    sample
+}
+
+fn group(prompt: u64, samples: Vec<Sample>) -> Group {
+    Group {
+        prompt_id: PromptId(prompt),
+        policy_version: 0,
+        samples,
     }
 }
 
@@ -19,34 +52,25 @@ fn pairs_are_best_eligible_against_worst_with_drop_counts() -> Result<()> {
     use VerifierOutcome::{Fail, NotApplicable, Pass};
     let groups = vec![
         // The top score fails its verifier: the chosen is the best passing one (index 2).
-        ScoredGroup {
-            prompt_id: PromptId(0),
-            responses: vec![r(9.0, Fail, true), r(-12.0, Fail, true), r(6.0, Pass, true)],
-        },
+        group(
+            0,
+            vec![r(9.0, Fail, true), r(-12.0, Fail, true), r(6.0, Pass, true)],
+        ),
         // The best passing one has a bad format: the chosen is index 1 (no verifier applies).
-        ScoredGroup {
-            prompt_id: PromptId(1),
-            responses: vec![
+        group(
+            1,
+            vec![
                 r(8.0, Pass, false),
                 r(4.0, NotApplicable, true),
                 r(-14.0, Pass, true),
             ],
-        },
+        ),
         // Margin 10 < 15: dropped.
-        ScoredGroup {
-            prompt_id: PromptId(2),
-            responses: vec![r(5.0, Pass, true), r(-5.0, Fail, true)],
-        },
+        group(2, vec![r(5.0, Pass, true), r(-5.0, Fail, true)]),
         // Nothing eligible.
-        ScoredGroup {
-            prompt_id: PromptId(3),
-            responses: vec![r(5.0, Fail, true), r(-15.0, Pass, false)],
-        },
+        group(3, vec![r(5.0, Fail, true), r(-15.0, Pass, false)]),
         // One response.
-        ScoredGroup {
-            prompt_id: PromptId(4),
-            responses: vec![r(5.0, Pass, true)],
-        },
+        group(4, vec![r(5.0, Pass, true)]),
     ];
     let mined = mine_pairs(&groups, 15.0)?;
     let ids: Vec<(u64, usize, usize)> = mined
@@ -67,10 +91,7 @@ fn pairs_are_best_eligible_against_worst_with_drop_counts() -> Result<()> {
     );
     // A lower threshold keeps the third group.
     assert_eq!(mine_pairs(&groups, 10.0)?.pairs.len(), 3);
-    let bad = vec![ScoredGroup {
-        prompt_id: PromptId(7),
-        responses: vec![r(f64::NAN, Pass, true)],
-    }];
+    let bad = vec![group(7, vec![r(f64::NAN, Pass, true)])];
     assert!(mine_pairs(&bad, 0.0)
         .unwrap_err()
         .to_string()
@@ -80,13 +101,13 @@ fn pairs_are_best_eligible_against_worst_with_drop_counts() -> Result<()> {
 
 #[test]
 fn reference_cache_computes_once_per_pair() -> Result<()> {
-    let groups = vec![ScoredGroup {
-        prompt_id: PromptId(3),
-        responses: vec![
+    let groups = vec![group(
+        3,
+        vec![
             r(20.0, VerifierOutcome::Pass, true),
             r(0.0, VerifierOutcome::Fail, true),
         ],
-    }];
+    )];
     let pair = mine_pairs(&groups, 15.0)?.pairs[0];
     let mut cache = ReferenceCache::default();
     let mut calls = 0;

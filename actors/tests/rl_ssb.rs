@@ -4,25 +4,26 @@
 use anyhow::Result;
 use r1v2_actors::rl::config::{Eviction, SsbConfig};
 use r1v2_actors::rl::ssb::{
-    prefilter_prompt_pool, weighted_sample_without_replacement, GroupSample, SampledGroup,
-    SelectiveSampleBuffer,
+    prefilter_prompt_pool, weighted_sample_without_replacement, SelectiveSampleBuffer,
 };
-use r1v2_actors::rl::PromptId;
+use r1v2_actors::rl::{Group, PromptId, Sample};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 /// A group of 4 whose advantages are `[a, -a, a, -a]` (a = 0: zero-advantage) and verdicts `correct`.
-fn group(prompt: u64, version: u64, a: f64, correct: bool) -> SampledGroup {
+fn group(prompt: u64, version: u64, a: f64, correct: bool) -> Group {
     let samples = (0..4)
-        .map(|i| GroupSample {
-            token_ids: vec![1, 2, i],
-            behaviour_logprobs: vec![-0.5, -0.25, -1.0],
-            reward: if correct { 1.0 } else { 0.0 },
-            advantage: if i % 2 == 0 { a } else { -a },
-            correct: Some(correct),
+        .map(|i| {
+            Sample::scored(
+                vec![1, 2, i],
+                vec![-0.5, -0.25, -1.0],
+                if correct { 1.0 } else { 0.0 },
+                if i % 2 == 0 { a } else { -a },
+                Some(correct),
+            )
         })
         .collect();
-    SampledGroup {
+    Group {
         prompt_id: PromptId(prompt),
         policy_version: version,
         samples,
@@ -238,7 +239,7 @@ fn state_round_trips_through_serde_and_continues_identically() -> Result<()> {
         ..Default::default()
     };
     let mut ssb = SelectiveSampleBuffer::new(cfg)?;
-    let fresh: Vec<SampledGroup> = (0..6)
+    let fresh: Vec<Group> = (0..6)
         .map(|p| group(p, 0, 0.2 * (p + 1) as f64, p % 2 == 0))
         .collect();
     ssb.fill_batch(fresh, 6, 0)?;

@@ -5,9 +5,11 @@
 mod train_common;
 
 use anyhow::{ensure, Result};
-use r1v2_actors::actor::optimizer::{CurrentWeights, Optimizer, RefreshReference};
+use r1v2_actors::actor::optimizer::Optimizer;
 use r1v2_actors::model::chat::ChatModel;
-use r1v2_actors::protocol::{Heartbeat, SaveState, TrainGrpo, TrainMpo};
+use r1v2_actors::protocol::{
+    ActorName, CurrentWeights, Heartbeat, RefreshReference, SaveState, TrainGrpo, TrainMpo,
+};
 use r1v2_actors::rl::config::{GrpoConfig, MpoConfig};
 use r1v2_actors::rl::PromptId;
 use r1v2_actors::train::{OptimConfig, PolicyTrainer};
@@ -85,7 +87,7 @@ async fn optimizer_actor_trains_saves_and_resumes() -> Result<()> {
         .expect_err("unknown prompt");
     ensure!(err.to_string().contains("42"), "{err}");
     let beat = optimizer.send(Heartbeat).await?;
-    ensure!(beat.actor == "optimizer" && beat.last_message == Some("TrainGrpo"));
+    ensure!(beat.actor == ActorName::Optimizer && beat.last_message == Some("TrainGrpo"));
     ensure!(beat.handled == 5 && beat.restarts == 0, "{beat:?}");
 
     let dir = tempfile::tempdir()?;

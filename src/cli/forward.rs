@@ -19,8 +19,8 @@ use r1v2_actors::model::qwen2;
 use r1v2_actors::model::value_head::ValueModel;
 use r1v2_actors::model::weights::WeightStore;
 
-use super::model_dir::{read_json, ModelKind};
 use crate::images::{load_image, TilingConfig};
+use crate::model_dir::{parse_device, read_json, ModelKind};
 use crate::text::tokenizer::IMG_CONTEXT;
 use crate::text::Tokenizer;
 use crate::{Error, Result};
@@ -142,20 +142,6 @@ impl ForwardInput {
 }
 
 /// Parses `cpu` / `cuda:N`.
-pub fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        other => match other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
-            Some(ordinal) => Ok(Device::new_cuda(ordinal)?),
-            None => Err(Error::Msg(format!(
-                "unknown device `{other}` (expected `cpu` or `cuda:N`)"
-            ))),
-        },
-    }
-}
 
 /// The images of an input, preprocessed with the model's tiling, concatenated: `(tiles, 3, S, S)` and the
 /// tile count of each image.

@@ -25,8 +25,7 @@ use r1v2_actors::model::chat::{ChatModel, Trainable};
 use r1v2_actors::model::qwen2;
 use r1v2_actors::model::weights::WeightStore;
 
-use super::forward::parse_device;
-use super::model_dir::{read_json, ModelKind};
+use crate::model_dir::{parse_device, read_json, ModelKind};
 use crate::prompting::{EncodedText, PromptEncoder};
 use crate::{Error, Result};
 
@@ -205,7 +204,7 @@ fn generate_and_print<M: StepModel>(
         },
     )?;
     // One prompt in, one group out.
-    let rollouts: &[Rollout] = groups.first().map_or(&[], |g| &g.rollouts);
+    let rollouts: &[Rollout] = groups.first().map_or(&[], |g| g.as_slice());
     let text_of = |rollout: &Rollout| rollout.text.clone().unwrap_or_default();
     if args.json {
         let mut stdout = std::io::stdout().lock();

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::Serialize;
 
-use super::model_dir::{architectures, module_of, read_all_headers, read_json, ModelKind};
 use crate::images::TilingConfig;
+use crate::model_dir::{architectures, module_of, read_all_headers, read_json, ModelKind};
 use crate::Result;
 
 /// Arguments of `r1v2 inspect`.

@@ -5,7 +5,6 @@ use clap::{Parser, Subcommand};
 pub mod forward;
 pub mod generate;
 pub mod inspect;
-pub mod model_dir;
 pub mod report;
 pub mod train;
 pub mod verify;

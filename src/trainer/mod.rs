@@ -3,21 +3,20 @@
 //!
 //! | file | what it holds |
 //! |---|---|
-//! | [`setup`] | building a run: run directory, models, dataset, prompt bank, every actor (fresh or resumed) |
-//! | [`steps`] | the run loop and one SFT, MPO or GRPO step as the controller reads it (design.md "One GRPO step") |
-//! | `scoring.rs` | verdicts and RM scores (concurrently), hybrid reward, advantages; prompts into the bank |
-//! | `monitoring.rs` | the hallucination monitor's feed, probe runs, calibration changes |
-//! | [`state`] | what a checkpoint holds besides the weights, and writing one atomically |
+//! | `controller.rs` | [`Controller`]: private state, the run loop, the actor calls, the phases the steps share, shutdown |
+//! | `grpo.rs`, `mpo.rs`, `sft.rs` | one step of each stage, top to bottom (design.md "One GRPO step") |
+//! | `build.rs` | building a run: run directory, models, dataset, prompt bank, every actor (fresh or resumed) |
+//! | `checkpoint.rs` | writing checkpoint `step-N` atomically |
+//! | [`metrics`] | a step's metrics as typed families, named for metrics.jsonl |
+//! | [`state`] | what a checkpoint holds besides the weights ([`state::LoopState`]) |
 //! | [`watchdog`] | deadlines on every request, heartbeats, the stall record |
 //!
-//! The controller is the async task that owns the schedule: it sends each step's requests to the actors
-//! and awaits their replies (under the watchdog's deadline), so it is not itself addressed by messages.
+//! Scoring (verdicts + RM scores -> rewards, advantages, the monitor's observation) is the pure function
+//! `r1v2_actors::rl::scoring::score_groups`.
 
-mod monitoring;
-mod scoring;
-pub mod setup;
+mod controller;
+pub mod metrics;
 pub mod state;
-pub mod steps;
 pub mod watchdog;
 
 use std::collections::BTreeMap;
@@ -28,7 +27,7 @@ use std::sync::Arc;
 use crate::config::{Stage, TrainConfig};
 use crate::Result;
 
-pub use setup::Controller;
+pub use controller::Controller;
 
 /// What `r1v2 train` was asked to do.
 #[derive(Debug, Clone)]
@@ -83,8 +82,14 @@ pub fn train(options: RunOptions) -> Result<RunSummary> {
             }
         });
         let mut controller = Controller::build(&options, stop).await?;
-        controller.run().await
+        let result = controller.run().await;
+        if let Err(error) = &result {
+            tracing::error!(%error, "the run stopped with an error");
+        }
+        // Whatever ended the run: close the actors in order, then drop their last addresses.
+        controller.shutdown().await;
+        result
     });
-    // Dropping the system ends the actors' threads: their last addresses were in its tasks.
+    // Dropping the system ends what is left of its tasks (the watchdog's heartbeats).
     result
 }

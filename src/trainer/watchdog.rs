@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 use actix::dev::ToEnvelope;
 use actix::{Actor, Addr, Handler};
 use parking_lot::Mutex;
-use r1v2_actors::protocol::Heartbeat;
+use r1v2_actors::protocol::{ActorName, Heartbeat};
 
 use crate::{Error, Result};
 
 /// An actor that did not answer in time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stall {
-    /// The actor's name.
-    pub actor: String,
+    /// The actor.
+    pub actor: ActorName,
     /// The message it was handling (or the last one it handled, for a missed heartbeat).
     pub message: String,
     /// How long it was waited for.
@@ -71,7 +71,7 @@ impl Watchdog {
     /// gone) or the timeout is an error naming both.
     pub async fn call<T>(
         &self,
-        actor: &str,
+        actor: ActorName,
         message: &str,
         request: impl Future<Output = std::result::Result<T, actix::MailboxError>>,
     ) -> Result<T> {
@@ -82,7 +82,7 @@ impl Watchdog {
                 "actor `{actor}` did not answer `{message}`: {mailbox}"
             ))),
             Err(_) => Err(self.record(Stall {
-                actor: actor.into(),
+                actor,
                 message: message.into(),
                 waited: started.elapsed(),
             })),
@@ -91,7 +91,7 @@ impl Watchdog {
 
     /// Heartbeats `addr` every `every` until the process ends; a heartbeat unanswered for the stall timeout
     /// records a stall naming the actor and the last message it handled.
-    pub fn watch<A>(&self, name: &'static str, addr: Addr<A>, every: Duration)
+    pub fn watch<A>(&self, name: ActorName, addr: Addr<A>, every: Duration)
     where
         A: Actor + Handler<Heartbeat>,
         A::Context: ToEnvelope<A, Heartbeat>,
@@ -108,7 +108,7 @@ impl Watchdog {
                             last_message = message.to_string();
                         }
                         tracing::trace!(
-                            actor = name,
+                            actor = %name,
                             handled = reply.handled,
                             restarts = reply.restarts,
                             "heartbeat"
@@ -118,7 +118,7 @@ impl Watchdog {
                     Ok(Err(_)) => return,
                     Err(_) => {
                         watchdog.record(Stall {
-                            actor: name.into(),
+                            actor: name,
                             message: last_message.clone(),
                             waited: started.elapsed(),
                         });

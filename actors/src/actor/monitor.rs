@@ -2,60 +2,29 @@
 //! calibration and its change log).
 //!
 //! - [`ObserveStep`]: a training step's hallucination flags and per-sample signals; the reply carries the
-//!   `hallucination/*` and `calibration/*` metrics and, when the rate passed its bound, a [`Calibrate`] for the
-//!   reward combiner (bounded step, with its reason).
+//!   `hallucination/*` and `calibration/*` metrics and, when the rate passed its bound, a
+//!   [`CalibrationChange`] for the reward combiner (bounded step, with its reason).
 //! - [`ObserveProbe`]: the flags of a probe-set run through the generator.
 //! - [`MonitorSnapshot`]: the whole state for a checkpoint.
 //!
-//! Bookkeeping only: it runs on an ordinary arbiter.
+//! Bookkeeping only: it runs on an ordinary arbiter. A handler that panics replies an error naming the
+//! message (the controller then ends the run with it).
 
-use actix::{Actor, Context, Handler, Message};
+use actix::{Actor, Context, Handler};
 
-use super::Liveness;
-use crate::monitor::signals::StepObservation;
+use super::{handle_guarded, Closed, Liveness};
 use crate::monitor::HallucinationMonitor;
-use crate::protocol::{Calibrate, Heartbeat, HeartbeatReply};
-use crate::verifiers::HallucinationFlags;
+use crate::protocol::{
+    ActorName, CalibrationChange, Heartbeat, HeartbeatReply, MonitorReport, MonitorSnapshot,
+    ObserveProbe, ObserveStep, Shutdown,
+};
 use crate::Result;
-
-/// A training step's observation.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<MonitorReport>")]
-pub struct ObserveStep {
-    /// The training step.
-    pub step: u64,
-    /// Its flags and samples.
-    pub observation: StepObservation,
-}
-
-/// A probe-set run's flags, one per probe response that carries them.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct ObserveProbe {
-    /// The training step it ran at.
-    pub step: u64,
-    /// The flags.
-    pub flags: Vec<HallucinationFlags>,
-}
-
-/// Ask for the whole state (for a checkpoint).
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "HallucinationMonitor")]
-pub struct MonitorSnapshot;
-
-/// Reply to [`ObserveStep`].
-#[derive(Debug, Clone)]
-pub struct MonitorReport {
-    /// `(metric name, value)`, every key on every step (see `HallucinationMonitor::metrics`).
-    pub metrics: Vec<(&'static str, f64)>,
-    /// A new calibration for the reward combiner, when the monitor moved it at this step.
-    pub calibrate: Option<Calibrate>,
-}
 
 /// The monitor actor.
 pub struct MonitorActor {
     monitor: HallucinationMonitor,
     liveness: Liveness,
+    closed: Closed,
 }
 
 impl MonitorActor {
@@ -63,7 +32,8 @@ impl MonitorActor {
     pub fn new(monitor: HallucinationMonitor) -> Self {
         Self {
             monitor,
-            liveness: Liveness::new("hallucination_monitor"),
+            liveness: Liveness::new(ActorName::HallucinationMonitor),
+            closed: Closed::default(),
         }
     }
 }
@@ -76,37 +46,63 @@ impl Handler<ObserveStep> for MonitorActor {
     type Result = Result<MonitorReport>;
 
     fn handle(&mut self, msg: ObserveStep, _: &mut Context<Self>) -> Self::Result {
-        self.liveness.handling("ObserveStep");
-        self.monitor.observe_step(msg.step, &msg.observation)?;
-        let calibrate = self.monitor.calibrate(msg.step).map(|change| {
-            tracing::warn!(step = msg.step, "calibration: {}", change.reason);
-            Calibrate {
-                calibration: change.new,
-                reason: change.reason,
-            }
-        });
-        Ok(MonitorReport {
-            metrics: self.monitor.metrics(),
-            calibrate,
+        let Self {
+            monitor,
+            liveness,
+            closed,
+        } = self;
+        handle_guarded(liveness, closed, "ObserveStep", || {
+            monitor.observe_step(msg.step, &msg.observation)?;
+            let calibrate = monitor.calibrate(msg.step).map(|change| {
+                tracing::warn!(step = msg.step, "calibration: {}", change.reason);
+                CalibrationChange {
+                    calibration: change.new,
+                    reason: change.reason,
+                }
+            });
+            Ok(MonitorReport {
+                metrics: monitor.metrics(),
+                calibrate,
+            })
         })
     }
 }
 
 impl Handler<ObserveProbe> for MonitorActor {
-    type Result = ();
+    type Result = Result<()>;
 
-    fn handle(&mut self, msg: ObserveProbe, _: &mut Context<Self>) {
-        self.liveness.handling("ObserveProbe");
-        self.monitor.observe_probe(msg.step, &msg.flags);
+    fn handle(&mut self, msg: ObserveProbe, _: &mut Context<Self>) -> Result<()> {
+        let Self {
+            monitor,
+            liveness,
+            closed,
+        } = self;
+        handle_guarded(liveness, closed, "ObserveProbe", || {
+            monitor.observe_probe(msg.step, &msg.flags);
+            Ok(())
+        })
     }
 }
 
 impl Handler<MonitorSnapshot> for MonitorActor {
-    type Result = actix::MessageResult<MonitorSnapshot>;
+    type Result = Result<HallucinationMonitor>;
 
     fn handle(&mut self, _: MonitorSnapshot, _: &mut Context<Self>) -> Self::Result {
-        self.liveness.handling("MonitorSnapshot");
-        actix::MessageResult(self.monitor.clone())
+        let Self {
+            monitor,
+            liveness,
+            closed,
+        } = self;
+        handle_guarded(liveness, closed, "MonitorSnapshot", || Ok(monitor.clone()))
+    }
+}
+
+impl Handler<Shutdown> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) {
+        self.liveness.handling("Shutdown");
+        self.closed.close(ActorName::HallucinationMonitor);
     }
 }
 

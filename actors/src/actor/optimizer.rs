@@ -7,10 +7,7 @@
 //!   the BCO running mean under `dir/optimizer`; replies the version written.
 //! - [`RefreshReference`]: the current policy becomes the reference (MPO's optional per-round refresh).
 //! - [`CurrentWeights`]: the weights at the current version (to sync generators at the start of a run).
-//! - [`Heartbeat`]: the [`Liveness`] record.
-//!
-//! [`RefreshReference`] and [`CurrentWeights`] are defined here (only this actor takes them); the rest are in
-//! [`crate::protocol`].
+//! - [`Heartbeat`]: the [`Liveness`] record; [`Shutdown`]: the actor stops, and its thread with it.
 //!
 //! A backward pass blocks for as long as it takes, so the actor runs on a dedicated [`Arbiter`] (its own
 //! thread), never on the arbiter that routes messages; the thread ends when the actor stops (its last
@@ -22,28 +19,18 @@
 
 use std::path::Path;
 
-use actix::{Actor, Addr, Arbiter, Context, Handler, Message};
+use actix::{Actor, ActorContext, Addr, Arbiter, Context, Handler};
 
 use super::{catch_panic, Liveness};
 use crate::prompt::PromptBank;
 use crate::protocol::{
-    Heartbeat, HeartbeatReply, PolicyWeights, SaveState, TrainGrpo, TrainMpo, TrainSft,
-    UpdateReport,
+    ActorName, CurrentWeights, Heartbeat, HeartbeatReply, PolicyWeights, RefreshReference,
+    SaveState, Shutdown, TrainGrpo, TrainMpo, TrainSft, UpdateReport,
 };
 use crate::rl::config::{GrpoConfig, MpoConfig};
 use crate::rl::mpo::BcoRewardMean;
 use crate::train::{PolicyTrainer, OPTIMIZER_DIR};
 use crate::{Error, Result};
-
-/// Make the current policy the frozen reference. Replies the policy version it now is.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "crate::Result<u64>")]
-pub struct RefreshReference;
-
-/// The trainable weights at the current version.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "crate::Result<PolicyWeights>")]
-pub struct CurrentWeights;
 
 /// File (under `dir/optimizer`) holding the BCO running mean of MPO.
 const BCO_FILE: &str = "bco_reward_mean.json";
@@ -78,7 +65,7 @@ impl Optimizer {
             grpo,
             mpo,
             bco_reward_mean: BcoRewardMean::default(),
-            liveness: Liveness::new("optimizer"),
+            liveness: Liveness::new(ActorName::Optimizer),
             owns_arbiter: false,
         })
     }
@@ -115,7 +102,7 @@ impl Optimizer {
         body: impl FnOnce(&mut Self) -> Result<T>,
     ) -> Result<T> {
         self.liveness.handling(message);
-        match catch_panic("optimizer", message, || body(self)) {
+        match catch_panic(ActorName::Optimizer, message, || body(self)) {
             Ok(result) => result,
             Err(error) => {
                 tracing::error!(%error, consistent = self.trainer.is_consistent(), "optimizer: handler panicked");
@@ -224,6 +211,17 @@ impl Handler<CurrentWeights> for Optimizer {
 
     fn handle(&mut self, _msg: CurrentWeights, _ctx: &mut Context<Self>) -> Result<PolicyWeights> {
         self.guarded("CurrentWeights", |this| this.trainer.weights())
+    }
+}
+
+impl Handler<Shutdown> for Optimizer {
+    type Result = ();
+
+    /// Stops the actor: its mailbox closes (later sends fail) and its dedicated thread ends.
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Context<Self>) {
+        self.liveness.handling("Shutdown");
+        tracing::info!(actor = %ActorName::Optimizer, "shut down");
+        ctx.stop();
     }
 }
 

@@ -20,15 +20,18 @@ use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
 use candle_core::{Device, Var};
 use parking_lot::RwLock;
 
-use super::{catch_panic, Liveness};
+use super::{handle_guarded, Closed, Liveness};
 use crate::generate::chat::ChatGenerator;
 use crate::generate::{self, PromptInput};
 use crate::model::chat::ChatModel;
 use crate::prompt::PromptBank;
 use crate::protocol::{
-    FinishReason, GenerateGroups, Group, Heartbeat, HeartbeatReply, Rollout, Rollouts, SyncWeights,
+    ActorName, GenerateGroups, Group, Heartbeat, HeartbeatReply, Rollouts, Sample, Shutdown,
+    SyncWeights,
 };
 use crate::{Error, Result};
+
+const NAME: ActorName = ActorName::PolicyGenerator;
 
 /// Turns response token ids into text (the tokenizer's decode, special tokens skipped).
 pub type Decoder = Arc<dyn Fn(&[u32]) -> Result<String> + Send + Sync>;
@@ -49,6 +52,7 @@ struct Snapshot {
 pub struct PolicyGenerator {
     snapshot: Arc<Snapshot>,
     liveness: Liveness,
+    closed: Closed,
 }
 
 impl PolicyGenerator {
@@ -70,9 +74,11 @@ impl PolicyGenerator {
             decode,
             version: AtomicU64::new(version),
         });
+        let closed = Closed::default();
         SyncArbiter::start(1, move || PolicyGenerator {
             snapshot: Arc::clone(&snapshot),
-            liveness: Liveness::new("policy_generator"),
+            liveness: Liveness::new(NAME),
+            closed: closed.clone(),
         })
     }
 }
@@ -104,30 +110,16 @@ impl Snapshot {
         let groups = groups
             .into_iter()
             .zip(&msg.prompts)
-            .map(|(group, request)| {
-                let rollouts = group
-                    .rollouts
+            .map(|(group, request)| Group {
+                prompt_id: request.prompt_id,
+                policy_version: version,
+                samples: group
                     .into_iter()
-                    .map(|r| {
-                        tokens += r.token_ids.len();
-                        Rollout {
-                            prompt_id: request.prompt_id,
-                            sample_index: r.sample_index as u32,
-                            behaviour_logprobs: r.behaviour_logprobs(),
-                            token_ids: r.token_ids,
-                            text: r.text.unwrap_or_default(),
-                            finish_reason: match r.finish_reason {
-                                generate::FinishReason::Length => FinishReason::Length,
-                                _ => FinishReason::Stop,
-                            },
-                            policy_version: version,
-                        }
+                    .map(|rollout| {
+                        tokens += rollout.token_ids.len();
+                        Sample::generated(rollout)
                     })
-                    .collect();
-                Group {
-                    prompt_id: request.prompt_id,
-                    rollouts,
-                }
+                    .collect(),
             })
             .collect();
         Ok(Rollouts {
@@ -170,10 +162,10 @@ impl Handler<GenerateGroups> for PolicyGenerator {
     type Result = Result<Rollouts>;
 
     fn handle(&mut self, msg: GenerateGroups, _: &mut SyncContext<Self>) -> Result<Rollouts> {
-        self.liveness.handling("GenerateGroups");
-        catch_panic("policy_generator", "GenerateGroups", || {
-            self.snapshot.generate(&msg)
-        })?
+        let snapshot = &self.snapshot;
+        handle_guarded(&mut self.liveness, &self.closed, "GenerateGroups", || {
+            snapshot.generate(&msg)
+        })
     }
 }
 
@@ -181,10 +173,19 @@ impl Handler<SyncWeights> for PolicyGenerator {
     type Result = Result<u64>;
 
     fn handle(&mut self, msg: SyncWeights, _: &mut SyncContext<Self>) -> Result<u64> {
-        self.liveness.handling("SyncWeights");
-        catch_panic("policy_generator", "SyncWeights", || {
-            self.snapshot.sync(&msg)
-        })?
+        let snapshot = &self.snapshot;
+        handle_guarded(&mut self.liveness, &self.closed, "SyncWeights", || {
+            snapshot.sync(&msg)
+        })
+    }
+}
+
+impl Handler<Shutdown> for PolicyGenerator {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Shutdown, _: &mut SyncContext<Self>) {
+        self.liveness.handling("Shutdown");
+        self.closed.close(NAME);
     }
 }
 

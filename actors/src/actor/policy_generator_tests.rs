@@ -36,7 +36,7 @@ fn greedy() -> SamplingParams {
 
 fn tokens(rollouts: &Rollouts) -> Vec<Vec<u32>> {
     rollouts.groups[0]
-        .rollouts
+        .samples
         .iter()
         .map(|r| r.token_ids.clone())
         .collect()
@@ -112,11 +112,7 @@ fn generation_after_sync_samples_from_the_new_weights() -> Result<()> {
         pixel_values: None,
     };
     let expected = generate::generate_groups(&generator, &[input], 2, &greedy(), None)?;
-    let expected: Vec<Vec<u32>> = expected[0]
-        .rollouts
-        .iter()
-        .map(|r| r.token_ids.clone())
-        .collect();
+    let expected: Vec<Vec<u32>> = expected[0].iter().map(|r| r.token_ids.clone()).collect();
     assert_eq!(tokens(&after), expected);
     assert_ne!(
         tokens(&before),

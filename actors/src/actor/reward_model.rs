@@ -8,10 +8,14 @@
 use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
 use candle_core::{Device, Tensor};
 
-use super::Liveness;
+use super::{handle_guarded, Closed, Liveness};
 use crate::model::value_head::ValueModel;
-use crate::protocol::{Heartbeat, HeartbeatReply, RmScores, Score, ScoreSequence};
+use crate::protocol::{
+    ActorName, Heartbeat, HeartbeatReply, RmScores, Score, ScoreSequence, Shutdown,
+};
 use crate::{Error, Result};
+
+const NAME: ActorName = ActorName::RewardModel;
 
 /// The reward model actor.
 pub struct RewardModel {
@@ -19,6 +23,7 @@ pub struct RewardModel {
     device: Device,
     max_batch: usize,
     liveness: Liveness,
+    closed: Closed,
 }
 
 impl RewardModel {
@@ -26,27 +31,34 @@ impl RewardModel {
     /// Needs a running actix `System`.
     pub fn start(model: ValueModel, device: Device, max_batch: usize) -> Addr<Self> {
         // The factory runs again if the actor stops; cloning a model shares its tensors.
+        let closed = Closed::default();
         SyncArbiter::start(1, move || RewardModel {
             model: model.clone(),
             device: device.clone(),
             max_batch: max_batch.max(1),
-            liveness: Liveness::new("reward_model"),
+            liveness: Liveness::new(NAME),
+            closed: closed.clone(),
         })
     }
+}
 
-    /// Scores `sequences`, `max_batch` at a time.
-    fn score(&self, sequences: &[ScoreSequence]) -> Result<Vec<f32>> {
-        for (index, sequence) in sequences.iter().enumerate() {
-            check_sequence(index, sequence)?;
-        }
-        let mut scores = Vec::with_capacity(sequences.len());
-        for chunk in sequences.chunks(self.max_batch) {
-            let (ids, mask) = pad_right(chunk, &self.device)?;
-            let chunk_scores = self.model.forward(&ids, Some(&mask))?; // (B)
-            scores.extend(chunk_scores.to_vec1::<f32>()?);
-        }
-        Ok(scores)
+/// Scores `sequences`, `max_batch` at a time.
+fn score(
+    model: &ValueModel,
+    device: &Device,
+    max_batch: usize,
+    sequences: &[ScoreSequence],
+) -> Result<Vec<f32>> {
+    for (index, sequence) in sequences.iter().enumerate() {
+        check_sequence(index, sequence)?;
     }
+    let mut scores = Vec::with_capacity(sequences.len());
+    for chunk in sequences.chunks(max_batch) {
+        let (ids, mask) = pad_right(chunk, device)?;
+        let chunk_scores = model.forward(&ids, Some(&mask))?; // (B)
+        scores.extend(chunk_scores.to_vec1::<f32>()?);
+    }
+    Ok(scores)
 }
 
 /// A sequence the model can score: non-empty, mask as long as the ids, of 0/1, with a real token.
@@ -104,10 +116,27 @@ impl Handler<Score> for RewardModel {
     type Result = Result<RmScores>;
 
     fn handle(&mut self, msg: Score, _ctx: &mut SyncContext<Self>) -> Result<RmScores> {
-        self.liveness.handling("Score");
-        Ok(RmScores {
-            scores: self.score(&msg.sequences)?,
+        let Self {
+            model,
+            device,
+            max_batch,
+            liveness,
+            closed,
+        } = self;
+        handle_guarded(liveness, closed, "Score", || {
+            Ok(RmScores {
+                scores: score(model, device, *max_batch, &msg.sequences)?,
+            })
         })
+    }
+}
+
+impl Handler<Shutdown> for RewardModel {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Shutdown, _ctx: &mut SyncContext<Self>) {
+        self.liveness.handling("Shutdown");
+        self.closed.close(NAME);
     }
 }
 
@@ -199,7 +228,7 @@ mod tests {
         let beat = actor.send(Heartbeat).await?;
         assert_eq!(
             (beat.actor, beat.last_message, beat.handled),
-            ("reward_model", Some("Score"), 1)
+            (ActorName::RewardModel, Some("Score"), 1)
         );
         Ok(())
     }

@@ -10,24 +10,32 @@ use std::sync::Arc;
 use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
 use parking_lot::Mutex;
 
-use super::Liveness;
-use crate::protocol::{Heartbeat, HeartbeatReply, Verdicts, Verify};
+use super::{catch_panic, Closed, Liveness};
+use crate::protocol::{ActorName, Heartbeat, HeartbeatReply, Shutdown, Verdicts, Verify};
 use crate::verifiers::registry::VerifierRegistry;
+use crate::Result;
+
+const NAME: ActorName = ActorName::RuleVerifier;
 
 /// One worker of the pool.
 pub struct RuleVerifier {
     registry: Arc<VerifierRegistry>,
-    /// Shared by the pool's workers: a heartbeat, whichever worker takes it, reports the whole pool.
+    /// Shared by the pool's workers: a heartbeat, whichever worker takes it, reports the whole pool. Held
+    /// only to note a message, never while verifying, so a heartbeat never waits for a slow verifier.
     liveness: Arc<Mutex<Liveness>>,
+    /// Shared by the pool's workers.
+    closed: Closed,
 }
 
 impl RuleVerifier {
     /// Starts `width` workers (at least one) sharing `registry`; needs a running actix `System`.
     pub fn start_pool(registry: Arc<VerifierRegistry>, width: usize) -> Addr<Self> {
-        let liveness = Arc::new(Mutex::new(Liveness::new("rule_verifier")));
+        let liveness = Arc::new(Mutex::new(Liveness::new(NAME)));
+        let closed = Closed::default();
         SyncArbiter::start(width.max(1), move || RuleVerifier {
             registry: Arc::clone(&registry),
             liveness: Arc::clone(&liveness),
+            closed: closed.clone(),
         })
     }
 }
@@ -37,13 +45,23 @@ impl Actor for RuleVerifier {
 }
 
 impl Handler<Verify> for RuleVerifier {
-    type Result = Verdicts;
+    type Result = Result<Verdicts>;
 
-    fn handle(&mut self, msg: Verify, _ctx: &mut SyncContext<Self>) -> Verdicts {
+    fn handle(&mut self, msg: Verify, _ctx: &mut SyncContext<Self>) -> Result<Verdicts> {
         self.liveness.lock().handling("Verify");
-        Verdicts {
-            verdicts: self.registry.verify_batch(&msg.items),
-        }
+        self.closed.check(NAME, "Verify")?;
+        // The registry already turns each verifier's panic into its verdict; this catches the rest.
+        let verdicts = catch_panic(NAME, "Verify", || self.registry.verify_batch(&msg.items))?;
+        Ok(Verdicts { verdicts })
+    }
+}
+
+impl Handler<Shutdown> for RuleVerifier {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Shutdown, _ctx: &mut SyncContext<Self>) {
+        self.liveness.lock().handling("Shutdown");
+        self.closed.close(NAME);
     }
 }
 
@@ -78,6 +96,7 @@ mod tests {
                 extracted: Some(input.response.trim().to_string()),
                 reason: if hit { "match" } else { "mismatch" }.into(),
                 hallucination: None,
+                failure: None,
             })
         }
     }
@@ -94,7 +113,7 @@ mod tests {
                 "panics" => panic!("verifier bug"),
                 _ => {
                     std::thread::sleep(Duration::from_secs(3));
-                    Ok(Verdict::failed("late"))
+                    Ok(Verdict::zero("late"))
                 }
             }
         }
@@ -136,7 +155,7 @@ mod tests {
             request("nope", "42", "42"),
             request("exact", " 7 ", "7"),
         ];
-        let reply = pool.send(Verify { items }).await?;
+        let reply = pool.send(Verify { items }).await??;
         let scores: Vec<f32> = reply.verdicts.iter().map(|v| v.score).collect();
         assert_eq!(scores, vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
         let reasons: Vec<&str> = reply.verdicts.iter().map(|v| v.reason.as_str()).collect();
@@ -157,12 +176,24 @@ mod tests {
             .send(Verify {
                 items: vec![request("exact", "1", "1")],
             })
-            .await?;
+            .await??;
         assert_eq!(again.verdicts[0].score, 1.0);
         let beat = pool.send(Heartbeat).await?;
-        assert_eq!(beat.actor, "rule_verifier");
+        assert_eq!(beat.actor, ActorName::RuleVerifier);
         assert_eq!(beat.last_message, Some("Verify"));
         assert_eq!(beat.handled, 2);
+
+        // Closed: every worker of the pool refuses later work.
+        pool.send(Shutdown).await?;
+        for _ in 0..2 {
+            let refused = pool
+                .send(Verify {
+                    items: vec![request("exact", "1", "1")],
+                })
+                .await?
+                .expect_err("a closed pool must refuse");
+            assert!(refused.to_string().contains("after Shutdown"), "{refused}");
+        }
         Ok(())
     }
 
@@ -191,6 +222,7 @@ mod tests {
                 extracted: None,
                 reason: "met".into(),
                 hallucination: None,
+                failure: None,
             })
         }
     }
@@ -208,7 +240,7 @@ mod tests {
         let second = pool.send(Verify {
             items: vec![request("rendezvous", "", "")],
         });
-        let (a, b) = (first.await?, second.await?);
+        let (a, b) = (first.await??, second.await??);
         for verdict in [&a.verdicts[0], &b.verdicts[0]] {
             assert_eq!(
                 verdict.score, 1.0,

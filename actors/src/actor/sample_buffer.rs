@@ -16,19 +16,19 @@ use actix::{Actor, ActorContext, Addr, Context, Handler, Supervised, Supervisor}
 
 use super::{catch_panic, Liveness};
 use crate::protocol::{
-    Accepted, BufferSnapshot, Heartbeat, HeartbeatReply, NextBatch, ScoredGroups, Shutdown,
-    Snapshot, TrainBatch,
+    Accepted, ActorName, BufferSnapshot, Group, Heartbeat, HeartbeatReply, NextBatch, ScoredGroups,
+    Shutdown, Snapshot, TrainBatch,
 };
 use crate::rl::advantages::GroupKindCounts;
 use crate::rl::config::SsbConfig;
-use crate::rl::ssb::{SampledGroup, SelectiveSampleBuffer};
+use crate::rl::ssb::SelectiveSampleBuffer;
 use crate::{Error, Result};
 
 /// The sample buffer actor.
 pub struct SampleBuffer {
     ssb: SelectiveSampleBuffer,
     /// Informative groups received since the last batch.
-    pending: Vec<SampledGroup>,
+    pending: Vec<Group>,
     /// Groups received since the last batch, zero-advantage ones included.
     pending_received: usize,
     /// Their kinds.
@@ -67,7 +67,7 @@ impl SampleBuffer {
             last_good: None,
             closed: false,
             panic_at_versions: Vec::new(),
-            liveness: Liveness::new("sample_buffer"),
+            liveness: Liveness::new(ActorName::SampleBuffer),
         }
     }
 
@@ -94,7 +94,7 @@ impl SampleBuffer {
     }
 
     /// Keeps the informative groups of `groups`, counting all of them.
-    fn insert(&mut self, groups: Vec<SampledGroup>) -> Accepted {
+    fn insert(&mut self, groups: Vec<Group>) -> Accepted {
         let zero_tolerance = self.ssb.config().zero_tolerance;
         let mut accepted = Accepted::default();
         for group in groups {
@@ -146,7 +146,7 @@ impl SampleBuffer {
             )));
         }
         self.last_good = Some(self.snapshot());
-        let outcome = catch_panic("sample_buffer", message, || body(self));
+        let outcome = catch_panic(ActorName::SampleBuffer, message, || body(self));
         match &outcome {
             Ok(_) => self.last_good = None,
             Err(error) => {
@@ -230,6 +230,7 @@ impl Handler<Shutdown> for SampleBuffer {
     fn handle(&mut self, _msg: Shutdown, _ctx: &mut Context<Self>) {
         self.liveness.handling("Shutdown");
         self.closed = true;
+        tracing::info!(actor = %ActorName::SampleBuffer, "shut down");
     }
 }
 

@@ -5,31 +5,33 @@ use actix::Message;
 use super::*;
 use crate::protocol::{BufferSnapshot, Heartbeat, NextBatch, ScoredGroups, Shutdown, Snapshot};
 use crate::rl::advantages::GroupKind;
-use crate::rl::ssb::GroupSample;
 use crate::rl::PromptId;
+use crate::rl::{Group, Sample};
 
 /// A group of `prompt` sampled at `version`; advantages and verdicts per sample.
-fn group(prompt: u64, version: u64, advantages: &[f64], correct: &[bool]) -> SampledGroup {
-    SampledGroup {
+fn group(prompt: u64, version: u64, advantages: &[f64], correct: &[bool]) -> Group {
+    Group {
         prompt_id: PromptId(prompt),
         policy_version: version,
         samples: advantages
             .iter()
             .zip(correct)
             .enumerate()
-            .map(|(i, (&advantage, &correct))| GroupSample {
-                token_ids: vec![prompt as u32, i as u32],
-                behaviour_logprobs: vec![-0.5, -1.0],
-                reward: if correct { 1.0 } else { 0.0 },
-                advantage,
-                correct: Some(correct),
+            .map(|(i, (&advantage, &correct))| {
+                Sample::scored(
+                    vec![prompt as u32, i as u32],
+                    vec![-0.5, -1.0],
+                    if correct { 1.0 } else { 0.0 },
+                    advantage,
+                    Some(correct),
+                )
             })
             .collect(),
     }
 }
 
 /// Round 1: three informative groups (different |A|), one all-correct, one all-wrong.
-fn round_one() -> Vec<SampledGroup> {
+fn round_one() -> Vec<Group> {
     vec![
         group(0, 0, &[1.0, -1.0], &[true, false]),
         group(1, 0, &[0.0, 0.0], &[true, true]),
@@ -40,7 +42,7 @@ fn round_one() -> Vec<SampledGroup> {
 }
 
 /// Round 2: one informative group and one all-wrong; the batch needs replay.
-fn round_two() -> Vec<SampledGroup> {
+fn round_two() -> Vec<Group> {
     vec![
         group(5, 1, &[0.7, -0.7], &[false, true]),
         group(6, 1, &[0.0, 0.0], &[false, false]),

@@ -14,7 +14,7 @@ use candle_core::Device;
 use rayon::prelude::*;
 
 use super::processors::{sample_next, SampledToken, Scratch, SeenTokens, TokenLogprobs};
-use super::rollout::{FinishReason, Group, PromptInput, Rollout};
+use super::rollout::{FinishReason, PromptInput, Rollout};
 use super::sampling::{validate_group_size, RowRng, SamplingParams};
 use super::stop::{DecodeFn, StopStrings};
 use crate::{Error, Result};
@@ -134,7 +134,8 @@ fn validate_request<M: StepModel>(
 /// sample index, token id)`. Streaming output hangs on it.
 pub type TokenSink<'a> = &'a mut dyn FnMut(usize, u64, u32);
 
-/// Samples `n` responses to every prompt; returns one [`Group`] per prompt, in the prompts' order.
+/// Samples `n` responses to every prompt; returns the `n` rollouts of each prompt (in sample-index order),
+/// prompts in their order.
 ///
 /// `decode` (the tokenizer's decode) is needed for stop strings and fills [`Rollout::text`].
 pub fn generate_groups<M: StepModel>(
@@ -143,7 +144,7 @@ pub fn generate_groups<M: StepModel>(
     n: usize,
     params: &SamplingParams,
     decode: Option<DecodeFn>,
-) -> Result<Vec<Group<Rollout>>> {
+) -> Result<Vec<Vec<Rollout>>> {
     generate_groups_streaming(model, prompts, n, params, decode, &mut |_, _, _| {})
 }
 
@@ -155,7 +156,7 @@ pub fn generate_groups_streaming<M: StepModel>(
     params: &SamplingParams,
     decode: Option<DecodeFn>,
     on_token: TokenSink,
-) -> Result<Vec<Group<Rollout>>> {
+) -> Result<Vec<Vec<Rollout>>> {
     generate_groups_batched(
         model,
         prompts,
@@ -315,7 +316,7 @@ pub fn generate_groups_batched<M: StepModel>(
     decode: Option<DecodeFn>,
     options: &BatchOptions,
     mut on_token: TokenSink,
-) -> Result<Vec<Group<Rollout>>> {
+) -> Result<Vec<Vec<Rollout>>> {
     validate_request(model, prompts, n, params, decode, options)?;
     let request = Request {
         params,
@@ -380,18 +381,12 @@ pub fn generate_groups_batched<M: StepModel>(
         }
     }
 
-    prompts
-        .iter()
-        .zip(done)
-        .map(|(prompt, rollouts)| {
-            Ok(Group {
-                prompt_index: prompt.prompt_index,
-                prompt_len: prompt.token_ids.len(),
-                rollouts: rollouts
-                    .into_iter()
-                    .map(|r| r.ok_or_else(|| Error::msg("generate: a response never finished")))
-                    .collect::<Result<_>>()?,
-            })
+    done.into_iter()
+        .map(|rollouts| {
+            rollouts
+                .into_iter()
+                .map(|r| r.ok_or_else(|| Error::msg("generate: a response never finished")))
+                .collect::<Result<Vec<_>>>()
         })
         .collect()
 }

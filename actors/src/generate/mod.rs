@@ -5,7 +5,7 @@
 //! | [`sampling`] | [`SamplingParams`] (serde, validated) and [`RowRng`], the per-response random stream |
 //! | [`processors`] | transformers' logits processors and [`sample_next`], the choice of one token with its log-probs |
 //! | [`stop`] | stop-string detection on decoded text across token boundaries |
-//! | [`rollout`] | the engine's inputs and outputs: [`PromptInput`], [`Rollout`], [`Group`], [`FinishReason`] |
+//! | [`rollout`] | the engine's inputs and outputs: [`PromptInput`], [`Rollout`], [`FinishReason`] |
 //! | [`engine`] | [`generate_groups`]: grouped sampling with a shared prefix, over any [`StepModel`] |
 //! | [`qwen2`] | [`StepModel`] for the Qwen2 LLM and its KV cache |
 //! | [`shards`] | [`shards::ShardedCache`]: the running rows' KV cache in shards that decode concurrently |
@@ -25,6 +25,6 @@ pub use engine::{
 };
 pub use engine::{generate_groups_batched, BatchOptions};
 pub use processors::{sample_next, SampledToken, Scratch, SeenTokens, TokenLogprobs};
-pub use rollout::{FinishReason, Group, PromptInput, Rollout};
+pub use rollout::{FinishReason, PromptInput, Rollout};
 pub use sampling::{validate_group_size, RowRng, SamplingParams};
 pub use stop::{DecodeFn, StopStrings};

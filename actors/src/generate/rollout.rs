@@ -1,4 +1,5 @@
-//! What the engine takes and returns: prompts in, groups of rollouts out.
+//! What the engine takes and returns: prompts in, `n` rollouts per prompt out (the pipeline wraps them in
+//! `rl::Group`s).
 
 use super::processors::TokenLogprobs;
 
@@ -28,7 +29,7 @@ impl PromptInput {
 }
 
 /// Why a response ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
     /// It produced one of `SamplingParams::stop_token_ids` (kept as its last token).
     StopToken(u32),
@@ -58,15 +59,4 @@ impl Rollout {
     pub fn behaviour_logprobs(&self) -> Vec<f32> {
         self.logprobs.iter().map(|lp| lp.policy).collect()
     }
-}
-
-/// The `n` responses to one prompt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Group<T> {
-    /// The prompt's index (`PromptInput::prompt_index`).
-    pub prompt_index: u64,
-    /// The prompt's length in tokens.
-    pub prompt_len: usize,
-    /// The responses, in sample-index order.
-    pub rollouts: Vec<T>,
 }

@@ -499,25 +499,6 @@ impl ForCausalLM {
             None => Ok(logprobs),
         }
     }
-
-    /// Log-probabilities of given targets: embeds (B, T, D), mask (B, T), targets (B, T) u32 ->
-    /// (B, T) f32, entry t = `log softmax(logits[t])[targets[t]]` (no masking applied).
-    pub fn token_logprobs_embeds(
-        &self,
-        embeds: &Tensor,
-        attention_mask: Option<&Tensor>,
-        targets: &Tensor,
-    ) -> Result<Tensor> {
-        let logits = self.forward_embeds(embeds, attention_mask)?;
-        if targets.dims() != &logits.dims()[..2] {
-            return Err(Error::msg(format!(
-                "targets have shape {:?}, logits {:?}",
-                targets.dims(),
-                logits.dims()
-            )));
-        }
-        Ok(token_logprobs(&logits, targets)?)
-    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::config::{MpoConfig, SftNormalisation};
+use super::group::{Group, Sample};
 use super::PromptId;
 use crate::{Error, Result};
 
@@ -196,7 +197,7 @@ pub enum VerifierOutcome {
     NotApplicable,
 }
 
-/// One scored response of a sampled group.
+/// How pair mining sees one scored sample.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ScoredResponse {
     /// The hybrid score ranking the responses (on the scale `MpoConfig::min_margin` is given in).
@@ -207,13 +208,30 @@ pub struct ScoredResponse {
     pub format_ok: bool,
 }
 
-/// The scored responses of one prompt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScoredGroup {
-    /// The prompt they answer.
-    pub prompt_id: PromptId,
-    /// Its responses.
-    pub responses: Vec<ScoredResponse>,
+impl ScoredResponse {
+    /// A scored sample as pair mining ranks it: by the reward model's raw score when there is one (the
+    /// scale of `mpo.min_margin`), else by the rule and format rewards; a sample no verifier judged is
+    /// [`VerifierOutcome::NotApplicable`] and not blocked by the format check.
+    pub fn of(sample: &Sample) -> Self {
+        match &sample.verdict {
+            Some(verdict) => Self {
+                score: sample.rm_score.unwrap_or_else(|| {
+                    f64::from(verdict.score) + f64::from(u8::from(verdict.format_ok))
+                }),
+                verifier: if verdict.score >= 1.0 {
+                    VerifierOutcome::Pass
+                } else {
+                    VerifierOutcome::Fail
+                },
+                format_ok: verdict.format_ok,
+            },
+            None => Self {
+                score: sample.rm_score.unwrap_or(0.0),
+                verifier: VerifierOutcome::NotApplicable,
+                format_ok: true,
+            },
+        }
+    }
 }
 
 /// Identifies a pair: prompt and the indices of the chosen and rejected responses in its group.
@@ -259,22 +277,22 @@ pub struct MinedPairs {
 /// Mines one (chosen, rejected) pair per group: chosen = the highest score among responses that pass their
 /// verifier (or have none) and the format check, rejected = the lowest score of the other responses; kept when
 /// the margin is at least `min_margin`. Ties go to the lower index.
-pub fn mine_pairs(groups: &[ScoredGroup], min_margin: f64) -> Result<MinedPairs> {
+pub fn mine_pairs(groups: &[Group], min_margin: f64) -> Result<MinedPairs> {
     let mut out = MinedPairs::default();
     for (g, group) in groups.iter().enumerate() {
-        if let Some(i) = group.responses.iter().position(|r| !r.score.is_finite()) {
+        let responses: Vec<ScoredResponse> = group.samples.iter().map(ScoredResponse::of).collect();
+        if let Some(i) = responses.iter().position(|r| !r.score.is_finite()) {
             return Err(Error::msg(format!(
                 "mine_pairs: score of response {i} of group {g} (prompt {}) is not finite",
                 group.prompt_id.0
             )));
         }
-        if group.responses.len() < 2 {
+        if responses.len() < 2 {
             out.dropped.too_few_responses += 1;
             continue;
         }
         let eligible = |r: &ScoredResponse| r.format_ok && r.verifier != VerifierOutcome::Fail;
-        let best = group
-            .responses
+        let best = responses
             .iter()
             .enumerate()
             .filter(|(_, r)| eligible(r))
@@ -286,8 +304,7 @@ pub fn mine_pairs(groups: &[ScoredGroup], min_margin: f64) -> Result<MinedPairs>
             out.dropped.no_eligible_chosen += 1;
             continue;
         };
-        let worst = group
-            .responses
+        let worst = responses
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != chosen)

@@ -19,57 +19,17 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::advantages::{classify_group, GroupKind, GroupKindCounts};
+use super::advantages::GroupKindCounts;
 use super::config::{Eviction, SsbConfig};
+use super::group::Group;
 use super::PromptId;
 use crate::{Error, Result};
-
-/// One sampled response with what the update needs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GroupSample {
-    /// Response token ids.
-    pub token_ids: Vec<u32>,
-    /// Log-probs of those tokens under the behaviour policy.
-    pub behaviour_logprobs: Vec<f32>,
-    /// Hybrid reward.
-    pub reward: f64,
-    /// Group-relative advantage.
-    pub advantage: f64,
-    /// Rule verifier verdict, when one applies.
-    pub correct: Option<bool>,
-}
-
-/// The G responses of one prompt, sampled by policy version `policy_version`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SampledGroup {
-    /// The prompt.
-    pub prompt_id: PromptId,
-    /// Version of the policy that sampled the responses.
-    pub policy_version: u64,
-    /// The responses.
-    pub samples: Vec<GroupSample>,
-}
-
-impl SampledGroup {
-    /// Mean |A_i| over the group.
-    pub fn mean_abs_advantage(&self) -> f64 {
-        let n = self.samples.len().max(1) as f64;
-        self.samples.iter().map(|s| s.advantage.abs()).sum::<f64>() / n
-    }
-
-    /// What the group contributes to the gradient.
-    pub fn kind(&self, zero_tolerance: f64) -> GroupKind {
-        let adv: Vec<f64> = self.samples.iter().map(|s| s.advantage).collect();
-        let correct: Option<Vec<bool>> = self.samples.iter().map(|s| s.correct).collect();
-        classify_group(&adv, correct.as_deref(), zero_tolerance)
-    }
-}
 
 /// A stored group and its bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BufferedGroup {
     /// The group.
-    pub group: SampledGroup,
+    pub group: Group,
     /// (mean |A|)^alpha.
     pub priority: f64,
     /// Insertion counter (for FIFO ties).
@@ -152,7 +112,7 @@ pub struct SsbMetrics {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SsbBatch {
     /// Fresh informative groups first, then replayed ones.
-    pub groups: Vec<SampledGroup>,
+    pub groups: Vec<Group>,
     /// Number of replayed groups at the end of `groups`.
     pub replayed: usize,
     /// What happened.
@@ -249,7 +209,7 @@ impl SelectiveSampleBuffer {
         })
     }
 
-    fn priority(&self, group: &SampledGroup) -> f64 {
+    fn priority(&self, group: &Group) -> f64 {
         group.mean_abs_advantage().powf(self.config.alpha)
     }
 
@@ -271,7 +231,7 @@ impl SelectiveSampleBuffer {
     /// stores the fresh informative groups. `current_version` is the version of the policy about to be updated.
     pub fn fill_batch(
         &mut self,
-        fresh: Vec<SampledGroup>,
+        fresh: Vec<Group>,
         target_groups: usize,
         current_version: u64,
     ) -> Result<SsbBatch> {
@@ -372,10 +332,7 @@ pub struct PrefilterReport {
 
 /// Offline SSB: keeps the prompts whose one pre-rollout group has a non-zero advantage (drops all-right and
 /// all-wrong prompts).
-pub fn prefilter_prompt_pool(
-    pre_rollouts: &[SampledGroup],
-    zero_tolerance: f64,
-) -> PrefilterReport {
+pub fn prefilter_prompt_pool(pre_rollouts: &[Group], zero_tolerance: f64) -> PrefilterReport {
     let mut report = PrefilterReport::default();
     for group in pre_rollouts {
         let kind = group.kind(zero_tolerance);

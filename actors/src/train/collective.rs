@@ -24,24 +24,6 @@ pub trait Collective: Send + Sync {
     fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<()>;
 }
 
-/// One rank alone: the all-reduce is the identity.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SingleRank;
-
-impl Collective for SingleRank {
-    fn world_size(&self) -> usize {
-        1
-    }
-
-    fn rank(&self) -> usize {
-        0
-    }
-
-    fn all_reduce_sum(&self, _tensors: &mut [Tensor]) -> Result<()> {
-        Ok(())
-    }
-}
-
 /// What the ranks of a [`LocalCollective`] share.
 struct Shared {
     world_size: usize,
@@ -120,4 +102,66 @@ impl Collective for LocalCollective {
         }
         Ok(())
     }
+}
+
+/// Named scalar sums a rank contributes to an all-reduce beside its gradients.
+pub(crate) trait RankSums: Copy + Default {
+    /// The fields, in a fixed order.
+    fn to_vec(&self) -> Vec<f64>;
+    /// The fields back from `values` (as long as `to_vec`'s).
+    fn from_slice(values: &[f64]) -> Self;
+}
+
+/// The sums over the ranks, and how many ranks failed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reduced<S> {
+    failed_ranks: f64,
+    sums: S,
+}
+
+impl<S> Reduced<S> {
+    /// The sums, or an error when some rank failed (its own error is what that rank returns).
+    pub(crate) fn into_result(self) -> Result<S> {
+        if self.failed_ranks > 0.0 {
+            return Err(Error::msg(format!(
+                "{} rank(s) failed to compute their shard's gradient: update skipped",
+                self.failed_ranks
+            )));
+        }
+        Ok(self.sums)
+    }
+}
+
+/// All-reduces `tensors` with this rank's `sums` appended as one f64 tensor (`None`: this rank failed and
+/// contributes zeros and a failure, so no rank waits forever); returns the summed scalars.
+pub(crate) fn all_reduce_with_sums<S: RankSums>(
+    collective: &dyn Collective,
+    tensors: &mut Vec<Tensor>,
+    sums: Option<S>,
+) -> Result<Reduced<S>> {
+    let mut values = vec![if sums.is_some() { 0.0 } else { 1.0 }];
+    values.extend(sums.unwrap_or_default().to_vec());
+    tensors.push(Tensor::new(values.as_slice(), &candle_core::Device::Cpu)?);
+    collective.all_reduce_sum(tensors)?;
+    let values = tensors
+        .pop()
+        .ok_or_else(|| Error::msg("all-reduce lost the statistics"))?
+        .to_vec1::<f64>()?;
+    Ok(Reduced {
+        failed_ranks: values[0],
+        sums: S::from_slice(&values[1..]),
+    })
+}
+
+/// Runs a rank's local computation, turning a panic into an error: the rank then still joins the
+/// all-reduce (with a failure), so no other rank waits for it forever.
+pub(crate) fn rank_local<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|payload| {
+        let why = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-string panic payload".into());
+        Err(Error::msg(format!("this rank panicked: {why}")))
+    })
 }

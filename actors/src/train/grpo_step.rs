@@ -13,20 +13,20 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::collective::Collective;
+use super::batch::{TrainBatch, UpdateReport};
+use super::collective::{all_reduce_with_sums, rank_local, Collective, RankSums};
 use super::logprobs::ResponseRow;
 use super::trainer::{accumulate, Accumulated, PolicyTrainer};
 use crate::prompt::{EncodedPrompt, PromptBank};
-use crate::protocol::{TrainBatch, UpdateReport};
 use crate::rl::config::{GrpoConfig, LossAggregation};
 use crate::rl::grpo::{grpo_loss, GrpoInputs};
-use crate::rl::ssb::GroupSample;
+use crate::rl::Sample;
 use crate::{Error, Result};
 
 /// One response of the batch with its prompt.
 struct Row<'a> {
     prompt: Arc<EncodedPrompt>,
-    sample: &'a GroupSample,
+    sample: &'a Sample,
 }
 
 /// Right-pads `rows` of `values` to (B, T) f32.
@@ -170,11 +170,14 @@ impl PolicyTrainer {
         collective: &dyn Collective,
     ) -> Result<UpdateReport> {
         let empty = shard.groups.iter().all(|g| g.samples.is_empty());
-        let local = if empty {
-            Ok(None)
-        } else {
-            self.grpo_gradients(shard, prompts, grpo).map(Some)
-        };
+        let local = rank_local(|| {
+            self.fault_drill();
+            if empty {
+                Ok(None)
+            } else {
+                self.grpo_gradients(shard, prompts, grpo).map(Some)
+            }
+        });
         let zeros = || -> Result<Vec<Tensor>> {
             self.trainable_vars()
                 .iter()
@@ -182,7 +185,7 @@ impl PolicyTrainer {
                 .collect()
         };
         let metric = |a: &Accumulated, key: &str| a.metrics.get(key).copied().unwrap_or(0.0);
-        let (mut tensors, stats) = match &local {
+        let (mut tensors, sums) = match &local {
             Ok(Some(a)) => {
                 let loss_weight = match grpo.aggregation {
                     LossAggregation::TokenMean => a.tokens,
@@ -194,31 +197,23 @@ impl PolicyTrainer {
                     .iter()
                     .map(|g| Ok((g * loss_weight)?))
                     .collect::<Result<Vec<_>>>()?;
-                let stats = [
-                    0.0,
+                let sums = GrpoSums {
                     loss_weight,
                     token_weight,
-                    loss_weight * metric(a, "actor/pg_loss"),
-                    token_weight * metric(a, "actor/kl"),
-                    token_weight * metric(a, "actor/clipfrac"),
-                    token_weight * metric(a, "actor/entropy"),
-                ];
-                (grads, stats)
+                    pg_loss: loss_weight * metric(a, "actor/pg_loss"),
+                    kl: token_weight * metric(a, "actor/kl"),
+                    clipfrac: token_weight * metric(a, "actor/clipfrac"),
+                    entropy: token_weight * metric(a, "actor/entropy"),
+                };
+                (grads, Some(sums))
             }
-            Ok(None) => (zeros()?, [0.0; 7]),
-            Err(_) => (zeros()?, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+            Ok(None) => (zeros()?, Some(GrpoSums::default())),
+            Err(_) => (zeros()?, None),
         };
-        tensors.push(Tensor::new(&stats, &candle_core::Device::Cpu)?);
-        collective.all_reduce_sum(&mut tensors)?;
-        let stats = tensors
-            .pop()
-            .ok_or_else(|| Error::msg("all-reduce lost the statistics"))?
-            .to_vec1::<f64>()?;
+        let reduced = all_reduce_with_sums(collective, &mut tensors, sums)?;
         local?;
-        if stats[0] > 0.0 {
-            return Err(super::mpo_step::rank_failure(stats[0]));
-        }
-        let (loss_weight, token_weight) = (stats[1], stats[2]);
+        let sums = reduced.into_result()?;
+        let (loss_weight, token_weight) = (sums.loss_weight, sums.token_weight);
         if loss_weight <= 0.0 {
             return Err(Error::msg("GRPO update: every shard is empty"));
         }
@@ -228,10 +223,10 @@ impl PolicyTrainer {
             .collect::<Result<Vec<_>>>()?;
         let per_token = |x: f64| x / token_weight.max(1.0);
         let metrics = BTreeMap::from([
-            ("actor/pg_loss".to_string(), stats[3] / loss_weight),
-            ("actor/kl".to_string(), per_token(stats[4])),
-            ("actor/clipfrac".to_string(), per_token(stats[5])),
-            ("actor/entropy".to_string(), per_token(stats[6])),
+            ("actor/pg_loss".to_string(), sums.pg_loss / loss_weight),
+            ("actor/kl".to_string(), per_token(sums.kl)),
+            ("actor/clipfrac".to_string(), per_token(sums.clipfrac)),
+            ("actor/entropy".to_string(), per_token(sums.entropy)),
         ]);
         self.finish_update(Accumulated {
             grads,
@@ -239,5 +234,44 @@ impl PolicyTrainer {
             tokens: token_weight as usize,
             rows: 0,
         })
+    }
+}
+
+/// What a GRPO shard sums across the ranks beside its gradients.
+#[derive(Debug, Clone, Copy, Default)]
+struct GrpoSums {
+    /// The shard's share of the loss's denominator (rows, or tokens for `token_mean`).
+    loss_weight: f64,
+    /// Its response tokens.
+    token_weight: f64,
+    /// `loss_weight * pg_loss`.
+    pg_loss: f64,
+    /// `token_weight * kl` (and likewise below).
+    kl: f64,
+    clipfrac: f64,
+    entropy: f64,
+}
+
+impl RankSums for GrpoSums {
+    fn to_vec(&self) -> Vec<f64> {
+        vec![
+            self.loss_weight,
+            self.token_weight,
+            self.pg_loss,
+            self.kl,
+            self.clipfrac,
+            self.entropy,
+        ]
+    }
+
+    fn from_slice(v: &[f64]) -> Self {
+        Self {
+            loss_weight: v[0],
+            token_weight: v[1],
+            pg_loss: v[2],
+            kl: v[3],
+            clipfrac: v[4],
+            entropy: v[5],
+        }
     }
 }

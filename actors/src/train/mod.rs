@@ -4,6 +4,7 @@
 //!
 //! | file | what |
 //! |---|---|
+//! | `batch.rs` | what an update takes and returns: [`TrainBatch`], [`MpoPair`], [`SftExample`], [`PolicyWeights`], [`UpdateReport`] |
 //! | `config.rs` | [`OptimConfig`], the `[optimizer]` section |
 //! | `adamw.rs` | [`AdamW`] with torch semantics and a checkpointable state |
 //! | `schedule.rs` | warmup + cosine learning rate, global-norm clipping |
@@ -13,6 +14,7 @@
 //! | `collective.rs` | [`Collective`] all-reduce for data-parallel replicas; [`LocalCollective`] between threads |
 
 pub mod adamw;
+pub mod batch;
 pub mod collective;
 pub mod config;
 mod grpo_step;
@@ -23,7 +25,8 @@ mod sft_step;
 pub mod trainer;
 
 pub use adamw::{AdamW, AdamWParams, AdamWState};
-pub use collective::{Collective, LocalCollective, SingleRank};
+pub use batch::{MpoPair, PolicyWeights, SftExample, TrainBatch, UpdateReport};
+pub use collective::{Collective, LocalCollective};
 pub use config::OptimConfig;
 pub use logprobs::{ResponseLogprobs, ResponseRow, ResponseScorer};
 pub use trainer::{Accumulated, PolicyTrainer, MODEL_DIR, OPTIMIZER_DIR};

@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::collective::Collective;
+use super::batch::{MpoPair, UpdateReport};
+use super::collective::{all_reduce_with_sums, rank_local, Collective, RankSums};
 use super::logprobs::ResponseRow;
 use super::trainer::{accumulate, Accumulated, PolicyTrainer};
 use crate::prompt::{EncodedPrompt, PromptBank};
-use crate::protocol::{MpoPair, UpdateReport};
 use crate::rl::config::{MpoConfig, SftNormalisation};
 use crate::rl::mpo::{mpo_loss, mpo_loss_with_delta, BcoRewardMean, MpoInputs, MpoMetrics};
 use crate::train::logprobs::ResponseScorer;
@@ -239,73 +239,70 @@ impl PolicyTrainer {
         delta_state: &mut BcoRewardMean,
         collective: &dyn Collective,
     ) -> Result<UpdateReport> {
-        let cpu = Device::Cpu;
         // Pass 1: rewards and totals.
-        let local = mpo.validate().and_then(|()| {
+        let local = rank_local(|| {
+            self.fault_drill();
+            mpo.validate()?;
             let batch = self.prepare_pairs(shard, prompts)?;
             let (sum, count) = self.reward_sum(&batch, mpo.beta)?;
             Ok((batch, sum, count))
         });
-        let stats = match &local {
-            Ok((batch, sum, count)) => [
-                0.0,
-                *sum,
-                *count as f64,
-                batch.pairs.len() as f64,
-                batch.chosen_tokens() as f64,
-                batch.tokens() as f64,
-            ],
-            Err(_) => [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-        };
-        let mut reduced = [Tensor::new(&stats, &cpu)?];
-        collective.all_reduce_sum(&mut reduced)?;
-        let totals = reduced[0].to_vec1::<f64>()?;
+        let totals = local.as_ref().ok().map(|(batch, sum, count)| MpoTotals {
+            reward_sum: *sum,
+            reward_count: *count as f64,
+            pairs: batch.pairs.len() as f64,
+            chosen_tokens: batch.chosen_tokens() as f64,
+            tokens: batch.tokens() as f64,
+        });
+        let reduced = all_reduce_with_sums(collective, &mut Vec::new(), totals)?;
         let (batch, _, _) = local?;
-        if totals[0] > 0.0 {
-            return Err(rank_failure(totals[0]));
-        }
-        if totals[3] == 0.0 {
+        let totals = reduced.into_result()?;
+        if totals.pairs == 0.0 {
             return Err(Error::msg("MPO update: every shard is empty"));
         }
-        let delta = delta_state.update(totals[1] / totals[2]);
+        let delta = delta_state.update(totals.reward_sum / totals.reward_count);
 
         // Pass 2: gradients scaled by the global shares, summed over the ranks.
-        let local =
-            self.preference_pass(&batch, mpo, delta, totals[3] as usize, totals[4] as usize);
+        let local = rank_local(|| {
+            self.preference_pass(
+                &batch,
+                mpo,
+                delta,
+                totals.pairs as usize,
+                totals.chosen_tokens as usize,
+            )
+        });
         let zeros = || -> Result<Vec<Tensor>> {
             self.trainable_vars()
                 .iter()
                 .map(|(_, v)| Ok(v.as_tensor().zeros_like()?))
                 .collect()
         };
-        let (mut tensors, stats) = match &local {
+        let (mut tensors, losses) = match &local {
             Ok((sums, m)) => (
                 match sums {
                     Some(sums) => sums.clone(),
                     None => zeros()?,
                 },
-                [0.0, m.dpo, m.bco, m.sft],
+                Some(MpoLosses {
+                    dpo: m.dpo,
+                    bco: m.bco,
+                    sft: m.sft,
+                }),
             ),
-            Err(_) => (zeros()?, [1.0, 0.0, 0.0, 0.0]),
+            Err(_) => (zeros()?, None),
         };
-        tensors.push(Tensor::new(&stats, &cpu)?);
-        collective.all_reduce_sum(&mut tensors)?;
-        let stats = tensors
-            .pop()
-            .ok_or_else(|| Error::msg("all-reduce lost the statistics"))?
-            .to_vec1::<f64>()?;
+        let reduced = all_reduce_with_sums(collective, &mut tensors, losses)?;
         local?;
-        if stats[0] > 0.0 {
-            return Err(rank_failure(stats[0]));
-        }
+        let losses = reduced.into_result()?;
         let metrics = MpoMetrics {
-            dpo: stats[1],
-            bco: stats[2],
-            sft: stats[3],
+            dpo: losses.dpo,
+            bco: losses.bco,
+            sft: losses.sft,
             delta,
             ..Default::default()
         };
-        let accumulated = finish(Some(tensors), &metrics, totals[5] as usize, 0);
+        let accumulated = finish(Some(tensors), &metrics, totals.tokens as usize, 0);
         self.finish_update(accumulated)
     }
 
@@ -338,9 +335,61 @@ fn finish(sums: Option<Vec<Tensor>>, m: &MpoMetrics, tokens: usize, rows: usize)
     }
 }
 
-/// The error every rank returns when `failed` ranks could not compute their shard.
-pub(super) fn rank_failure(failed: f64) -> Error {
-    Error::msg(format!(
-        "{failed} rank(s) failed to compute their shard's gradient: update skipped"
-    ))
+/// Pass 1 of a data-parallel MPO update: what each shard sums across the ranks.
+#[derive(Debug, Clone, Copy, Default)]
+struct MpoTotals {
+    /// Sum of the pairs' implicit rewards (for the BCO delta's batch mean).
+    reward_sum: f64,
+    /// How many rewards that sum holds.
+    reward_count: f64,
+    /// Pairs.
+    pairs: f64,
+    /// Tokens of the chosen responses.
+    chosen_tokens: f64,
+    /// Response tokens in all.
+    tokens: f64,
+}
+
+impl RankSums for MpoTotals {
+    fn to_vec(&self) -> Vec<f64> {
+        vec![
+            self.reward_sum,
+            self.reward_count,
+            self.pairs,
+            self.chosen_tokens,
+            self.tokens,
+        ]
+    }
+
+    fn from_slice(v: &[f64]) -> Self {
+        Self {
+            reward_sum: v[0],
+            reward_count: v[1],
+            pairs: v[2],
+            chosen_tokens: v[3],
+            tokens: v[4],
+        }
+    }
+}
+
+/// Pass 2: the loss terms each shard sums (already weighted by its share).
+#[derive(Debug, Clone, Copy, Default)]
+struct MpoLosses {
+    dpo: f64,
+    bco: f64,
+    sft: f64,
+}
+
+impl RankSums for MpoLosses {
+    fn to_vec(&self) -> Vec<f64> {
+        vec![self.dpo, self.bco, self.sft]
+    }
+
+    fn from_slice(v: &[f64]) -> Self {
+        Self {
+            dpo: v[0],
+            bco: v[1],
+            sft: v[2],
+        }
+    }
 }

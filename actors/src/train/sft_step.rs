@@ -6,10 +6,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use candle_core::Tensor;
+
+use super::batch::{SftExample, UpdateReport};
+use super::collective::{all_reduce_with_sums, rank_local, Collective, RankSums};
 use super::logprobs::ResponseRow;
 use super::trainer::{accumulate, Accumulated, PolicyTrainer};
 use crate::prompt::PromptBank;
-use crate::protocol::{SftExample, UpdateReport};
 use crate::{Error, Result};
 
 impl PolicyTrainer {
@@ -74,5 +77,90 @@ impl PolicyTrainer {
     ) -> Result<UpdateReport> {
         let accumulated = self.sft_gradients(examples, prompts)?;
         self.finish_update(accumulated)
+    }
+
+    /// One data-parallel SFT update: this replica's `shard` of the examples. Each shard's gradient of its
+    /// token-mean NLL is weighted by its tokens, summed over the ranks by `collective` and divided by the
+    /// total, so every replica applies the same update, equal to [`Self::sft_update`] on the whole batch (up
+    /// to summation order). A shard may be empty; a rank that fails (or panics) still joins the all-reduce,
+    /// so that every rank returns an error.
+    pub fn sft_update_shard(
+        &mut self,
+        shard: &[SftExample],
+        prompts: &PromptBank,
+        collective: &dyn Collective,
+    ) -> Result<UpdateReport> {
+        let local = rank_local(|| {
+            self.fault_drill();
+            if shard.is_empty() {
+                Ok(None)
+            } else {
+                self.sft_gradients(shard, prompts).map(Some)
+            }
+        });
+        let zeros = || -> Result<Vec<Tensor>> {
+            self.trainable_vars()
+                .iter()
+                .map(|(_, v)| Ok(v.as_tensor().zeros_like()?))
+                .collect()
+        };
+        let (mut tensors, sums) = match &local {
+            Ok(Some(a)) => {
+                let tokens = a.tokens as f64;
+                let grads = a
+                    .grads
+                    .iter()
+                    .map(|g| Ok((g * tokens)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let nll = a.metrics.get("sft/nll").copied().unwrap_or(0.0);
+                (
+                    grads,
+                    Some(SftSums {
+                        tokens,
+                        nll: tokens * nll,
+                    }),
+                )
+            }
+            Ok(None) => (zeros()?, Some(SftSums::default())),
+            Err(_) => (zeros()?, None),
+        };
+        let reduced = all_reduce_with_sums(collective, &mut tensors, sums)?;
+        local?;
+        let sums = reduced.into_result()?;
+        if sums.tokens <= 0.0 {
+            return Err(Error::msg("SFT update: every shard is empty"));
+        }
+        let grads = tensors
+            .iter()
+            .map(|g| Ok((g / sums.tokens)?))
+            .collect::<Result<Vec<_>>>()?;
+        self.finish_update(Accumulated {
+            grads,
+            metrics: BTreeMap::from([("sft/nll".to_string(), sums.nll / sums.tokens)]),
+            tokens: sums.tokens as usize,
+            rows: 0,
+        })
+    }
+}
+
+/// What an SFT shard sums across the ranks beside its gradients.
+#[derive(Debug, Clone, Copy, Default)]
+struct SftSums {
+    /// Response tokens of the shard.
+    tokens: f64,
+    /// `tokens * nll`.
+    nll: f64,
+}
+
+impl RankSums for SftSums {
+    fn to_vec(&self) -> Vec<f64> {
+        vec![self.tokens, self.nll]
+    }
+
+    fn from_slice(v: &[f64]) -> Self {
+        Self {
+            tokens: v[0],
+            nll: v[1],
+        }
     }
 }

@@ -24,12 +24,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::adamw::{AdamW, AdamWParams, AdamWState};
+use super::batch::{PolicyWeights, UpdateReport};
 use super::config::OptimConfig;
 use super::logprobs::ResponseScorer;
 use super::schedule::{clip_grad_norm, learning_rate};
 use crate::model::chat::{ChatModel, LoadedChat};
 use crate::model::weights::{WeightStore, DEFAULT_MAX_SHARD_BYTES};
-use crate::protocol::{PolicyWeights, UpdateReport};
 use crate::{Error, Result};
 
 /// Gradients summed over the micro-batches of one update, in the order of the trainable parameters, and the
@@ -74,6 +74,8 @@ pub struct PolicyTrainer {
     /// Set while the optimizer writes the weights: still set afterwards means that step did not finish
     /// (an error or a panic midway) and the weights are partly updated.
     in_step: bool,
+    /// Fault drill: the data-parallel gradient of the update at this policy version panics (once).
+    panic_at_version: Option<u64>,
 }
 
 fn adamw_params(config: &OptimConfig) -> AdamWParams {
@@ -150,6 +152,7 @@ impl PolicyTrainer {
             config,
             version: 0,
             in_step: false,
+            panic_at_version: None,
         })
     }
 
@@ -209,6 +212,7 @@ impl PolicyTrainer {
             config,
             version: file.version,
             in_step: false,
+            panic_at_version: None,
         })
     }
 
@@ -301,6 +305,23 @@ impl PolicyTrainer {
         self.in_step = false;
         self.version += 1;
         Ok((norm, lr))
+    }
+
+    /// Fault drill: the data-parallel (`*_update_shard`) gradient of the update at policy `version` panics
+    /// once, inside the rank's computation, so that the collective's failure path runs for real.
+    pub fn inject_shard_panic_at(&mut self, version: Option<u64>) {
+        self.panic_at_version = version;
+    }
+
+    /// Panics when the fault drill is armed for the current version (and disarms it).
+    pub(super) fn fault_drill(&mut self) {
+        if self.panic_at_version == Some(self.version) {
+            self.panic_at_version = None;
+            panic!(
+                "injected fault in a shard's gradient at policy version {}",
+                self.version
+            );
+        }
     }
 
     /// Whether the weights are those of a whole number of updates (false after an optimizer step that failed

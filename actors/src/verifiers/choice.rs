@@ -249,6 +249,7 @@ impl Verifier for ChoiceVerifier {
             extracted: chosen.map(String::from),
             reason,
             hallucination: None,
+            failure: None,
         })
     }
 }

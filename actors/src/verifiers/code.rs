@@ -335,7 +335,7 @@ impl Verifier for CodeVerifier {
                     "no fenced {} code block in the response",
                     self.config.languages[0]
                 ),
-                ..Verdict::failed("")
+                ..Verdict::zero("")
             });
         };
         let mut cases = parse_test_cases(input.answer, input.meta).map_err(Error::Msg)?;
@@ -418,6 +418,7 @@ impl Verifier for CodeVerifier {
                 first_failure.unwrap_or_default()
             ),
             hallucination: None,
+            failure: None,
         })
     }
 }

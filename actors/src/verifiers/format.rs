@@ -113,6 +113,7 @@ impl Verifier for FormatVerifier {
                 extracted: Some(tail_bytes(answer, 2000).to_string()),
                 reason: "think block followed by a final answer".into(),
                 hallucination: None,
+                failure: None,
             },
             Err(why) => Verdict {
                 score: 0.0,
@@ -120,6 +121,7 @@ impl Verifier for FormatVerifier {
                 extracted: None,
                 reason: why,
                 hallucination: None,
+                failure: None,
             },
         })
     }

@@ -387,6 +387,7 @@ impl Verifier for GroundingVerifier {
                 claims_checked,
                 unsupported,
             }),
+            failure: None,
         })
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! A verifier reads the prompt, the response, the reference answer and the dataset line's free-form
 //! metadata, and returns a [`Verdict`]. Verifiers never panic or hang the pipeline: the registry turns an
-//! error, a panic or a timeout into a zero-score verdict that says why.
+//! error, a panic or a timeout into a zero-score verdict that carries the typed [`VerifyFailure`].
 
 pub mod choice;
 pub mod code;
@@ -53,17 +53,52 @@ pub struct Verdict {
     /// Hallucination flags, for verifiers that can check claims against the image's annotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hallucination: Option<HallucinationFlags>,
+    /// Set when the verifier failed (error, panic, timeout, a broken plugin) rather than judged: the score
+    /// is then 0 and `reason` is this failure's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<VerifyFailure>,
+}
+
+/// Why a verification produced no verdict of its own: the verifier failed, not the answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum VerifyFailure {
+    /// No verifier of that name is registered.
+    #[error("no verifier named `{0}` (registered: {1})")]
+    UnknownVerifier(String, String),
+    /// The verifier returned an error.
+    #[error("verifier `{0}` failed: {1}")]
+    Error(String, String),
+    /// The verifier panicked.
+    #[error("verifier `{0}` panicked: {1}")]
+    Panic(String, String),
+    /// The verifier did not return within the timeout.
+    #[error("verifier `{0}` timed out after {1} s")]
+    Timeout(String, f64),
+    /// A plugin process failed the request: it exited, hung, restarted or sent a malformed reply.
+    #[error("plugin `{0}`: {1}")]
+    Plugin(String, String),
+}
+
+impl VerifyFailure {
+    /// The zero-score verdict this failure turns into (its reason is the failure's message).
+    pub fn into_verdict(self) -> Verdict {
+        Verdict {
+            failure: Some(self.clone()),
+            ..Verdict::zero(self.to_string())
+        }
+    }
 }
 
 impl Verdict {
     /// A zero-score verdict for a verifier that failed (error, panic, timeout).
-    pub fn failed(reason: impl Into<String>) -> Self {
+    pub fn zero(reason: impl Into<String>) -> Self {
         Verdict {
             score: 0.0,
             format_ok: false,
             extracted: None,
             reason: reason.into(),
             hallucination: None,
+            failure: None,
         }
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use super::{Verdict, Verifier, VerifyInput};
+use super::{Verdict, Verifier, VerifyFailure, VerifyInput};
 use crate::{Error, Result};
 
 /// One `[[plugins]]` entry of the verifier config.
@@ -254,10 +254,11 @@ impl PluginVerifier {
             let reply: Reply = match serde_json::from_value(value) {
                 Ok(reply) => reply,
                 Err(error) => {
-                    return Ok(Verdict::failed(format!(
-                        "plugin `{}`: malformed reply ({error}): {line}",
-                        self.config.name
-                    )))
+                    return Ok(VerifyFailure::Plugin(
+                        self.config.name.clone(),
+                        format!("malformed reply ({error}): {line}"),
+                    )
+                    .into_verdict())
                 }
             };
             let score = if reply.score.is_finite() {
@@ -271,6 +272,7 @@ impl PluginVerifier {
                 extracted: reply.extracted,
                 reason: reply.reason,
                 hallucination: None,
+                failure: None,
             });
         }
     }
@@ -313,10 +315,10 @@ impl Verifier for PluginVerifier {
                     running.kill();
                 }
                 tracing::warn!(plugin = %self.config.name, "request {id}: {reason}");
-                Ok(Verdict::failed(format!(
-                    "plugin `{}`: {reason}",
-                    self.config.name
-                )))
+                Ok(
+                    VerifyFailure::Plugin(self.config.name.clone(), reason.to_string())
+                        .into_verdict(),
+                )
             }
         }
     }

@@ -19,6 +19,7 @@ use super::config::VerifiersConfig;
 use super::format::FormatVerifier;
 use super::math::MathVerifier;
 use super::plugin::PluginVerifier;
+pub use super::VerifyFailure;
 use super::{Verdict, Verifier, VerifyInput};
 use crate::Result;
 
@@ -45,30 +46,6 @@ impl VerifyRequest {
             answer: &self.answer,
             meta: &self.meta,
         }
-    }
-}
-
-/// Why a verification produced no verdict of its own.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum VerifyFailure {
-    /// No verifier of that name is registered.
-    #[error("no verifier named `{0}` (registered: {1})")]
-    UnknownVerifier(String, String),
-    /// The verifier returned an error.
-    #[error("verifier `{0}` failed: {1}")]
-    Error(String, String),
-    /// The verifier panicked.
-    #[error("verifier `{0}` panicked: {1}")]
-    Panic(String, String),
-    /// The verifier did not return within the timeout.
-    #[error("verifier `{0}` timed out after {1} s")]
-    Timeout(String, f64),
-}
-
-impl VerifyFailure {
-    /// The zero-score verdict this failure turns into.
-    pub fn into_verdict(self) -> Verdict {
-        Verdict::failed(self.to_string())
     }
 }
 

@@ -108,7 +108,7 @@ pub fn grpo_batch(
     groups: &[(u64, &[f64])],
     scorer: Option<&r1v2_actors::train::ResponseScorer>,
 ) -> Result<r1v2_actors::protocol::TrainBatch> {
-    use r1v2_actors::rl::ssb::{GroupSample, SampledGroup};
+    use r1v2_actors::rl::{Group, Sample};
     let prompts = prompts()?;
     let mut out = Vec::new();
     for (g, (prompt, advantages)) in groups.iter().enumerate() {
@@ -126,15 +126,15 @@ pub fn grpo_batch(
                 }
                 None => vec![-4.0; token_ids.len()],
             };
-            samples.push(GroupSample {
+            samples.push(Sample::scored(
                 token_ids,
                 behaviour_logprobs,
-                reward: advantage,
                 advantage,
-                correct: None,
-            });
+                advantage,
+                None,
+            ));
         }
-        out.push(SampledGroup {
+        out.push(Group {
             prompt_id: PromptId(*prompt),
             policy_version: 0,
             samples,

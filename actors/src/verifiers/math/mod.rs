@@ -119,6 +119,7 @@ impl Verifier for MathVerifier {
                 extracted: None,
                 reason: "no final answer found outside the reasoning part".into(),
                 hallucination: None,
+                failure: None,
             });
         };
         let (equal, why) = math_equal_explained(&extracted, input.answer, cfg);
@@ -128,6 +129,7 @@ impl Verifier for MathVerifier {
             extracted: Some(extracted),
             reason: why,
             hallucination: None,
+            failure: None,
         })
     }
 }

@@ -1,9 +1,12 @@
 //! A model directory in the Hugging Face layout: `config.json`, safetensors weights (one file or sharded
-//! through `model.safetensors.index.json`), optionally `tokenizer.json`. Shared by `inspect` and `forward`.
+//! through `model.safetensors.index.json`), optionally `tokenizer.json`; and the device names models are
+//! placed on. Shared by the CLI, the prompt encoder and the controller.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use candle_core::Device;
 
 use crate::{Error, Result};
 use r1v2_actors::model::weights::{INDEX_FILE, SINGLE_FILE};
@@ -239,5 +242,21 @@ pub fn module_of(kind: ModelKind, name: &str) -> &'static str {
         "llm"
     } else {
         "other"
+    }
+}
+
+/// The device a name stands for: `cpu` or `cuda:N`; anything else is an error naming it.
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(ordinal) => Ok(Device::new_cuda(ordinal)?),
+            None => Err(Error::Msg(format!(
+                "unknown device `{other}` (expected `cpu` or `cuda:N`)"
+            ))),
+        },
     }
 }

@@ -1,7 +1,7 @@
 //! Building a run: the run directory, the models, the dataset and prompt bank, and every actor, fresh or
-//! resumed from the last complete checkpoint.
+//! resumed from the last complete checkpoint. (A child of `controller.rs`: it fills the private fields.)
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -21,73 +21,23 @@ use r1v2_actors::model::value_head::ValueModel;
 use r1v2_actors::model::weights::WeightStore;
 use r1v2_actors::monitor::{HallucinationMonitor, ProbeSet};
 use r1v2_actors::prompt::PromptBank;
+use r1v2_actors::protocol::ActorName;
 use r1v2_actors::protocol::BufferSnapshot;
 use r1v2_actors::train::PolicyTrainer;
 use r1v2_actors::verifiers::grounding::{GroundingConfig, GroundingVerifier};
 use r1v2_actors::verifiers::registry::VerifierRegistry;
 
-use super::state::LoopState;
-use super::watchdog::Watchdog;
-use super::RunOptions;
+use super::{Actors, Controller};
 use crate::checkpoint::{RunDir, TrainerState};
-use crate::cli::forward::parse_device;
 use crate::config::TrainConfig;
 use crate::data::{DataLoader, Dataset};
+use crate::model_dir::parse_device;
 use crate::prompting::PromptEncoder;
 use crate::telemetry::{self, MetricsWriter, Progress};
+use crate::trainer::state::{self, LoopState};
+use crate::trainer::watchdog::Watchdog;
+use crate::trainer::RunOptions;
 use crate::{demo, tiny, Error, Result};
-
-/// The addresses of the actors.
-pub struct Actors {
-    /// The policy generator.
-    pub generator: Addr<PolicyGenerator>,
-    /// The rule verifier pool.
-    pub verifier: Addr<RuleVerifier>,
-    /// The reward model, when the config has one.
-    pub reward: Option<Addr<RewardModel>>,
-    /// The Selective Sample Buffer.
-    pub buffer: Addr<SampleBuffer>,
-    /// The hallucination monitor.
-    pub monitor: Addr<MonitorActor>,
-    /// The optimizer.
-    pub optimizer: Addr<Optimizer>,
-}
-
-/// The controller: the schedule's state and the actors it drives.
-pub struct Controller {
-    /// The run config.
-    pub config: TrainConfig,
-    /// The run directory.
-    pub run: RunDir,
-    /// The actors.
-    pub actors: Actors,
-    /// Turns dataset lines into model inputs.
-    pub encoder: PromptEncoder,
-    /// Encoded prompts, shared with generator and optimizer.
-    pub bank: PromptBank,
-    /// Sample id -> its index in the file (its [`r1v2_actors::rl::PromptId`]).
-    pub index_of: HashMap<String, usize>,
-    /// The shuffling loader.
-    pub loader: DataLoader,
-    /// The probe set, when the monitor has one.
-    pub probes: Option<ProbeSet>,
-    /// Step, policy version, calibration, prompt counter ...
-    pub state: LoopState,
-    /// metrics.jsonl.
-    pub metrics: MetricsWriter,
-    /// The terminal progress bar.
-    pub progress: Progress,
-    /// Deadlines and heartbeats.
-    pub watchdog: Watchdog,
-    /// Set by Ctrl-C.
-    pub stop: Arc<AtomicBool>,
-    /// The last checkpoint written.
-    pub last_checkpoint: Option<PathBuf>,
-    /// The last step's metrics.
-    pub last_metrics: BTreeMap<String, f64>,
-    /// Async mode: the generation request already in flight for the next step.
-    pub prefetched: Option<super::steps::Prefetched>,
-}
 
 fn device_of(config: &TrainConfig) -> Result<Device> {
     parse_device(&config.model.device).map_err(|e| Error::Msg(format!("model.device: {e}")))
@@ -185,7 +135,7 @@ impl Controller {
             None
         };
         telemetry::init(Some(run.root()), &config.run.log_level)?;
-        super::state::clean_scratch(run.root());
+        state::clean_scratch(run.root());
         run.write_config(&resolved_config(&config, &options.config_text))?;
         let device = device_of(&config)?;
 
@@ -340,13 +290,13 @@ impl Controller {
 
         let watchdog = Watchdog::new(Duration::from_secs_f64(config.watchdog.stall_timeout_s));
         let every = Duration::from_secs_f64(config.watchdog.heartbeat_every_s);
-        watchdog.watch("policy_generator", generator.clone(), every);
-        watchdog.watch("rule_verifier", verifier.clone(), every);
-        watchdog.watch("sample_buffer", buffer.clone(), every);
-        watchdog.watch("hallucination_monitor", monitor.clone(), every);
-        watchdog.watch("optimizer", optimizer.clone(), every);
+        watchdog.watch(ActorName::PolicyGenerator, generator.clone(), every);
+        watchdog.watch(ActorName::RuleVerifier, verifier.clone(), every);
+        watchdog.watch(ActorName::SampleBuffer, buffer.clone(), every);
+        watchdog.watch(ActorName::HallucinationMonitor, monitor.clone(), every);
+        watchdog.watch(ActorName::Optimizer, optimizer.clone(), every);
         if let Some(reward) = &reward {
-            watchdog.watch("reward_model", reward.clone(), every);
+            watchdog.watch(ActorName::RewardModel, reward.clone(), every);
         }
 
         let metrics = match &resume_from {

@@ -1,0 +1,597 @@
+//! The controller: the schedule's state, the actors it drives, the run loop, and the phases the stage steps
+//! share (sample, score, update + sync, monitor). One step of each stage reads top to bottom in its own file:
+//! [`grpo`](grpo.rs), [`mpo`](mpo.rs), [`sft`](sft.rs). Building a run is [`build`](build.rs); checkpoints
+//! are [`super::state`].
+//!
+//! The controller is the async task that owns the schedule: it sends each step's requests to the actors and
+//! awaits their replies under the watchdog's deadline, so it is not itself addressed by messages. At the end
+//! of a run (its schedule, a Ctrl-C, or an error) [`Controller::shutdown`] closes the actors in pipeline
+//! order and waits for each to answer.
+
+#[path = "build.rs"]
+mod build;
+#[path = "checkpoint.rs"]
+mod checkpoint;
+#[path = "grpo.rs"]
+mod grpo;
+#[path = "mpo.rs"]
+mod mpo;
+#[path = "sft.rs"]
+mod sft;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::dev::ToEnvelope;
+use actix::{Actor, Addr, Handler, Message};
+use r1v2_actors::actor::monitor::MonitorActor;
+use r1v2_actors::actor::optimizer::Optimizer;
+use r1v2_actors::actor::policy_generator::PolicyGenerator;
+use r1v2_actors::actor::reward_model::RewardModel;
+use r1v2_actors::actor::rule_verifier::RuleVerifier;
+use r1v2_actors::actor::sample_buffer::SampleBuffer;
+use r1v2_actors::generate::FinishReason;
+use r1v2_actors::monitor::ProbeSet;
+use r1v2_actors::prompt::{EncodedPrompt, PromptBank};
+use r1v2_actors::protocol::{
+    ActorName, GenerateGroups, GroupRequest, Named, ObserveProbe, ObserveStep, Rollouts, Score,
+    ScoreSequence, Shutdown, SyncWeights, UpdateReport, Verify,
+};
+use r1v2_actors::rl::scoring::{mean, score_groups, Scoring, ScoringConfig};
+use r1v2_actors::rl::PromptId;
+use r1v2_actors::verifiers::registry::VerifyRequest;
+use tracing::Instrument;
+
+use super::metrics::{GenerationMetrics, ScoringTimes, StepMetrics, UpdateMetrics};
+use super::state::LoopState;
+use super::watchdog::Watchdog;
+use super::{stage_at, RunSummary};
+use crate::config::{ScheduleMode, Stage, TrainConfig};
+use crate::data::DataLoader;
+use crate::prompting::PromptEncoder;
+use crate::telemetry::{MetricsWriter, Progress};
+use crate::{Error, Result};
+
+/// Probe prompts live in the prompt bank above every dataset index.
+const PROBE_ID_BASE: u64 = 1 << 48;
+
+/// The addresses of the actors.
+struct Actors {
+    generator: Addr<PolicyGenerator>,
+    verifier: Addr<RuleVerifier>,
+    /// When the config has a reward model.
+    reward: Option<Addr<RewardModel>>,
+    buffer: Addr<SampleBuffer>,
+    monitor: Addr<MonitorActor>,
+    optimizer: Addr<Optimizer>,
+}
+
+/// Async mode: the next step's generation request, already in the generator's mailbox.
+type Prefetched = actix::dev::Request<PolicyGenerator, GenerateGroups>;
+
+/// The controller: the schedule's state and the actors it drives.
+pub struct Controller {
+    config: TrainConfig,
+    run: crate::checkpoint::RunDir,
+    actors: Actors,
+    /// Turns dataset lines into model inputs.
+    encoder: PromptEncoder,
+    /// Encoded prompts, shared with the generator and the optimizer.
+    bank: PromptBank,
+    /// Sample id -> its index in the file (its [`PromptId`]).
+    index_of: HashMap<String, usize>,
+    loader: DataLoader,
+    /// When the monitor has one.
+    probes: Option<ProbeSet>,
+    /// Step, policy version, calibration, prompt counter ... (checkpointed).
+    state: LoopState,
+    metrics: MetricsWriter,
+    progress: Progress,
+    watchdog: Watchdog,
+    /// Set by Ctrl-C.
+    stop: Arc<AtomicBool>,
+    last_checkpoint: Option<PathBuf>,
+    last_metrics: BTreeMap<String, f64>,
+    prefetched: Option<Prefetched>,
+}
+
+impl Controller {
+    /// Runs the schedule from the current step to its end (or a Ctrl-C, or an error).
+    pub async fn run(&mut self) -> Result<RunSummary> {
+        let total = self.config.total_steps();
+        let mut interrupted = false;
+        let mut checkpointed_at = self.last_checkpoint.as_ref().map(|_| self.state.step);
+        while self.state.step < total {
+            if self.stop.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            // Validation guarantees a stage for every step below the total.
+            let Some((stage, offset)) = stage_at(&self.config.stages, self.state.step) else {
+                break;
+            };
+            let stage = stage.clone();
+            let span =
+                tracing::info_span!("stage", stage = stage.name(), step = self.state.step + 1);
+            // Each RL stage's reference (MPO's DPO/BCO terms, GRPO's KL) is the policy it starts from: after
+            // the SFT warm start, after the MPO rounds. (On resume mid-stage the checkpoint holds it.)
+            if offset == 0 && self.state.step > 0 && !matches!(stage, Stage::Sft { .. }) {
+                self.refresh_reference().await?;
+                tracing::info!(
+                    stage = stage.name(),
+                    "reference policy reset to the current policy"
+                );
+            }
+            let before = (self.loader.cursor(), self.state.clone());
+            let started = Instant::now();
+            let outcome = match &stage {
+                Stage::Sft { .. } => self.sft_step().instrument(span).await,
+                Stage::Mpo {
+                    steps_per_round, ..
+                } => {
+                    let new_round = offset > 0 && offset.is_multiple_of(*steps_per_round);
+                    self.mpo_step(new_round).instrument(span).await
+                }
+                Stage::Grpo { .. } => self.grpo_step().instrument(span).await,
+            };
+            let mut metrics = match outcome {
+                Ok(metrics) => metrics,
+                Err(error) => {
+                    if self.watchdog.stalled().is_some() {
+                        self.checkpoint_after_stall(before).await;
+                    }
+                    self.progress.finish();
+                    return Err(error);
+                }
+            };
+            metrics.step_s = started.elapsed().as_secs_f64();
+            let metrics = metrics.to_map();
+            self.state.step += 1;
+            let step = self.state.step;
+            self.metrics.write(step, &metrics)?;
+            let reward = metrics
+                .get("reward/mean")
+                .copied()
+                .filter(|r| r.is_finite());
+            self.progress.update(step, reward);
+            tracing::info!(
+                step,
+                stage = stage.name(),
+                reward = reward.unwrap_or(f64::NAN),
+                version = self.state.policy_version,
+                "step {step}/{total} done in {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
+            self.last_metrics = metrics;
+            let every = self.config.run.checkpoint_every;
+            if every > 0 && step.is_multiple_of(every) {
+                self.checkpoint().await?;
+                checkpointed_at = Some(step);
+            }
+        }
+        if checkpointed_at != Some(self.state.step) {
+            self.checkpoint().await?;
+        }
+        self.progress.finish();
+        if interrupted {
+            tracing::warn!(
+                step = self.state.step,
+                "stopped by Ctrl-C; continue with --resume {}",
+                self.run.root().display()
+            );
+        }
+        Ok(RunSummary {
+            step: self.state.step,
+            total_steps: total,
+            last_checkpoint: self.last_checkpoint.clone(),
+            interrupted,
+            last_metrics: self.last_metrics.clone(),
+        })
+    }
+
+    /// Closes the actors in pipeline order (generator, verifier, reward model, buffer, monitor, optimizer),
+    /// waiting for each to answer; logs each and the end. Dropping the controller afterwards drops the last
+    /// addresses, which ends the actors' threads.
+    pub async fn shutdown(self) {
+        let actors = &self.actors;
+        self.close(ActorName::PolicyGenerator, &actors.generator)
+            .await;
+        self.close(ActorName::RuleVerifier, &actors.verifier).await;
+        if let Some(reward) = &actors.reward {
+            self.close(ActorName::RewardModel, reward).await;
+        }
+        self.close(ActorName::SampleBuffer, &actors.buffer).await;
+        self.close(ActorName::HallucinationMonitor, &actors.monitor)
+            .await;
+        self.close(ActorName::Optimizer, &actors.optimizer).await;
+        tracing::info!("every actor shut down");
+    }
+
+    async fn close<A>(&self, actor: ActorName, addr: &Addr<A>)
+    where
+        A: Actor + Handler<Shutdown>,
+        A::Context: ToEnvelope<A, Shutdown>,
+    {
+        if let Err(error) = self.ask(actor, addr, Shutdown).await {
+            tracing::warn!(%error, "{actor} did not confirm its shutdown");
+        }
+    }
+
+    /// Sends `message` to `actor` and awaits the reply under the watchdog's deadline.
+    async fn ask<A, M>(&self, actor: ActorName, addr: &Addr<A>, message: M) -> Result<M::Result>
+    where
+        A: Actor + Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: Message + Named + Send + 'static,
+        M::Result: Send,
+    {
+        self.watchdog.call(actor, M::NAME, addr.send(message)).await
+    }
+
+    /// After a stall: puts the step's counters back and writes a checkpoint of the last completed step, if
+    /// the actors still answer; says so either way.
+    async fn checkpoint_after_stall(&mut self, before: (crate::data::DataCursor, LoopState)) {
+        let (cursor, state) = before;
+        self.state = state;
+        match DataLoader::with_cursor(
+            self.loader.samples().to_vec(),
+            self.config.data.prompts_per_step,
+            cursor,
+        ) {
+            Ok(loader) => self.loader = loader,
+            Err(error) => tracing::error!(%error, "watchdog: cannot rewind the data loader"),
+        }
+        match self.checkpoint().await {
+            Ok(dir) => tracing::error!(
+                "watchdog: stopped the run; checkpoint of step {} written to {}",
+                self.state.step,
+                dir.display()
+            ),
+            Err(error) => tracing::error!(
+                %error,
+                "watchdog: stopped the run; no checkpoint could be written (the last one stands)"
+            ),
+        }
+    }
+
+    // ---- Prompts -----------------------------------------------------------------------------------------
+
+    /// Encodes a prompt into the bank under `id`, once.
+    fn encode_into_bank(
+        &self,
+        id: PromptId,
+        question: &str,
+        images: &[PathBuf],
+        answer: &str,
+        verifier: &str,
+        meta: Option<serde_json::Value>,
+    ) -> Result<()> {
+        if self.bank.contains(id) {
+            return Ok(());
+        }
+        let encoded = self.encoder.encode(question, images)?;
+        self.bank.insert(EncodedPrompt {
+            id,
+            token_ids: encoded.token_ids,
+            pixel_values: encoded.pixel_values,
+            answer: answer.to_string(),
+            verifier: verifier.to_string(),
+            question: question.to_string(),
+            meta,
+        });
+        Ok(())
+    }
+
+    /// The next batch of prompts, encoded into the prompt bank, each with its place in the prompt stream.
+    fn next_requests(&mut self) -> Result<Vec<GroupRequest>> {
+        let batch = self.loader.next_batch();
+        let mut requests = Vec::with_capacity(batch.len());
+        for sample in batch {
+            // Every sample handed out by the loader came from `samples`, which `index_of` indexes.
+            let index = self.index_of[&sample.id];
+            let prompt_id = PromptId(index as u64);
+            self.encode_into_bank(
+                prompt_id,
+                &sample.question,
+                &sample.images,
+                &sample.answer,
+                &sample.verifier,
+                sample.meta.clone(),
+            )?;
+            requests.push(GroupRequest {
+                prompt_id,
+                prompt_index: self.state.prompts_drawn,
+            });
+            self.state.prompts_drawn += 1;
+        }
+        Ok(requests)
+    }
+
+    fn sampling(&self) -> r1v2_actors::generate::SamplingParams {
+        let mut params = self.config.generation.sampling.clone();
+        if params.stop_token_ids.is_empty() {
+            params.stop_token_ids = self.encoder.stop_token_ids();
+        }
+        if params.seed == 0 {
+            params.seed = self.config.run.seed;
+        }
+        params
+    }
+
+    fn generate_request(&self, prompts: Vec<GroupRequest>, n: usize) -> Prefetched {
+        self.actors.generator.send(GenerateGroups {
+            prompts,
+            n,
+            params: self.sampling(),
+        })
+    }
+
+    // ---- Phases the RL steps share -------------------------------------------------------------------------
+
+    /// Sample: this step's groups, requested now (sync), or the request made one step ahead (async), in
+    /// which case the next step's request goes out before this one is scored.
+    async fn sample(&mut self, metrics: &mut StepMetrics) -> Result<Rollouts> {
+        let started = Instant::now();
+        let request = match self.prefetched.take() {
+            Some(request) => request,
+            None => {
+                let requests = self.next_requests()?;
+                self.generate_request(requests, self.config.generation.group_size)
+            }
+        };
+        let rollouts = self
+            .watchdog
+            .call(ActorName::PolicyGenerator, "GenerateGroups", request)
+            .await??;
+        if self.config.run.mode == ScheduleMode::Async
+            && self.state.step + 1 < self.config.total_steps()
+        {
+            let next = self.next_requests()?;
+            self.prefetched = Some(self.generate_request(next, self.config.generation.group_size));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let samples = || rollouts.groups.iter().flat_map(|g| &g.samples);
+        let count = samples().count();
+        let clipped = samples()
+            .filter(|s| s.finish_reason == FinishReason::Length)
+            .count();
+        metrics.generation = Some(GenerationMetrics {
+            seconds,
+            tokens_per_s: rollouts.tokens as f64 / seconds.max(1e-9),
+            mean_length: mean(samples().map(|s| s.token_ids.len() as f64)),
+            clip_ratio: clipped as f64 / count.max(1) as f64,
+        });
+        Ok(rollouts)
+    }
+
+    /// One verifier request per sample, groups in order.
+    fn verify_requests(&self, rollouts: &Rollouts) -> Result<Vec<VerifyRequest>> {
+        let mut items = Vec::new();
+        for group in &rollouts.groups {
+            let prompt = self.bank.get(group.prompt_id)?;
+            for sample in &group.samples {
+                items.push(VerifyRequest {
+                    verifier: prompt.verifier.clone(),
+                    prompt: prompt.question.clone(),
+                    response: sample.text.clone(),
+                    answer: prompt.answer.clone(),
+                    meta: prompt.meta.clone().unwrap_or(serde_json::Value::Null),
+                });
+            }
+        }
+        Ok(items)
+    }
+
+    /// Verify + score: rule verdicts and RM scores, requested concurrently, then the hybrid rewards and
+    /// advantages ([`score_groups`], pure).
+    async fn score(&self, rollouts: Rollouts, metrics: &mut StepMetrics) -> Result<Scoring> {
+        let items = self.verify_requests(&rollouts)?;
+        let mut sequences = Vec::new();
+        for group in &rollouts.groups {
+            let prompt = self.bank.get(group.prompt_id)?;
+            for sample in &group.samples {
+                let mut ids = prompt.token_ids.clone();
+                ids.extend(&sample.token_ids);
+                sequences.push(ScoreSequence {
+                    attention_mask: vec![1; ids.len()],
+                    token_ids: ids,
+                });
+            }
+        }
+        let started = Instant::now();
+        let verify = async {
+            let reply = self
+                .ask(
+                    ActorName::RuleVerifier,
+                    &self.actors.verifier,
+                    Verify { items },
+                )
+                .await;
+            (reply, started.elapsed())
+        };
+        let score = async {
+            match &self.actors.reward {
+                Some(rm) => {
+                    let reply = self
+                        .ask(ActorName::RewardModel, rm, Score { sequences })
+                        .await;
+                    Some((reply, started.elapsed()))
+                }
+                None => None,
+            }
+        };
+        let ((verdicts, verify_time), score) = futures_util::future::join(verify, score).await;
+        let verdicts = verdicts??.verdicts;
+        let (rm, reward_time) = match score {
+            Some((reply, time)) => (Some(reply??.scores), time.as_secs_f64()),
+            None => (None, 0.0),
+        };
+        metrics.scoring = Some(ScoringTimes {
+            verify_s: verify_time.as_secs_f64(),
+            reward_s: reward_time,
+        });
+        let scoring = score_groups(
+            rollouts.groups,
+            verdicts,
+            rm,
+            ScoringConfig {
+                reward: &self.config.rl.reward,
+                advantage: &self.config.rl.advantage,
+                calibration: &self.state.calibration,
+            },
+        )?;
+        let failed = scoring.metrics.verify_failures;
+        if failed > 0 {
+            tracing::warn!(
+                failed,
+                "verifier failures scored 0 (see the verdict reasons)"
+            );
+        }
+        metrics.reward = Some(scoring.metrics);
+        Ok(scoring)
+    }
+
+    /// Update + sync: one optimizer update, then its weights to the generator, whose version is checked.
+    async fn update_and_sync<M>(&mut self, message: M) -> Result<UpdateMetrics>
+    where
+        M: Message<Result = r1v2_actors::Result<UpdateReport>> + Named + Send + 'static,
+        Optimizer: Handler<M>,
+    {
+        let started = Instant::now();
+        let report = self
+            .ask(ActorName::Optimizer, &self.actors.optimizer, message)
+            .await??;
+        let update_s = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let version = report.weights.version;
+        let held = self
+            .ask(
+                ActorName::PolicyGenerator,
+                &self.actors.generator,
+                SyncWeights {
+                    weights: report.weights.clone(),
+                },
+            )
+            .await??;
+        if held != version {
+            return Err(Error::Msg(format!(
+                "SyncWeights: the generator holds policy version {held}, the optimizer published {version}"
+            )));
+        }
+        self.state.policy_version = version;
+        Ok(UpdateMetrics::done(
+            &report,
+            update_s,
+            started.elapsed().as_secs_f64(),
+        ))
+    }
+
+    /// Records a step without an update.
+    fn skip_update(&mut self, why: &str) -> UpdateMetrics {
+        self.state.skipped_updates += 1;
+        tracing::info!("{why}: no update this step");
+        UpdateMetrics::Skipped
+    }
+
+    /// Makes the current policy the optimizer's frozen reference.
+    async fn refresh_reference(&self) -> Result<()> {
+        self.ask(
+            ActorName::Optimizer,
+            &self.actors.optimizer,
+            r1v2_actors::protocol::RefreshReference,
+        )
+        .await??;
+        Ok(())
+    }
+
+    /// Monitor: the probe set through the generator when it is due, then the step's observation; applies
+    /// the calibration the monitor sends back (from the next step on).
+    async fn observe(
+        &mut self,
+        observation: r1v2_actors::monitor::StepObservation,
+        metrics: &mut StepMetrics,
+    ) -> Result<()> {
+        let step = self.state.step + 1;
+        if let Some(probes) = &self.probes {
+            let schedule = self
+                .config
+                .monitor
+                .as_ref()
+                .map(|m| m.config.probe)
+                .unwrap_or_default();
+            if schedule.is_due(step) {
+                let started = Instant::now();
+                let flags = self.run_probes(probes.clone()).await?;
+                metrics.probe_s = Some(started.elapsed().as_secs_f64());
+                self.ask(
+                    ActorName::HallucinationMonitor,
+                    &self.actors.monitor,
+                    ObserveProbe { step, flags },
+                )
+                .await??;
+            }
+        }
+        let report = self
+            .ask(
+                ActorName::HallucinationMonitor,
+                &self.actors.monitor,
+                ObserveStep { step, observation },
+            )
+            .await??;
+        metrics.monitor = report.metrics;
+        if let Some(change) = report.calibrate {
+            tracing::warn!(step, "reward calibration changed: {}", change.reason);
+            self.state.calibration = change.calibration;
+        }
+        Ok(())
+    }
+
+    /// One response per probe prompt with the current policy; the grounding flags of their verdicts.
+    async fn run_probes(
+        &mut self,
+        probes: ProbeSet,
+    ) -> Result<Vec<r1v2_actors::verifiers::HallucinationFlags>> {
+        let mut requests = Vec::with_capacity(probes.items.len());
+        for (i, item) in probes.items.iter().enumerate() {
+            let prompt_id = PromptId(PROBE_ID_BASE + i as u64);
+            self.encode_into_bank(
+                prompt_id,
+                &item.question,
+                &item.images,
+                &item.answer,
+                &item.verifier,
+                Some(item.meta.clone()),
+            )?;
+            requests.push(GroupRequest {
+                prompt_id,
+                prompt_index: PROBE_ID_BASE + i as u64,
+            });
+        }
+        let request = self.generate_request(requests, 1);
+        let rollouts = self
+            .watchdog
+            .call(
+                ActorName::PolicyGenerator,
+                "GenerateGroups (probes)",
+                request,
+            )
+            .await??;
+        let items = self.verify_requests(&rollouts)?;
+        let verdicts = self
+            .watchdog
+            .call(
+                ActorName::RuleVerifier,
+                "Verify (probes)",
+                self.actors.verifier.send(Verify { items }),
+            )
+            .await??;
+        Ok(verdicts
+            .verdicts
+            .into_iter()
+            .filter_map(|v| v.hallucination)
+            .collect())
+    }
+}
