@@ -11,6 +11,7 @@
 //! [reward_model]              # optional: dir = ... or tiny = { seed = 1 }
 //! [monitor]                   # hallucination monitor and calibration (+ probe_set = "probes.jsonl")
 //! [optimizer]                 # AdamW, schedule, clipping, accumulation, trainable modules
+//! [placement]                 # devices of each role: generator / trainer / reward_model (default "all")
 //! [watchdog]                  # heartbeat period and stall timeout
 //! [faults]                    # fault injection, for tests
 //! ```
@@ -108,7 +109,8 @@ pub struct ModelSection {
     /// Or a random tiny model.
     #[serde(default)]
     pub tiny: Option<TinySpec>,
-    /// The device of every role for now: `cpu` (or `cuda:N` with the `cuda` feature).
+    /// The device of a role whose `[placement]` is `"all"` when no GPU is present (default `cpu`), and of
+    /// the prompt encoder's image tiles.
     #[serde(default = "default_device")]
     pub device: String,
 }
@@ -296,6 +298,19 @@ pub struct FaultSection {
     /// The sample buffer panics (once each) while handling the batch request for these policy versions; the
     /// supervisor restarts it with its state rolled back and the controller re-sends the request.
     pub panic_sample_buffer_at_versions: Vec<u64>,
+    /// One optimizer shard (data parallel, `placement.trainer` with several devices) panics inside its
+    /// gradient computation at this policy version: every shard must then stop the step with an error.
+    pub panic_trainer_shard: Option<ShardFault>,
+}
+
+/// Which shard panics, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardFault {
+    /// The shard (index into `placement.trainer`).
+    pub shard: usize,
+    /// The policy version whose update panics.
+    pub at_version: u64,
 }
 
 /// The whole run config.
@@ -329,6 +344,9 @@ pub struct TrainConfig {
     /// `[optimizer]`.
     #[serde(default)]
     pub optimizer: OptimConfig,
+    /// `[placement]`.
+    #[serde(default)]
+    pub placement: crate::placement::PlacementSection,
     /// `[watchdog]`.
     #[serde(default)]
     pub watchdog: WatchdogSection,
@@ -410,6 +428,20 @@ impl TrainConfig {
         }
         if run.keep_checkpoints == 0 {
             return Err(invalid("run.keep_checkpoints", "must be >= 1"));
+        }
+        let gpus = crate::placement::local_gpu_count();
+        self.placement.check(gpus, &self.model.device)?;
+        if let Some(fault) = self.faults.panic_trainer_shard {
+            let shards = match &self.placement.trainer {
+                crate::placement::Devices::List(names) => names.len(),
+                crate::placement::Devices::Named(_) => gpus.max(1),
+            };
+            if fault.shard >= shards {
+                return Err(invalid(
+                    "faults.panic_trainer_shard.shard",
+                    format!("only {shards} trainer shard(s)"),
+                ));
+            }
         }
         match (&self.model.dir, &self.model.tiny) {
             (Some(_), Some(_)) => {

@@ -6,6 +6,7 @@
 //! | [`text`] | `tokenizer.json` wrapper and the Qwen / InternVL-chat template |
 //! | [`images`] | InternVL image preprocessing: dynamic tiling, bicubic resize, normalisation |
 //! | [`model_dir`] | a model directory: which family it holds, its config and headers; device names |
+//! | [`placement`] | `[placement]`: the devices of each role (`all`, `cpu:N`, `cuda:N`), resolved and checked |
 //! | [`prompting`] | [`prompting::PromptEncoder`]: question + image files -> prompt ids and tiles, stop ids, decode |
 //! | [`data`] | JSONL prompt datasets, the seeded per-epoch shuffling loader and its resumable cursor |
 //! | [`telemetry`] | tracing setup (terminal + RUN_DIR/log.jsonl), metrics.jsonl writer/reader, progress bar |
@@ -26,6 +27,7 @@ pub mod demo;
 pub mod error;
 pub mod images;
 pub mod model_dir;
+pub mod placement;
 pub mod prompting;
 pub mod telemetry;
 pub mod text;

@@ -7,7 +7,7 @@
 //! reward_model = ["cuda:1"]          # the reward model's device
 //! ```
 //!
-//! Each role takes `"all"` (the default: every local GPU, else the CPU) or a list of device names: `cpu`,
+//! Each role takes `"all"` (the default: every local GPU, else `model.device`, the CPU unless set) or a list of device names: `cpu`,
 //! `cpu:N` (simulated CPU devices: the multi-device logic, data parallelism included, runs on a CPU-only
 //! machine) or `cuda:N`. A bad name, a device listed twice, or a GPU index past the GPUs present is an
 //! error naming the key (`placement.trainer[1]`).
@@ -80,36 +80,48 @@ fn invalid(key: &str, msg: impl Into<String>) -> Error {
     })
 }
 
-/// Parses one device name (`cpu`, `cpu:N`, `cuda:N`) at `key`, with `gpus` GPUs present.
-fn parse(name: &str, key: &str, gpus: usize) -> Result<Device> {
+/// Parses one device name (`cpu`, `cpu:N`, `cuda:N`) at `key`, with `gpus` GPUs present; opens a CUDA device
+/// only when `create` (else stands in the CPU: a check of the names alone).
+fn parse(name: &str, key: &str, gpus: usize, create: bool) -> Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
     if let Some(index) = name.strip_prefix("cpu:") {
         return match index.parse::<usize>() {
             Ok(_) => Ok(Device::Cpu),
-            Err(_) => Err(invalid(key, format!("`{name}`: expected cpu:N with N a number"))),
+            Err(_) => Err(invalid(
+                key,
+                format!("`{name}`: expected cpu:N with N a number"),
+            )),
         };
     }
     if let Some(index) = name.strip_prefix("cuda:") {
         let Ok(index) = index.parse::<usize>() else {
-            return Err(invalid(key, format!("`{name}`: expected cuda:N with N a number")));
+            return Err(invalid(
+                key,
+                format!("`{name}`: expected cuda:N with N a number"),
+            ));
         };
         if gpus == 0 {
             return Err(invalid(
                 key,
-                format!(
-                    "`{name}`: no GPU found (a build without the `cuda` feature sees none)"
-                ),
+                format!("`{name}`: no GPU found (a build without the `cuda` feature sees none)"),
             ));
         }
         if index >= gpus {
             return Err(invalid(
                 key,
-                format!("`{name}`: only {gpus} GPU(s) present (cuda:0..cuda:{})", gpus - 1),
+                format!(
+                    "`{name}`: only {gpus} GPU(s) present (cuda:0..cuda:{})",
+                    gpus - 1
+                ),
             ));
         }
-        return Device::new_cuda(index).map_err(|e| invalid(key, format!("`{name}`: {e}")));
+        return if create {
+            Device::new_cuda(index).map_err(|e| invalid(key, format!("`{name}`: {e}")))
+        } else {
+            Ok(Device::Cpu)
+        };
     }
     Err(invalid(
         key,
@@ -118,12 +130,12 @@ fn parse(name: &str, key: &str, gpus: usize) -> Result<Device> {
 }
 
 impl Devices {
-    /// The role's devices at `key` with `gpus` GPUs present: `"all"` is every GPU, else the CPU.
-    fn resolve(&self, key: &str, gpus: usize) -> Result<Vec<Placed>> {
+    /// The role's devices at `key` with `gpus` GPUs present: `"all"` is every GPU, else `fallback`.
+    fn resolve(&self, key: &str, gpus: usize, fallback: &str, create: bool) -> Result<Vec<Placed>> {
         let names: Vec<String> = match self {
             Self::Named(name) if name == "all" => {
                 if gpus == 0 {
-                    vec!["cpu".into()]
+                    vec![fallback.to_string()]
                 } else {
                     (0..gpus).map(|i| format!("cuda:{i}")).collect()
                 }
@@ -132,7 +144,10 @@ impl Devices {
             Self::List(names) => names.clone(),
         };
         if names.is_empty() {
-            return Err(invalid(key, "no device given (use \"all\" or a list of devices)"));
+            return Err(invalid(
+                key,
+                "no device given (use \"all\" or a list of devices)",
+            ));
         }
         let mut placed: Vec<Placed> = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
@@ -145,7 +160,7 @@ impl Devices {
             }
             placed.push(Placed {
                 name: name.clone(),
-                device: parse(name, &at, gpus)?,
+                device: parse(name, &at, gpus, create)?,
             });
         }
         Ok(placed)
@@ -153,9 +168,21 @@ impl Devices {
 }
 
 impl PlacementSection {
-    /// Every role's devices, with `gpus` GPUs present (see [`local_gpu_count`]).
-    pub fn resolve(&self, gpus: usize) -> Result<Placement> {
-        let mut reward = self.reward_model.resolve("placement.reward_model", gpus)?;
+    /// Every role's devices, with `gpus` GPUs present (see [`local_gpu_count`]); a role left at `"all"`
+    /// without GPUs takes `fallback` (`model.device`).
+    pub fn resolve(&self, gpus: usize, fallback: &str) -> Result<Placement> {
+        self.place(gpus, fallback, true)
+    }
+
+    /// Checks every role's device names against `gpus` GPUs without opening any device.
+    pub fn check(&self, gpus: usize, fallback: &str) -> Result<()> {
+        self.place(gpus, fallback, false).map(|_| ())
+    }
+
+    fn place(&self, gpus: usize, fallback: &str, create: bool) -> Result<Placement> {
+        let mut reward =
+            self.reward_model
+                .resolve("placement.reward_model", gpus, fallback, create)?;
         if reward.len() > 1 {
             if let Devices::List(_) = self.reward_model {
                 return Err(invalid(
@@ -165,8 +192,12 @@ impl PlacementSection {
             }
         }
         Ok(Placement {
-            generator: self.generator.resolve("placement.generator", gpus)?,
-            trainer: self.trainer.resolve("placement.trainer", gpus)?,
+            generator: self
+                .generator
+                .resolve("placement.generator", gpus, fallback, create)?,
+            trainer: self
+                .trainer
+                .resolve("placement.trainer", gpus, fallback, create)?,
             reward_model: reward.swap_remove(0),
         })
     }
@@ -181,12 +212,12 @@ mod tests {
     }
 
     fn error(text: &str, gpus: usize) -> String {
-        section(text).resolve(gpus).unwrap_err().to_string()
+        section(text).check(gpus, "cpu").unwrap_err().to_string()
     }
 
     #[test]
     fn all_is_every_gpu_else_the_cpu_and_lists_keep_their_order() {
-        let cpu_only = section("").resolve(0).unwrap();
+        let cpu_only = section("").resolve(0, "cpu").unwrap();
         assert_eq!(cpu_only.generator.len(), 1);
         assert_eq!(cpu_only.generator[0].name, "cpu");
         assert_eq!(cpu_only.trainer[0].name, "cpu");
@@ -194,7 +225,7 @@ mod tests {
         let simulated = section(
             "generator = [\"cpu:0\", \"cpu:1\"]\ntrainer = [\"cpu:1\", \"cpu:0\", \"cpu:2\"]",
         )
-        .resolve(0)
+        .resolve(0, "cpu")
         .unwrap();
         let names: Vec<&str> = simulated.trainer.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["cpu:1", "cpu:0", "cpu:2"]);
@@ -205,17 +236,35 @@ mod tests {
     #[test]
     fn bad_names_duplicates_and_missing_gpus_are_errors_naming_the_key() {
         let e = error("trainer = [\"cpu:0\", \"gpu:1\"]", 0);
-        assert!(e.contains("placement.trainer[1]") && e.contains("gpu:1"), "{e}");
+        assert!(
+            e.contains("placement.trainer[1]") && e.contains("gpu:1"),
+            "{e}"
+        );
         let e = error("generator = [\"cpu:0\", \"cpu:0\"]", 0);
-        assert!(e.contains("placement.generator[1]") && e.contains("twice"), "{e}");
+        assert!(
+            e.contains("placement.generator[1]") && e.contains("twice"),
+            "{e}"
+        );
         let e = error("reward_model = [\"cuda:0\"]", 0);
-        assert!(e.contains("placement.reward_model[0]") && e.contains("no GPU"), "{e}");
+        assert!(
+            e.contains("placement.reward_model[0]") && e.contains("no GPU"),
+            "{e}"
+        );
         let e = error("trainer = [\"cuda:0\", \"cuda:3\"]", 2);
-        assert!(e.contains("placement.trainer[1]") && e.contains("only 2 GPU"), "{e}");
+        assert!(
+            e.contains("placement.trainer[1]") && e.contains("only 2 GPU"),
+            "{e}"
+        );
         let e = error("trainer = []", 0);
-        assert!(e.contains("placement.trainer") && e.contains("no device"), "{e}");
+        assert!(
+            e.contains("placement.trainer") && e.contains("no device"),
+            "{e}"
+        );
         let e = error("generator = \"everything\"", 0);
-        assert!(e.contains("placement.generator") && e.contains("everything"), "{e}");
+        assert!(
+            e.contains("placement.generator") && e.contains("everything"),
+            "{e}"
+        );
         let e = error("reward_model = [\"cpu:0\", \"cpu:1\"]", 0);
         assert!(e.contains("one device"), "{e}");
         assert!(toml::from_str::<PlacementSection>("trainers = [\"cpu\"]").is_err());

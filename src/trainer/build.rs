@@ -23,7 +23,7 @@ use r1v2_actors::monitor::{HallucinationMonitor, ProbeSet};
 use r1v2_actors::prompt::PromptBank;
 use r1v2_actors::protocol::ActorName;
 use r1v2_actors::protocol::BufferSnapshot;
-use r1v2_actors::train::PolicyTrainer;
+use r1v2_actors::train::{LocalCollective, PolicyTrainer};
 use r1v2_actors::verifiers::grounding::{GroundingConfig, GroundingVerifier};
 use r1v2_actors::verifiers::registry::VerifierRegistry;
 
@@ -32,6 +32,7 @@ use crate::checkpoint::{RunDir, TrainerState};
 use crate::config::TrainConfig;
 use crate::data::{DataLoader, Dataset};
 use crate::model_dir::parse_device;
+use crate::placement::local_gpu_count;
 use crate::prompting::PromptEncoder;
 use crate::telemetry::{self, MetricsWriter, Progress};
 use crate::trainer::state::{self, LoopState};
@@ -138,6 +139,9 @@ impl Controller {
         state::clean_scratch(run.root());
         run.write_config(&resolved_config(&config, &options.config_text))?;
         let device = device_of(&config)?;
+        let placement = config
+            .placement
+            .resolve(local_gpu_count(), &config.model.device)?;
 
         let initial_dir = initial_model_dir(&config, &run)?;
         let encoder = PromptEncoder::from_model_dir(&initial_dir, &device, DType::F32)?;
@@ -209,58 +213,84 @@ impl Controller {
             ),
         };
 
-        // The actors.
+        // The actors. One optimizer shard per trainer device (a data-parallel group when there are
+        // several), one policy generator per generation device.
         let bank = PromptBank::new();
-        let trainer = match &resume_from {
-            Some((_, dir)) => PolicyTrainer::load_checkpoint(
-                dir,
-                DType::F32,
-                &device,
-                config.optimizer.clone(),
-                None,
-            )?,
-            None => {
-                let policy = ChatModel::load(
-                    &initial_dir,
-                    DType::F32,
-                    &device,
-                    config.optimizer.trainable,
-                )?;
-                PolicyTrainer::new(policy, config.optimizer.clone())?
-            }
+        let collectives = match placement.trainer.len() {
+            1 => vec![None],
+            n => LocalCollective::group(n)?.into_iter().map(Some).collect(),
         };
-        let version = trainer.version();
-        let mut optimizer = Optimizer::new(
-            trainer,
-            bank.clone(),
-            config.rl.grpo.clone(),
-            config.rl.mpo.clone(),
-        )?;
-        if let Some((_, dir)) = &resume_from {
-            optimizer = optimizer.resume_bco_reward_mean(dir)?;
+        let mut optimizers = Vec::with_capacity(placement.trainer.len());
+        let mut version = 0;
+        for (shard, (placed, collective)) in placement.trainer.iter().zip(collectives).enumerate() {
+            let trainer = match &resume_from {
+                Some((_, dir)) => PolicyTrainer::load_checkpoint(
+                    dir,
+                    DType::F32,
+                    &placed.device,
+                    config.optimizer.clone(),
+                    None,
+                )?,
+                None => {
+                    let policy = ChatModel::load(
+                        &initial_dir,
+                        DType::F32,
+                        &placed.device,
+                        config.optimizer.trainable,
+                    )?;
+                    PolicyTrainer::new(policy, config.optimizer.clone())?
+                }
+            };
+            version = trainer.version();
+            let mut optimizer = Optimizer::new(
+                trainer,
+                bank.clone(),
+                config.rl.grpo.clone(),
+                config.rl.mpo.clone(),
+            )?;
+            if let Some((_, dir)) = &resume_from {
+                optimizer = optimizer.resume_bco_reward_mean(dir)?;
+            }
+            if let Some(collective) = collective {
+                optimizer = optimizer.with_collective(collective);
+            }
+            if let Some(fault) = config.faults.panic_trainer_shard {
+                if fault.shard == shard {
+                    optimizer = optimizer.inject_shard_panic_at(Some(fault.at_version));
+                }
+            }
+            tracing::info!(shard, device = %placed.name, "optimizer shard");
+            optimizers.push(optimizer.start_dedicated());
         }
-        let optimizer = optimizer.start_dedicated();
-        let generator_model =
-            ChatModel::load(&model_dir, DType::F32, &device, config.optimizer.trainable)?;
         let tokenizer = encoder.clone();
         let decode: Decoder = Arc::new(move |ids: &[u32]| {
             tokenizer
                 .decode(ids)
                 .map_err(|e| r1v2_actors::Error::msg(e.to_string()))
         });
-        let generator = PolicyGenerator::start(
-            generator_model.model,
-            generator_model.trainable_vars,
-            device.clone(),
-            bank.clone(),
-            decode,
-            version,
-        );
+        let mut generators = Vec::with_capacity(placement.generator.len());
+        for placed in &placement.generator {
+            let model = ChatModel::load(
+                &model_dir,
+                DType::F32,
+                &placed.device,
+                config.optimizer.trainable,
+            )?;
+            tracing::info!(device = %placed.name, "policy generator");
+            generators.push(PolicyGenerator::start(
+                model.model,
+                model.trainable_vars,
+                placed.device.clone(),
+                bank.clone(),
+                Arc::clone(&decode),
+                version,
+            ));
+        }
         let verifier = RuleVerifier::start_pool(
             Arc::new(verifier_registry(&config)?),
             config.verifiers.parallel,
         );
-        let reward = start_reward_model(&config, &run, &device)?;
+        let reward = start_reward_model(&config, &run, &placement.reward_model.device)?;
         let buffer = match trainer_state
             .as_ref()
             .map(|s| s.section::<BufferSnapshot>("ssb"))
@@ -290,11 +320,15 @@ impl Controller {
 
         let watchdog = Watchdog::new(Duration::from_secs_f64(config.watchdog.stall_timeout_s));
         let every = Duration::from_secs_f64(config.watchdog.heartbeat_every_s);
-        watchdog.watch(ActorName::PolicyGenerator, generator.clone(), every);
+        for generator in &generators {
+            watchdog.watch(ActorName::PolicyGenerator, generator.clone(), every);
+        }
         watchdog.watch(ActorName::RuleVerifier, verifier.clone(), every);
         watchdog.watch(ActorName::SampleBuffer, buffer.clone(), every);
         watchdog.watch(ActorName::HallucinationMonitor, monitor.clone(), every);
-        watchdog.watch(ActorName::Optimizer, optimizer.clone(), every);
+        for optimizer in &optimizers {
+            watchdog.watch(ActorName::Optimizer, optimizer.clone(), every);
+        }
         if let Some(reward) = &reward {
             watchdog.watch(ActorName::RewardModel, reward.clone(), every);
         }
@@ -320,12 +354,12 @@ impl Controller {
         );
         Ok(Self {
             actors: Actors {
-                generator,
+                generators,
                 verifier,
                 reward,
                 buffer,
                 monitor,
-                optimizer,
+                optimizers,
             },
             config,
             run,

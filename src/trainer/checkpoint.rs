@@ -41,7 +41,8 @@ impl Controller {
         let saved_version = self
             .ask(
                 ActorName::Optimizer,
-                &self.actors.optimizer,
+                // The shards hold the same weights and state: the first one saves.
+                &self.actors.optimizers[0],
                 SaveState {
                     dir: scratch.path().to_path_buf(),
                 },

@@ -37,8 +37,9 @@ use r1v2_actors::generate::FinishReason;
 use r1v2_actors::monitor::ProbeSet;
 use r1v2_actors::prompt::{EncodedPrompt, PromptBank};
 use r1v2_actors::protocol::{
-    ActorName, GenerateGroups, GroupRequest, Named, ObserveProbe, ObserveStep, Rollouts, Score,
-    ScoreSequence, Shutdown, SyncWeights, UpdateReport, Verify,
+    ActorName, GenerateGroups, GroupRequest, MpoPair, Named, ObserveProbe, ObserveStep, Rollouts,
+    Score, ScoreSequence, SftExample, Shutdown, SyncWeights, TrainBatch, TrainGrpo, TrainMpo,
+    TrainSft, Verify,
 };
 use r1v2_actors::rl::scoring::{mean, score_groups, Scoring, ScoringConfig};
 use r1v2_actors::rl::PromptId;
@@ -60,17 +61,70 @@ const PROBE_ID_BASE: u64 = 1 << 48;
 
 /// The addresses of the actors.
 struct Actors {
-    generator: Addr<PolicyGenerator>,
+    /// One per generation device (`placement.generator`); a step's prompts are split across them.
+    generators: Vec<Addr<PolicyGenerator>>,
     verifier: Addr<RuleVerifier>,
     /// When the config has a reward model.
     reward: Option<Addr<RewardModel>>,
     buffer: Addr<SampleBuffer>,
     monitor: Addr<MonitorActor>,
-    optimizer: Addr<Optimizer>,
+    /// One shard per trainer device (`placement.trainer`); several form a data-parallel group.
+    optimizers: Vec<Addr<Optimizer>>,
 }
 
-/// Async mode: the next step's generation request, already in the generator's mailbox.
-type Prefetched = actix::dev::Request<PolicyGenerator, GenerateGroups>;
+/// A step's generation requests, one per generator (async mode: already in their mailboxes).
+type Prefetched = Vec<actix::dev::Request<PolicyGenerator, GenerateGroups>>;
+
+/// One update's data, split across the optimizer shards by [`Update::split`].
+enum Update {
+    Sft(Vec<SftExample>),
+    Mpo(Vec<MpoPair>),
+    Grpo(TrainBatch),
+}
+
+/// `items` in `parts` contiguous chunks whose lengths differ by at most one (the first ones longer).
+fn split_evenly<T>(items: Vec<T>, parts: usize) -> Vec<Vec<T>> {
+    let (base, extra) = (items.len() / parts, items.len() % parts);
+    let mut items = items.into_iter();
+    (0..parts)
+        .map(|i| items.by_ref().take(base + usize::from(i < extra)).collect())
+        .collect()
+}
+
+impl Update {
+    /// This update as `parts` shard updates (a GRPO shard keeps the batch's version and metrics).
+    fn split(self, parts: usize) -> Vec<Update> {
+        match self {
+            Update::Sft(examples) => split_evenly(examples, parts)
+                .into_iter()
+                .map(Update::Sft)
+                .collect(),
+            Update::Mpo(pairs) => split_evenly(pairs, parts)
+                .into_iter()
+                .map(Update::Mpo)
+                .collect(),
+            Update::Grpo(batch) => {
+                let TrainBatch {
+                    policy_version,
+                    groups,
+                    replayed,
+                    metrics,
+                } = batch;
+                split_evenly(groups, parts)
+                    .into_iter()
+                    .map(|groups| {
+                        Update::Grpo(TrainBatch {
+                            policy_version,
+                            groups,
+                            replayed,
+                            metrics,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+}
 
 /// The controller: the schedule's state and the actors it drives.
 pub struct Controller {
@@ -197,8 +251,9 @@ impl Controller {
     /// addresses, which ends the actors' threads.
     pub async fn shutdown(self) {
         let actors = &self.actors;
-        self.close(ActorName::PolicyGenerator, &actors.generator)
-            .await;
+        for generator in &actors.generators {
+            self.close(ActorName::PolicyGenerator, generator).await;
+        }
         self.close(ActorName::RuleVerifier, &actors.verifier).await;
         if let Some(reward) = &actors.reward {
             self.close(ActorName::RewardModel, reward).await;
@@ -206,7 +261,9 @@ impl Controller {
         self.close(ActorName::SampleBuffer, &actors.buffer).await;
         self.close(ActorName::HallucinationMonitor, &actors.monitor)
             .await;
-        self.close(ActorName::Optimizer, &actors.optimizer).await;
+        for optimizer in &actors.optimizers {
+            self.close(ActorName::Optimizer, optimizer).await;
+        }
         tracing::info!("every actor shut down");
     }
 
@@ -321,12 +378,58 @@ impl Controller {
         params
     }
 
+    /// `prompts` split across the generators (a response depends only on its prompt's index, its sample
+    /// index and the seed, so the split does not change it).
     fn generate_request(&self, prompts: Vec<GroupRequest>, n: usize) -> Prefetched {
-        self.actors.generator.send(GenerateGroups {
-            prompts,
-            n,
-            params: self.sampling(),
-        })
+        let params = self.sampling();
+        split_evenly(prompts, self.actors.generators.len())
+            .into_iter()
+            .zip(&self.actors.generators)
+            .map(|(prompts, generator)| {
+                generator.send(GenerateGroups {
+                    prompts,
+                    n,
+                    params: params.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Awaits every generator's part of a step and joins them in prompt order; they must all have
+    /// sampled with the same policy version (in sync mode: the trainer's).
+    async fn collect_rollouts(&self, requests: Prefetched, label: &str) -> Result<Rollouts> {
+        let replies = futures_util::future::join_all(requests.into_iter().map(|request| {
+            self.watchdog
+                .call(ActorName::PolicyGenerator, label, request)
+        }))
+        .await;
+        let mut joined: Option<Rollouts> = None;
+        for (index, reply) in replies.into_iter().enumerate() {
+            let part = reply??;
+            match &mut joined {
+                None => joined = Some(part),
+                Some(all) => {
+                    if part.policy_version != all.policy_version {
+                        return Err(Error::Msg(format!(
+                            "generator {index} sampled with policy version {}, generator 0 with {}",
+                            part.policy_version, all.policy_version
+                        )));
+                    }
+                    all.groups.extend(part.groups);
+                    all.tokens += part.tokens;
+                }
+            }
+        }
+        let rollouts = joined.ok_or_else(|| Error::Msg("no policy generator".into()))?;
+        if self.config.run.mode == ScheduleMode::Sync
+            && rollouts.policy_version != self.state.policy_version
+        {
+            return Err(Error::Msg(format!(
+                "the generators sampled with policy version {}, the trainer is at {}",
+                rollouts.policy_version, self.state.policy_version
+            )));
+        }
+        Ok(rollouts)
     }
 
     // ---- Phases the RL steps share -------------------------------------------------------------------------
@@ -342,10 +445,7 @@ impl Controller {
                 self.generate_request(requests, self.config.generation.group_size)
             }
         };
-        let rollouts = self
-            .watchdog
-            .call(ActorName::PolicyGenerator, "GenerateGroups", request)
-            .await??;
+        let rollouts = self.collect_rollouts(request, GenerateGroups::NAME).await?;
         if self.config.run.mode == ScheduleMode::Async
             && self.state.step + 1 < self.config.total_steps()
         {
@@ -454,39 +554,81 @@ impl Controller {
         Ok(scoring)
     }
 
-    /// Update + sync: one optimizer update, then its weights to the generator, whose version is checked.
-    async fn update_and_sync<M>(&mut self, message: M) -> Result<UpdateMetrics>
-    where
-        M: Message<Result = r1v2_actors::Result<UpdateReport>> + Named + Send + 'static,
-        Optimizer: Handler<M>,
-    {
+    /// Update + sync: one update on every optimizer shard (each its part of the data), then the new
+    /// weights to every generator, whose versions are checked against the trainer's.
+    async fn update_and_sync(&mut self, update: Update) -> Result<UpdateMetrics> {
         let started = Instant::now();
-        let report = self
-            .ask(ActorName::Optimizer, &self.actors.optimizer, message)
-            .await??;
-        let update_s = started.elapsed().as_secs_f64();
-        let started = Instant::now();
-        let version = report.weights.version;
-        let held = self
-            .ask(
-                ActorName::PolicyGenerator,
-                &self.actors.generator,
-                SyncWeights {
-                    weights: report.weights.clone(),
-                },
-            )
-            .await??;
-        if held != version {
+        let shards = &self.actors.optimizers;
+        let parts = update.split(shards.len());
+        let requests = parts.into_iter().zip(shards).map(|(part, shard)| {
+            let watchdog = &self.watchdog;
+            async move {
+                let actor = ActorName::Optimizer;
+                match part {
+                    Update::Sft(examples) => {
+                        let request = shard.send(TrainSft { examples });
+                        watchdog.call(actor, TrainSft::NAME, request).await
+                    }
+                    Update::Mpo(pairs) => {
+                        let request = shard.send(TrainMpo { pairs });
+                        watchdog.call(actor, TrainMpo::NAME, request).await
+                    }
+                    Update::Grpo(batch) => {
+                        let request = shard.send(TrainGrpo { batch });
+                        watchdog.call(actor, TrainGrpo::NAME, request).await
+                    }
+                }
+            }
+        });
+        let replies = futures_util::future::join_all(requests).await;
+        let mut reports = Vec::with_capacity(replies.len());
+        let mut failures = Vec::new();
+        for (shard, reply) in replies.into_iter().enumerate() {
+            match reply? {
+                Ok(report) => reports.push(report),
+                Err(error) => failures.push(format!("optimizer shard {shard}: {error}")),
+            }
+        }
+        if !failures.is_empty() {
+            return Err(Error::Msg(failures.join("; ")));
+        }
+        // Every shard applied the same update: same version (the weights are equal by construction).
+        let report = reports.swap_remove(0);
+        if let Some(other) = reports
+            .iter()
+            .find(|r| r.weights.version != report.weights.version)
+        {
             return Err(Error::Msg(format!(
-                "SyncWeights: the generator holds policy version {held}, the optimizer published {version}"
+                "optimizer shards disagree: versions {} and {}",
+                report.weights.version, other.weights.version
             )));
         }
+        let update_s = started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        let version = report.weights.version;
+        for (index, generator) in self.actors.generators.iter().enumerate() {
+            let held = self
+                .ask(
+                    ActorName::PolicyGenerator,
+                    generator,
+                    SyncWeights {
+                        weights: report.weights.clone(),
+                    },
+                )
+                .await??;
+            if held != version {
+                return Err(Error::Msg(format!(
+                    "SyncWeights: generator {index} holds policy version {held}, the optimizer published {version}"
+                )));
+            }
+        }
         self.state.policy_version = version;
-        Ok(UpdateMetrics::done(
-            &report,
-            update_s,
-            started.elapsed().as_secs_f64(),
-        ))
+        let mut metrics = UpdateMetrics::done(&report, update_s, started.elapsed().as_secs_f64());
+        if let UpdateMetrics::Done { sync_bytes, .. } = &mut metrics {
+            *sync_bytes *= self.actors.generators.len();
+        }
+        Ok(metrics)
     }
 
     /// Records a step without an update.
@@ -496,14 +638,16 @@ impl Controller {
         UpdateMetrics::Skipped
     }
 
-    /// Makes the current policy the optimizer's frozen reference.
+    /// Makes the current policy every optimizer shard's frozen reference.
     async fn refresh_reference(&self) -> Result<()> {
-        self.ask(
-            ActorName::Optimizer,
-            &self.actors.optimizer,
-            r1v2_actors::protocol::RefreshReference,
-        )
-        .await??;
+        for shard in &self.actors.optimizers {
+            self.ask(
+                ActorName::Optimizer,
+                shard,
+                r1v2_actors::protocol::RefreshReference,
+            )
+            .await??;
+        }
         Ok(())
     }
 
@@ -572,13 +716,8 @@ impl Controller {
         }
         let request = self.generate_request(requests, 1);
         let rollouts = self
-            .watchdog
-            .call(
-                ActorName::PolicyGenerator,
-                "GenerateGroups (probes)",
-                request,
-            )
-            .await??;
+            .collect_rollouts(request, "GenerateGroups (probes)")
+            .await?;
         let items = self.verify_requests(&rollouts)?;
         let verdicts = self
             .watchdog

@@ -1,8 +1,8 @@
 //! One GRPO step (design.md "One GRPO step"), top to bottom.
 
-use r1v2_actors::protocol::{ActorName, NextBatch, ScoredGroups, TrainBatch, TrainGrpo};
+use r1v2_actors::protocol::{ActorName, NextBatch, ScoredGroups, TrainBatch};
 
-use super::Controller;
+use super::{Controller, Update};
 use crate::trainer::metrics::{BufferMetrics, StalenessMetrics, StepMetrics};
 use crate::{Error, Result};
 
@@ -47,7 +47,7 @@ impl Controller {
         metrics.update = Some(if batch.groups.is_empty() {
             self.skip_update("no informative group")
         } else {
-            self.update_and_sync(TrainGrpo { batch }).await?
+            self.update_and_sync(Update::Grpo(batch)).await?
         });
 
         // Monitor: probes when due, the step's flags and signals; maybe a new calibration.

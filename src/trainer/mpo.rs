@@ -1,9 +1,9 @@
 //! One MPO step, top to bottom: the same sampling and scoring as GRPO, then one preference pair per group.
 
-use r1v2_actors::protocol::{MpoPair, TrainMpo};
+use r1v2_actors::protocol::MpoPair;
 use r1v2_actors::rl::mpo::mine_pairs;
 
-use super::Controller;
+use super::{Controller, Update};
 use crate::trainer::metrics::StepMetrics;
 use crate::{Error, Result};
 
@@ -47,7 +47,7 @@ impl Controller {
             tracing::debug!(dropped = ?mined.dropped, "pair mining");
             self.skip_update("no preference pair")
         } else {
-            self.update_and_sync(TrainMpo { pairs }).await?
+            self.update_and_sync(Update::Mpo(pairs)).await?
         });
 
         // Monitor.

@@ -1,8 +1,8 @@
 //! One SFT step (the warm start), top to bottom: the dataset's reference answers as targets.
 
-use r1v2_actors::protocol::{SftExample, TrainSft};
+use r1v2_actors::protocol::SftExample;
 
-use super::Controller;
+use super::{Controller, Update};
 use crate::trainer::metrics::StepMetrics;
 use crate::Result;
 
@@ -28,7 +28,7 @@ impl Controller {
             .collect::<Result<Vec<_>>>()?;
 
         // Update + sync.
-        metrics.update = Some(self.update_and_sync(TrainSft { examples }).await?);
+        metrics.update = Some(self.update_and_sync(Update::Sft(examples)).await?);
         Ok(metrics)
     }
 }

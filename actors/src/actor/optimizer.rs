@@ -29,7 +29,7 @@ use crate::protocol::{
 };
 use crate::rl::config::{GrpoConfig, MpoConfig};
 use crate::rl::mpo::BcoRewardMean;
-use crate::train::{PolicyTrainer, OPTIMIZER_DIR};
+use crate::train::{LocalCollective, PolicyTrainer, OPTIMIZER_DIR};
 use crate::{Error, Result};
 
 /// File (under `dir/optimizer`) holding the BCO running mean of MPO.
@@ -46,6 +46,9 @@ pub struct Optimizer {
     liveness: Liveness,
     /// Started by [`Optimizer::start_dedicated`]: the arbiter is this actor's own and ends with it.
     owns_arbiter: bool,
+    /// Data parallel: this shard's handle of the group's all-reduce (each update message then carries
+    /// this shard's part of the batch); `None` for a single optimizer.
+    collective: Option<LocalCollective>,
 }
 
 impl Optimizer {
@@ -67,7 +70,22 @@ impl Optimizer {
             bco_reward_mean: BcoRewardMean::default(),
             liveness: Liveness::new(ActorName::Optimizer),
             owns_arbiter: false,
+            collective: None,
         })
+    }
+
+    /// Makes this optimizer one shard of a data-parallel group: updates sum the shards' gradients through
+    /// `collective`, so every shard applies the same update (see `PolicyTrainer::grpo_update_shard`).
+    pub fn with_collective(mut self, collective: LocalCollective) -> Self {
+        self.collective = Some(collective);
+        self
+    }
+
+    /// Fault drill: the data-parallel gradient of the update at policy `version` panics once (see
+    /// `PolicyTrainer::inject_shard_panic_at`).
+    pub fn inject_shard_panic_at(mut self, version: Option<u64>) -> Self {
+        self.trainer.inject_shard_panic_at(version);
+        self
     }
 
     /// Takes the BCO running mean saved by [`SaveState`] in the checkpoint `dir` (use with a trainer
@@ -148,9 +166,17 @@ impl Handler<TrainGrpo> for Optimizer {
                     "TrainGrpo: the batch was assembled for another policy version"
                 );
             }
-            let report = this
-                .trainer
-                .grpo_update(&msg.batch, &this.prompts, &this.grpo)?;
+            let report = match &this.collective {
+                Some(collective) => this.trainer.grpo_update_shard(
+                    &msg.batch,
+                    &this.prompts,
+                    &this.grpo,
+                    collective,
+                )?,
+                None => this
+                    .trainer
+                    .grpo_update(&msg.batch, &this.prompts, &this.grpo)?,
+            };
             tracing::debug!(
                 version = report.weights.version,
                 tokens = report.tokens,
@@ -167,9 +193,19 @@ impl Handler<TrainMpo> for Optimizer {
     fn handle(&mut self, msg: TrainMpo, _ctx: &mut Context<Self>) -> Result<UpdateReport> {
         self.guarded("TrainMpo", |this| {
             let mut delta = this.bco_reward_mean;
-            let report =
-                this.trainer
-                    .mpo_update(&msg.pairs, &this.prompts, &this.mpo, &mut delta)?;
+            let report = match &this.collective {
+                Some(collective) => this.trainer.mpo_update_shard(
+                    &msg.pairs,
+                    &this.prompts,
+                    &this.mpo,
+                    &mut delta,
+                    collective,
+                )?,
+                None => {
+                    this.trainer
+                        .mpo_update(&msg.pairs, &this.prompts, &this.mpo, &mut delta)?
+                }
+            };
             // Only a completed update moves the running mean.
             this.bco_reward_mean = delta;
             Ok(report)
@@ -181,8 +217,12 @@ impl Handler<TrainSft> for Optimizer {
     type Result = Result<UpdateReport>;
 
     fn handle(&mut self, msg: TrainSft, _ctx: &mut Context<Self>) -> Result<UpdateReport> {
-        self.guarded("TrainSft", |this| {
-            this.trainer.sft_update(&msg.examples, &this.prompts)
+        self.guarded("TrainSft", |this| match &this.collective {
+            Some(collective) => {
+                this.trainer
+                    .sft_update_shard(&msg.examples, &this.prompts, collective)
+            }
+            None => this.trainer.sft_update(&msg.examples, &this.prompts),
         })
     }
 }
