@@ -10,8 +10,10 @@
 
 use super::eval::{close, equal_at_random_points, eval, mentions_infinity, variables};
 use super::expr::{parse, Expr};
-use super::extract::{extract_answer_with_tags, last_boxed};
+use super::boxes::boxed_answers;
+use super::extract::extract_answer_with_tags;
 use super::normalize::{normalize_answer, Normalized};
+use super::relation::{ascending, mentions_relation, RealSet, Rel};
 use super::shape::{as_interval, is_variable, shape, Shape};
 use super::MathConfig;
 
@@ -43,10 +45,11 @@ pub fn math_equal_explained(pred: &str, reference: &str, cfg: &MathConfig) -> (b
 }
 
 /// The answer inside `s` when `s` is a whole solution rather than an answer: its last box, or
-/// (for prose of more than a few words) what [`extract_answer`] finds. Short answers pass as is.
+/// (for prose of more than a few words, or a few words around a `$...$` span) what
+/// [`extract_answer`] finds. Short answers pass as is.
 fn answer_part(s: &str) -> String {
     if s.contains("\\boxed") || s.contains("\\fbox") {
-        if let Some(boxed) = last_boxed(s) {
+        if let Some(boxed) = boxed_answers(s) {
             return boxed;
         }
     }
@@ -56,7 +59,8 @@ fn answer_part(s: &str) -> String {
         .filter(|w| w.len() > 2 && w.chars().all(char::is_alphabetic))
         .take(5)
         .count();
-    if words >= 5 {
+    // Prose around a math span (`The total is $1,048,576$.`) is not part of the answer either.
+    if words >= 5 || (words >= 2 && s.contains('$')) {
         if let Some(answer) = extract_answer_with_tags(s, "", "") {
             return answer;
         }
@@ -107,20 +111,25 @@ impl Comparer<'_> {
             | (Shape::Unordered(x), Shape::Bracketed('(', y, ')')) => self.ordered(x, y, d),
             // `x<1, x>2` (a list of inequalities) may match `(-\infty,1)\cup(2,\infty)`.
             (Shape::Unordered(x) | Shape::Union(x), Shape::Unordered(y) | Shape::Union(y)) => {
-                self.unordered(x, y, d)
+                self.unordered(x, y, d) || same_set(&sa, &sb)
             }
             (Shape::Relation(..), _) | (_, Shape::Relation(..)) => {
-                match (as_interval(&sa), as_interval(&sb)) {
+                if let (Some(x), Some(y)) = (RealSet::of(&sa, 0), RealSet::of(&sb, 0)) {
+                    return x.same_as(&y);
+                }
+                let same_interval = match (as_interval(&sa), as_interval(&sb)) {
                     (Some((o1, x, c1)), Some((o2, y, c2))) => {
                         o1 == o2 && c1 == c2 && self.ordered(&x, &y, d)
                     }
                     _ => false,
-                }
+                };
+                same_interval || self.same_relation(&sa, &sb, d)
             }
+            (Shape::Union(_), _) | (_, Shape::Union(_)) => same_set(&sa, &sb),
             (Shape::Equation(l1, r1), Shape::Equation(l2, r2)) => {
                 (self.equal(l1, l2, d) && self.equal(r1, r2, d))
                     || (self.equal(l1, r2, d) && self.equal(r1, l2, d))
-                    || self.proportional_equations(l1, r1, l2, r2)
+                    || self.multiple_of(l1, r1, l2, r2).is_some()
             }
             (Shape::Equation(lhs, rhs), _) if self.cfg.strip_equation_lhs && is_variable(lhs) => {
                 self.equal(rhs, b, d)
@@ -204,18 +213,41 @@ impl Comparer<'_> {
         )
     }
 
-    /// `l1 = r1` and `l2 = r2` describe the same equation: `l1 - r1 = c (l2 - r2)`, c != 0.
-    fn proportional_equations(&self, l1: &str, r1: &str, l2: &str, r2: &str) -> bool {
+    /// Two relations in several variables: the same chain once both read ascending, side by
+    /// side, or (one link) `l1 - r1` a positive multiple of `l2 - r2` (any multiple for `\ne`).
+    fn same_relation(&self, a: &Shape, b: &Shape, depth: usize) -> bool {
+        let (Shape::Relation(s1, r1), Shape::Relation(s2, r2)) = (a, b) else {
+            return false;
+        };
+        let (Some((s1, r1)), Some((s2, r2))) = (ascending(s1, r1), ascending(s2, r2)) else {
+            return false;
+        };
+        if r1 != r2 {
+            return false;
+        }
+        if self.ordered(&s1, &s2, depth) {
+            return true;
+        }
+        let any_sign = r1 == [Rel::NotEq];
+        r1.len() == 1
+            && self
+                .multiple_of(&s1[0], &s1[1], &s2[0], &s2[1])
+                .is_some_and(|c| any_sign || c > 0.0)
+    }
+
+    /// `c` such that `l1 - r1 = c (l2 - r2)` everywhere, c != 0, when there is one: `l1 = r1` and
+    /// `l2 = r2` are then the same equation.
+    fn multiple_of(&self, l1: &str, r1: &str, l2: &str, r2: &str) -> Option<f64> {
         let parts = [parse(l1), parse(r1), parse(l2), parse(r2)];
         let [Some(l1), Some(r1), Some(l2), Some(r2)] = parts else {
-            return false;
+            return None;
         };
         let d1 = Expr::Sub(Box::new(l1), Box::new(r1));
         let d2 = Expr::Sub(Box::new(l2), Box::new(r2));
         // Both sides must be equations in some variable (a constant `1e-301 = 0` is not).
         let (vars1, vars2) = (variables(&d1), variables(&d2));
         if vars1.is_empty() || vars2.is_empty() {
-            return false;
+            return None;
         }
         let mut names = vars1;
         names.extend(vars2);
@@ -229,7 +261,7 @@ impl Comparer<'_> {
             .collect();
         let ratio = eval(&d1, &probe) / eval(&d2, &probe);
         if !ratio.is_finite() || !(1e-9..=1e9).contains(&ratio.abs()) {
-            return false;
+            return None;
         }
         let scaled = Expr::Mul(Box::new(Expr::Num(ratio)), Box::new(d2));
         equal_at_random_points(
@@ -238,6 +270,19 @@ impl Comparer<'_> {
             self.cfg.symbolic_points,
             self.cfg.relative_tolerance,
         )
+        .then_some(ratio)
+    }
+}
+
+/// Whether two answers that involve a relation or a union are the same set of reals.
+fn same_set(a: &Shape, b: &Shape) -> bool {
+    let explicit = |s: &Shape| mentions_relation(s) || matches!(s, Shape::Union(_));
+    if !(explicit(a) || explicit(b)) {
+        return false;
+    }
+    match (RealSet::of(a, 0), RealSet::of(b, 0)) {
+        (Some(x), Some(y)) => x.same_as(&y),
+        _ => false,
     }
 }
 

@@ -12,9 +12,10 @@
 //!
 //! | file | role |
 //! |---|---|
-//! | `extract.rs` | final answer out of a response |
-//! | `normalize.rs` | LaTeX / unit / separator normalisation of one answer |
+//! | `extract.rs`, `boxes.rs` | final answer out of a response; `\boxed{}` arguments |
+//! | `normalize.rs`, `numbers.rs` | LaTeX / unit normalisation of one answer; thousands separators and decimal commas |
 //! | `shape.rs` | answer structure: matrix, tuple, interval, set, union, inequality, equation |
+//! | `relation.rs` | relation chains (`<`, `\le`, `\ne`, ...) and the sets they describe, compared by membership |
 //! | `token.rs`, `expr.rs` | bounded tokenizer and recursive-descent parser to an AST |
 //! | `eval.rs` | AST evaluation, random-point identity test |
 //! | `equal.rs` | [`math_equal`]: ties the above together |
@@ -24,11 +25,14 @@
 //! element counts, factorial size), so no input panics or hangs; `examples/fuzz_math.rs` drives
 //! it with a million generated inputs.
 
+mod boxes;
 mod equal;
 mod eval;
 mod expr;
 mod extract;
 mod normalize;
+mod numbers;
+mod relation;
 mod shape;
 mod token;
 
@@ -36,7 +40,8 @@ mod token;
 mod tests;
 
 pub use equal::{math_equal, math_equal_explained};
-pub(crate) use extract::{answer_region, last_boxed, strip_math_delimiters};
+pub(crate) use boxes::last_boxed;
+pub(crate) use extract::{answer_region, strip_math_delimiters};
 pub use extract::{extract_answer, extract_answer_with_tags};
 pub use normalize::normalize_answer;
 

@@ -112,6 +112,10 @@ const REPLACEMENTS: [(&str, &str); 45] = [
     ("\\bar", ""),
 ];
 
+use super::numbers::{
+    decimal_comma, is_space_grouped_number, join_spaced_thousands, strip_thousands_commas,
+};
+
 /// Wrappers whose argument is kept as plain text.
 const TEXT_WRAPPERS: [&str; 9] = [
     "\\text",
@@ -149,6 +153,7 @@ pub fn normalize_answer(answer: &str) -> Normalized {
         s = unwrap_command(&s, "\\boxed");
         s = unwrap_command(&s, "\\fbox");
     }
+    s = join_spaced_thousands(&s);
     s = replace_in_one_pass(&s, &DELETIONS);
     let mut percent = s.contains('%');
     s = s.replace("\\%", "").replace('%', "");
@@ -166,6 +171,12 @@ pub fn normalize_answer(answer: &str) -> Normalized {
             .replace("\\text{or}", ",")
             .replace("\\text{ or }", ",");
     }
+    // Several answers: `2; 9`, `(4,9) or (9,4)`, `3 and 4` are lists (a `\text{}` phrase such
+    // as `\text{black and white}` is unwrapped later, so it keeps its words).
+    s = s
+        .replace(';', ",")
+        .replace(" or ", ", ")
+        .replace(" and ", ", ");
     if latex {
         s = unwrap_text(&s);
     }
@@ -201,7 +212,7 @@ fn unwrap_command(s: &str, cmd: &str) -> String {
         let after = &rest[pos + cmd.len()..];
         match after
             .strip_prefix('{')
-            .and_then(|g| super::extract::balanced_group(g).map(|len| (g, len)))
+            .and_then(|g| super::boxes::balanced_group(g).map(|len| (g, len)))
         {
             Some((group, len)) => {
                 out.push_str(&group[..len]);
@@ -227,7 +238,7 @@ fn unwrap_text(s: &str) -> String {
         let Some((pos, len)) = found else { break };
         out.push_str(&rest[..pos]);
         let group = &rest[pos + len + 1..];
-        let Some(end) = super::extract::balanced_group(group) else {
+        let Some(end) = super::boxes::balanced_group(group) else {
             rest = group;
             continue;
         };
@@ -281,43 +292,12 @@ fn strip_unit_words(s: &str) -> String {
     words.join(" ")
 }
 
-/// Remove commas that group thousands (`1,234,567` -> `1234567`), following PRM800K's
-/// `_strip_properly_formatted_commas`: a comma between a digit and exactly three digits.
-fn strip_thousands_commas(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
-    for (i, c) in s.char_indices() {
-        let is_group_comma = c == ','
-            && i > 0
-            && bytes[i - 1].is_ascii_digit()
-            && bytes.len() >= i + 4
-            && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit)
-            && !bytes.get(i + 4).is_some_and(u8::is_ascii_digit);
-        if !is_group_comma {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// Runs of whitespace as one space, trimmed.
 fn collapse_spaces(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// `1 000 000`: digit groups of three separated by single spaces (SI thousands grouping).
-fn is_space_grouped_number(s: &str) -> bool {
-    let mut groups = s.split(' ');
-    let first_ok = groups
-        .next()
-        .is_some_and(|g| (1..=3).contains(&g.len()) && g.bytes().all(|b| b.is_ascii_digit()));
-    let rest: Vec<&str> = groups.collect();
-    first_ok
-        && !rest.is_empty()
-        && rest
-            .iter()
-            .all(|g| g.len() == 3 && g.bytes().all(|b| b.is_ascii_digit()))
-}
 
 /// `12cm` / `3.5m^2` -> the number, when the whole answer is a plain number and a known unit.
 fn strip_glued_unit(s: &str) -> &str {
@@ -339,18 +319,6 @@ fn strip_glued_unit(s: &str) -> &str {
     }
 }
 
-/// `0,111` / `1000,99` -> a decimal point, when the whole answer is `digits,digits` and the comma
-/// cannot group thousands (math-verify reads these as decimal commas). `1,2` stays a list.
-fn decimal_comma(s: &str) -> Option<String> {
-    let (int, frac) = s.split_once(',')?;
-    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    let int_digits = int.strip_prefix('-').unwrap_or(int);
-    if !digits(int_digits) || !digits(frac) || frac.len() < 2 {
-        return None;
-    }
-    let thousands = frac.len() == 3 && int_digits != "0" && int_digits.len() <= 3;
-    (!thousands).then(|| format!("{int}.{frac}"))
-}
 
 /// Function and constant names written without a backslash (`sqrt(2)`, `2pi`, `infinity`), as
 /// plain-text answers and sympy-style references have them, as LaTeX commands.

@@ -3,6 +3,7 @@
 //! `(1,(2,3))` has two items). Inequalities in one variable become intervals, as math-verify does.
 
 use super::expr::{parse, Expr};
+use super::relation::{relation_chain, Rel};
 
 /// Most elements kept in one tuple / set / list / matrix row.
 const MAX_ELEMENTS: usize = 64;
@@ -19,15 +20,6 @@ pub(crate) enum Shape {
     Relation(Vec<String>, Vec<Rel>),
     Equation(String, String),
     Scalar(String),
-}
-
-/// An order relation in an inequality chain.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Rel {
-    Less,
-    LessEq,
-    Greater,
-    GreaterEq,
 }
 
 /// Whether `s` is a lone variable name such as `x`, `y_1`, `\theta`, `f(x)`.
@@ -130,8 +122,8 @@ pub(crate) fn shape(s: &str) -> Shape {
             return Shape::Bracketed(first, items.into_iter().take(MAX_ELEMENTS).collect(), last);
         }
     }
-    if let Some(rel) = relation(s) {
-        return rel;
+    if let Some((sides, rels)) = relation_chain(s) {
+        return Shape::Relation(sides, rels);
     }
     let mut sides = split_top(&membership_as_equals(s), "=");
     if sides.len() > 2 {
@@ -163,44 +155,6 @@ fn matrix_rows(s: &str) -> Option<Vec<Vec<String>>> {
     Some(rows)
 }
 
-/// An inequality chain `a < x \le b` split into its sides and relations.
-fn relation(s: &str) -> Option<Shape> {
-    const OPS: [(&str, Rel); 8] = [
-        ("\\le", Rel::LessEq),
-        ("\\ge", Rel::GreaterEq),
-        ("<=", Rel::LessEq),
-        (">=", Rel::GreaterEq),
-        ("\\lt", Rel::Less),
-        ("\\gt", Rel::Greater),
-        ("<", Rel::Less),
-        (">", Rel::Greater),
-    ];
-    let mut sides = Vec::new();
-    let mut rels = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i < s.len() {
-        let could_start = matches!(s.as_bytes()[i], b'<' | b'>' | b'\\');
-        match OPS
-            .iter()
-            .find(|(op, _)| could_start && s[i..].starts_with(op))
-        {
-            Some((op, rel)) => {
-                sides.push(s[start..i].to_string());
-                rels.push(*rel);
-                i += op.len();
-                start = i;
-            }
-            None => i += s[i..].chars().next().map_or(1, char::len_utf8),
-        }
-    }
-    if rels.is_empty() || rels.len() > 2 {
-        return None;
-    }
-    sides.push(s[start..].to_string());
-    Some(Shape::Relation(sides, rels))
-}
-
 /// An inequality in one variable as an interval `(open, [lo, hi], close)`; an interval as itself.
 pub(crate) fn as_interval(shape: &Shape) -> Option<(char, Vec<String>, char)> {
     let (sides, rels) = match shape {
@@ -210,6 +164,9 @@ pub(crate) fn as_interval(shape: &Shape) -> Option<(char, Vec<String>, char)> {
     };
     let inf = || "\\infty".to_string();
     let neg_inf = || "-\\infty".to_string();
+    if rels.contains(&Rel::NotEq) {
+        return None;
+    }
     let open = |r: Rel| matches!(r, Rel::Less | Rel::Greater);
     match (sides.as_slice(), rels.as_slice()) {
         ([v, a], [r]) | ([a, v], [r]) if is_variable(v) && !is_variable(a) => {

@@ -4,6 +4,8 @@ use super::*;
 use crate::verifiers::{Verifier, VerifyInput};
 
 const PAIRS: &str = include_str!("testdata/pairs.tsv");
+/// Held-out-style grader cases: `{"kind", "response", "answer", "expected"}` per line.
+const GRADER_KINDS: &str = include_str!("testdata/grader_kinds.jsonl");
 
 #[test]
 fn answer_pair_table() {
@@ -227,4 +229,86 @@ fn hostile_inputs_end_quickly_without_panic() {
         "x ".repeat(1_000_000)
     );
     assert_eq!(verify(&response, "3").score, 1.0);
+}
+
+/// One line of `testdata/grader_kinds.jsonl`.
+#[derive(serde::Deserialize)]
+struct GraderCase {
+    kind: String,
+    response: String,
+    answer: String,
+    expected: u8,
+}
+
+/// The grader-kind cases through the whole verifier (extraction + equivalence), as `r1v2 verify`
+/// scores them; outside the `prose` kind also with response and reference swapped. Agreement
+/// must be at least 97% and no wrong answer may pass.
+#[test]
+fn grader_kind_cases_agree_without_false_passes() {
+    use std::collections::BTreeMap;
+    let mut per_kind: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    let (mut checks, mut agreed) = (0usize, 0usize);
+    let (mut false_passes, mut misses) = (Vec::new(), Vec::new());
+    let cases: Vec<(usize, GraderCase)> = GRADER_KINDS
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let case = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("grader_kinds.jsonl line {}: {e}", i + 1));
+            (i + 1, case)
+        })
+        .collect();
+    for (line, case) in &cases {
+        let expected = match case.expected {
+            0 => false,
+            1 => true,
+            other => panic!("grader_kinds.jsonl line {line}: expected is {other}, want 0 or 1"),
+        };
+        let mut directions = vec![(case.response.as_str(), case.answer.as_str())];
+        if case.kind != "prose" {
+            directions.push((case.answer.as_str(), case.response.as_str()));
+        }
+        for (response, answer) in directions {
+            let verdict = verify(response, answer);
+            let got = verdict.score == 1.0;
+            checks += 1;
+            let tally = per_kind.entry(case.kind.as_str()).or_default();
+            tally.1 += 1;
+            if got == expected {
+                agreed += 1;
+                tally.0 += 1;
+                continue;
+            }
+            let note = format!(
+                "line {line} [{}]: `{response}` vs `{answer}`: want {expected} ({})",
+                case.kind, verdict.reason
+            );
+            if got {
+                false_passes.push(note);
+            } else {
+                misses.push(note);
+            }
+        }
+    }
+    for (kind, (ok, total)) in &per_kind {
+        println!("grader kinds: {kind:<10} {ok}/{total}");
+    }
+    let rate = 100.0 * agreed as f64 / checks as f64;
+    println!(
+        "grader kinds: {} cases, {agreed}/{checks} checks agree ({rate:.1}%), {} false passes, {} misses",
+        cases.len(),
+        false_passes.len(),
+        misses.len()
+    );
+    for note in &misses {
+        println!("miss: {note}");
+    }
+    assert!(cases.len() >= 100, "want 100+ cases, have {}", cases.len());
+    assert!(
+        false_passes.is_empty(),
+        "wrong answers scored 1:\n{}",
+        false_passes.join("\n")
+    );
+    assert!(rate >= 97.0, "agreement {rate:.1}% < 97%:\n{}", misses.join("\n"));
 }
