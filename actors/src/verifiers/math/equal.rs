@@ -14,7 +14,7 @@ use super::boxes::boxed_answers;
 use super::extract::extract_answer_with_tags;
 use super::normalize::{normalize_answer, Normalized};
 use super::relation::{ascending, mentions_relation, RealSet, Rel};
-use super::shape::{as_interval, is_variable, shape, Shape};
+use super::shape::{as_interval, is_label, shape, Shape};
 use super::MathConfig;
 
 /// Deepest structural nesting compared (tuples of tuples of ...).
@@ -131,15 +131,25 @@ impl Comparer<'_> {
                     || (self.equal(l1, r2, d) && self.equal(r1, l2, d))
                     || self.multiple_of(l1, r1, l2, r2).is_some()
             }
-            (Shape::Equation(lhs, rhs), _) if self.cfg.strip_equation_lhs && is_variable(lhs) => {
-                self.equal(rhs, b, d)
-            }
-            (_, Shape::Equation(lhs, rhs)) if self.cfg.strip_equation_lhs && is_variable(lhs) => {
-                self.equal(a, rhs, d)
-            }
+            (Shape::Equation(lhs, rhs), _) if self.gives_value(lhs, rhs) => self.equal(rhs, b, d),
+            (_, Shape::Equation(lhs, rhs)) if self.gives_value(lhs, rhs) => self.equal(a, rhs, d),
             (Shape::Scalar(x), Shape::Scalar(y)) => self.scalar(x, y),
             _ => false,
         }
+    }
+
+    /// Whether `lhs = rhs` states the value `rhs`: `lhs` is a label (`x`, `(p,q)`, `AB`) and
+    /// label stripping is on, or `lhs` is a worked computation of `rhs` (`\binom{6}{2} = 15`).
+    fn gives_value(&self, lhs: &str, rhs: &str) -> bool {
+        if self.cfg.strip_equation_lhs && is_label(lhs) {
+            return true;
+        }
+        let (Some(l), Some(r)) = (parse(lhs.trim()), parse(rhs.trim())) else {
+            return false;
+        };
+        let constant = variables(&l).is_empty() && variables(&r).is_empty();
+        let (vl, vr) = (eval(&l, &[]), eval(&r, &[]));
+        constant && vl.is_finite() && vr.is_finite() && self.numbers_equal(vl, vr)
     }
 
     fn ordered(&self, x: &[String], y: &[String], depth: usize) -> bool {

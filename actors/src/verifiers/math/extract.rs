@@ -30,8 +30,9 @@ const TURN_MARKERS: [&str; 14] = [
     "\nAssistant:",
 ];
 /// Tokens of a bare answer that are not prose although they are words.
-const MATH_WORDS: [&str; 12] = [
+const MATH_WORDS: [&str; 20] = [
     "and", "or", "sqrt", "sin", "cos", "tan", "log", "exp", "infinity", "inf", "pi", "mod",
+    "matrix", "pmatrix", "bmatrix", "Bmatrix", "vmatrix", "smallmatrix", "array", "cases",
 ];
 /// Longest response (bytes) that may be taken whole as a bare answer.
 const MAX_BARE_ANSWER: usize = 400;

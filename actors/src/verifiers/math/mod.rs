@@ -15,6 +15,7 @@
 //! | `extract.rs`, `boxes.rs` | final answer out of a response; `\boxed{}` arguments |
 //! | `normalize.rs`, `numbers.rs` | LaTeX / unit normalisation of one answer; thousands separators and decimal commas |
 //! | `shape.rs` | answer structure: matrix, tuple, interval, set, union, inequality, equation |
+//! | `matrix.rs` | matrices in every LaTeX form; matrix sums and products evaluated; determinants |
 //! | `relation.rs` | relation chains (`<`, `\le`, `\ne`, ...) and the sets they describe, compared by membership |
 //! | `token.rs`, `expr.rs` | bounded tokenizer and recursive-descent parser to an AST |
 //! | `eval.rs` | AST evaluation, random-point identity test |
@@ -31,6 +32,7 @@ mod eval;
 mod expr;
 mod extract;
 mod normalize;
+mod matrix;
 mod numbers;
 mod relation;
 mod shape;

@@ -3,6 +3,7 @@
 //! `(1,(2,3))` has two items). Inequalities in one variable become intervals, as math-verify does.
 
 use super::expr::{parse, Expr};
+use super::matrix::matrix_shape;
 use super::relation::{relation_chain, Rel};
 
 /// Most elements kept in one tuple / set / list / matrix row.
@@ -31,6 +32,34 @@ pub(crate) fn is_variable(s: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether `s` names what an answer gives rather than being part of it: a variable, a product
+/// of letters (`AB`, `S_{MBCN}`), a ratio of such (`S_{MBCN}:S`), or a tuple of them (`(p,q)`).
+/// `(p,q)=(3,2)`, `AB=4` and `S_{MBCN}:S=7:32` then read as their values; `2x`, `x+y` are not
+/// labels, so `2x=6` or `x+y=6` never pass for `6`.
+pub(crate) fn is_label(s: &str) -> bool {
+    let s = s.trim();
+    if is_variable(s) {
+        return true;
+    }
+    if let Some(inner) = s.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+        let items = split_top(inner, ",");
+        return wraps_whole(s) && items.len() > 1 && items.iter().all(|i| is_variable(i.trim()));
+    }
+    let parts = split_top(s, ":");
+    if parts.len() > 1 {
+        return parts.len() <= 4 && parts.iter().all(|p| is_label(p));
+    }
+    fn letters_only(e: &Expr, factors: &mut usize) -> bool {
+        *factors += 1;
+        match e {
+            Expr::Var(_) => *factors <= 6,
+            Expr::Mul(a, b) => letters_only(a, factors) && letters_only(b, factors),
+            _ => false,
+        }
+    }
+    parse(s).is_some_and(|e| letters_only(&e, &mut 0))
 }
 
 /// Split `s` at `sep` where no bracket is open.
@@ -81,14 +110,8 @@ pub(crate) fn shape(s: &str) -> Shape {
         Some(inner) if wraps_whole(s) => inner.trim(),
         _ => s,
     };
-    if let Some(rows) = matrix_rows(s) {
-        return Shape::Matrix(rows);
-    }
-    // `(\begin{pmatrix}...\end{pmatrix})`, as Qwen2.5-Math's references write matrices.
-    if let Some(inner) = s.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
-        if let Some(rows) = matrix_rows(inner.trim()).filter(|_| wraps_whole(s)) {
-            return Shape::Matrix(rows);
-        }
+    if let Some(matrix) = matrix_shape(s) {
+        return matrix;
     }
     // One `\pm` is two answers; more would multiply, so they stay a (non-parsing) scalar.
     if let (Some(pos), 1) = (s.find("\\pm"), s.matches("\\pm").count()) {
@@ -134,25 +157,6 @@ pub(crate) fn shape(s: &str) -> Shape {
         return Shape::Equation(lhs, rhs);
     }
     Shape::Scalar(s.to_string())
-}
-
-/// Rows of a `pmatrix` / `bmatrix` / `matrix` environment, cells split at `&`.
-fn matrix_rows(s: &str) -> Option<Vec<Vec<String>>> {
-    let rest = s.strip_prefix("\\begin{")?;
-    let (env, body) = rest.split_once('}')?;
-    let body = body.strip_suffix(&format!("\\end{{{env}}}"))?;
-    let rows = body
-        .split("\\\\")
-        .filter(|r| !r.trim().is_empty())
-        .take(MAX_ELEMENTS)
-        .map(|r| {
-            r.split('&')
-                .take(MAX_ELEMENTS)
-                .map(str::to_string)
-                .collect()
-        })
-        .collect();
-    Some(rows)
 }
 
 /// An inequality in one variable as an interval `(open, [lo, hi], close)`; an interval as itself.
