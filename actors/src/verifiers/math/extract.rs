@@ -4,9 +4,10 @@
 //! math-verify's extraction regexes: the last `\boxed{...}` / `\fbox{...}` (with the boxes just
 //! before it when they list several answers), else the text after the last "answer is" /
 //! "Answer:", else the last math span (`$...$`, `\(...\)`, `\[...\]`), else the whole response
-//! when it is a bare answer without prose (`x \geq 5`, `(1, 2)`), else the last number. Only the part after the reasoning block (`<think>...</think>`)
-//! and before any next chat turn (`<|im_end|>`, `\nUser:`) is searched, so a number or box
-//! inside the reasoning is never the answer. All scans are linear in the response length.
+//! when it is a bare answer without prose (`x \geq 5`, `(1, 2)`), else the last number. Only
+//! the part after the reasoning block (`<think>...</think>`) and before any next chat turn
+//! (`<|im_end|>`, `\nUser:`) is searched, so a number or box inside the reasoning is never the
+//! answer. All scans are linear in the response length.
 
 use super::boxes::{boxed_answers, only_separators};
 
@@ -96,6 +97,14 @@ fn before_next_turn(text: &str) -> &str {
 /// three or more letters that is not a LaTeX command, a function name or `and` / `or`).
 fn is_bare_answer(text: &str) -> bool {
     if text.is_empty() || text.len() > MAX_BARE_ANSWER || text.contains('\n') {
+        return false;
+    }
+    // `5 6` is two numbers in prose-less text, not an answer (nor the product 30).
+    let bytes = text.as_bytes();
+    let spaced_digits = (1..bytes.len().saturating_sub(1)).any(|i| {
+        bytes[i] == b' ' && bytes[i - 1].is_ascii_digit() && bytes[i + 1].is_ascii_digit()
+    });
+    if spaced_digits && !super::numbers::is_space_grouped_number(text) {
         return false;
     }
     !text.split(|c: char| !c.is_ascii_alphabetic() && c != '\\').any(|word| {

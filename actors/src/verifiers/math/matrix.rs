@@ -108,9 +108,9 @@ fn split_terms(s: &str) -> Option<Vec<(char, &str)>> {
     let (mut depth, mut env_depth, mut start, mut sign) = (0i64, 0i64, 0, '+');
     let mut i = 0;
     while i < bytes.len() {
-        if s[i..].starts_with("\\begin{") {
+        if bytes[i..].starts_with(b"\\begin{") {
             env_depth += 1;
-        } else if s[i..].starts_with("\\end{") {
+        } else if bytes[i..].starts_with(b"\\end{") {
             env_depth -= 1;
         }
         match bytes[i] {

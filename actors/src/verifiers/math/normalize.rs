@@ -275,23 +275,25 @@ fn unwrap_text(s: &str) -> String {
 fn strip_unit_words(s: &str) -> String {
     let s = strip_glued_unit(s.trim());
     let mut words: Vec<&str> = s.split(' ').filter(|w| !w.is_empty()).collect();
-    while words.len() >= 2 {
-        let last = words[words.len() - 1].trim_end_matches('.');
-        let is_unit = UNIT_WORDS.iter().any(|u| last.eq_ignore_ascii_case(u))
-            || (last.ends_with("^2") || last.ends_with("^3"))
-                && UNIT_WORDS.contains(&&last[..last.len() - 2]);
-        let before_is_value = words[..words.len() - 1]
+    let is_unit = |word: &str| {
+        let word = word.trim_end_matches('.');
+        UNIT_WORDS.iter().any(|u| word.eq_ignore_ascii_case(u))
+            || (word.ends_with("^2") || word.ends_with("^3"))
+                && UNIT_WORDS.contains(&&word[..word.len() - 2])
+    };
+    let units = words.iter().rev().take_while(|w| is_unit(w)).count();
+    // The units follow a value (`12 inches`, `5 square feet`), not a relation (`2 \le m`).
+    let value_at = words.len().saturating_sub(units + 1);
+    let before_is_value = units < words.len()
+        && words[value_at].ends_with(|c: char| c.is_ascii_digit() || matches!(c, '}' | ')'))
+        && words[..=value_at]
             .iter()
             .any(|w| w.chars().any(|c| c.is_ascii_digit()));
-        if is_unit && before_is_value {
-            words.pop();
-        } else {
-            break;
-        }
+    if units > 0 && before_is_value {
+        words.truncate(words.len() - units);
     }
     words.join(" ")
 }
-
 
 /// Runs of whitespace as one space, trimmed.
 fn collapse_spaces(s: &str) -> String {

@@ -210,10 +210,23 @@ fn hostile_inputs_end_quickly_without_panic() {
         "<".repeat(1000),
         "\\pm".repeat(1000),
         ",".repeat(10_000),
+        // Relations with many boundaries, long lists of them, big matrix products, many boxes.
+        "\\sin(100x) > 0".into(),
+        vec!["x^2 < 1"; 64].join(", "),
+        format!("{}\\cup(0,1)", "(0,1)\\cup".repeat(500)),
+        format!(
+            "\\begin{{pmatrix}}{}\\end{{pmatrix}}",
+            vec![vec!["x+1"; 12].join("&"); 12].join("\\\\")
+        )
+        .repeat(6),
+        "\\boxed{1}, ".repeat(5000),
+        "$1$ or ".repeat(5000),
+        "\\begin{vmatrix}".repeat(200),
     ];
     for case in &cases {
         let start = std::time::Instant::now();
         let _ = math_equal(case, "1", &cfg);
+        let _ = math_equal(case, "(-1,1)\\cup(2,3)", &cfg);
         let _ = math_equal(case, case, &cfg);
         let _ = extract_answer(case);
         let _ = verify(case, case);
