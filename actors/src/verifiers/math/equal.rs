@@ -8,9 +8,9 @@
 //! within a relative tolerance, percentages as `p` or `p/100` (Qwen's `include_percentage`), and
 //! symbolic expressions by evaluation at random points.
 
+use super::boxes::boxed_answers;
 use super::eval::{close, equal_at_random_points, eval, mentions_infinity, variables};
 use super::expr::{parse, Expr};
-use super::boxes::boxed_answers;
 use super::extract::extract_answer_with_tags;
 use super::normalize::{normalize_answer, Normalized};
 use super::relation::{ascending, mentions_relation, RealSet, Rel};

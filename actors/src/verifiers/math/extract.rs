@@ -32,8 +32,26 @@ const TURN_MARKERS: [&str; 14] = [
 ];
 /// Tokens of a bare answer that are not prose although they are words.
 const MATH_WORDS: [&str; 20] = [
-    "and", "or", "sqrt", "sin", "cos", "tan", "log", "exp", "infinity", "inf", "pi", "mod",
-    "matrix", "pmatrix", "bmatrix", "Bmatrix", "vmatrix", "smallmatrix", "array", "cases",
+    "and",
+    "or",
+    "sqrt",
+    "sin",
+    "cos",
+    "tan",
+    "log",
+    "exp",
+    "infinity",
+    "inf",
+    "pi",
+    "mod",
+    "matrix",
+    "pmatrix",
+    "bmatrix",
+    "Bmatrix",
+    "vmatrix",
+    "smallmatrix",
+    "array",
+    "cases",
 ];
 /// Longest response (bytes) that may be taken whole as a bare answer.
 const MAX_BARE_ANSWER: usize = 400;
@@ -107,11 +125,14 @@ fn is_bare_answer(text: &str) -> bool {
     if spaced_digits && !super::numbers::is_space_grouped_number(text) {
         return false;
     }
-    !text.split(|c: char| !c.is_ascii_alphabetic() && c != '\\').any(|word| {
-        word.len() >= 3
-            && !word.contains('\\')
-            && !MATH_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w))
-    }) || strip_text_wrapper(text).is_some()
+    !text
+        .split(|c: char| !c.is_ascii_alphabetic() && c != '\\')
+        .any(|word| {
+            word.len() >= 3
+                && !word.contains('\\')
+                && !MATH_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w))
+        })
+        || strip_text_wrapper(text).is_some()
 }
 
 /// The content of `\text{...}` when that is all of `text`.

@@ -36,7 +36,8 @@ fn strip_outer_bracket(s: &str) -> &str {
     for (open, close) in [('(', ')'), ('[', ']')] {
         if let Some(inner) = s.strip_prefix(open).and_then(|t| t.strip_suffix(close)) {
             let inner = inner.trim();
-            if inner.starts_with("\\begin{") && environment(inner).is_some_and(|e| e.2 == inner.len())
+            if inner.starts_with("\\begin{")
+                && environment(inner).is_some_and(|e| e.2 == inner.len())
             {
                 return inner;
             }
@@ -167,7 +168,11 @@ fn factors(term: &str) -> Option<(String, Vec<Cells>)> {
     let scalar = match scalars.as_slice() {
         [] => "1".to_string(),
         [one] => one.clone(),
-        many => many.iter().map(|f| format!("({f})")).collect::<Vec<_>>().join("*"),
+        many => many
+            .iter()
+            .map(|f| format!("({f})"))
+            .collect::<Vec<_>>()
+            .join("*"),
     };
     Some((scalar, matrices))
 }

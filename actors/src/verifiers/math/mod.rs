@@ -31,8 +31,8 @@ mod equal;
 mod eval;
 mod expr;
 mod extract;
-mod normalize;
 mod matrix;
+mod normalize;
 mod numbers;
 mod relation;
 mod shape;
@@ -41,8 +41,8 @@ mod token;
 #[cfg(test)]
 mod tests;
 
-pub use equal::{math_equal, math_equal_explained};
 pub(crate) use boxes::last_boxed;
+pub use equal::{math_equal, math_equal_explained};
 pub(crate) use extract::{answer_region, strip_math_delimiters};
 pub use extract::{extract_answer, extract_answer_with_tags};
 pub use normalize::normalize_answer;

@@ -300,7 +300,6 @@ fn collapse_spaces(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-
 /// `12cm` / `3.5m^2` -> the number, when the whole answer is a plain number and a known unit.
 fn strip_glued_unit(s: &str) -> &str {
     let numeric_end = s
@@ -320,7 +319,6 @@ fn strip_glued_unit(s: &str) -> &str {
         s
     }
 }
-
 
 /// Function and constant names written without a backslash (`sqrt(2)`, `2pi`, `infinity`), as
 /// plain-text answers and sympy-style references have them, as LaTeX commands.

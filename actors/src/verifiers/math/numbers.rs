@@ -37,7 +37,12 @@ pub(crate) fn strip_thousands_commas(s: &str) -> String {
 
 /// The end of a comma-grouped number starting at `start` (`1,234`, `12,345,678`), if one is.
 fn grouped_number_end(bytes: &[u8], start: usize) -> Option<usize> {
-    let digits_from = |at: usize| bytes[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    let digits_from = |at: usize| {
+        bytes[at..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count()
+    };
     let lead = digits_from(start);
     if !(1..=3).contains(&lead) {
         return None;

@@ -277,7 +277,8 @@ impl RealSet {
                     .iter()
                     .map(|s| parse(s.trim()))
                     .collect::<Option<_>>()?;
-                let mut names: Vec<String> = exprs.iter().flat_map(super::eval::variables).collect();
+                let mut names: Vec<String> =
+                    exprs.iter().flat_map(super::eval::variables).collect();
                 names.sort();
                 names.dedup();
                 let [var] = names.as_slice() else {
@@ -328,7 +329,9 @@ impl RealSet {
         }
         let extreme = bounds.iter().fold(1e6f64, |m, b| m.max(b.abs()));
         points.extend([-2.0 * extreme, 2.0 * extreme]);
-        points.iter().all(|&x| self.contains(x) == other.contains(x))
+        points
+            .iter()
+            .all(|&x| self.contains(x) == other.contains(x))
     }
 }
 

@@ -216,7 +216,7 @@ fn hostile_inputs_end_quickly_without_panic() {
         format!("{}\\cup(0,1)", "(0,1)\\cup".repeat(500)),
         format!(
             "\\begin{{pmatrix}}{}\\end{{pmatrix}}",
-            vec![vec!["x+1"; 12].join("&"); 12].join("\\\\")
+            vec![["x+1"; 12].join("&"); 12].join("\\\\")
         )
         .repeat(6),
         "\\boxed{1}, ".repeat(5000),
@@ -323,5 +323,9 @@ fn grader_kind_cases_agree_without_false_passes() {
         "wrong answers scored 1:\n{}",
         false_passes.join("\n")
     );
-    assert!(rate >= 97.0, "agreement {rate:.1}% < 97%:\n{}", misses.join("\n"));
+    assert!(
+        rate >= 97.0,
+        "agreement {rate:.1}% < 97%:\n{}",
+        misses.join("\n")
+    );
 }
