@@ -194,6 +194,8 @@ pub fn normalize_answer(answer: &str) -> Normalized {
         .trim_start_matches(['=', ' ']);
     let s = if s.replace(' ', "") == "\\{\\}" {
         "\\emptyset"
+    } else if s.eq_ignore_ascii_case("all real numbers") {
+        "(-\\infty,\\infty)"
     } else {
         s
     };

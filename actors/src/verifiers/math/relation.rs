@@ -69,19 +69,21 @@ impl Rel {
 }
 
 /// The spellings of each relation, longest first where one prefixes another.
-const OPS: [(&str, Rel); 12] = [
+const OPS: [(&str, Rel); 14] = [
     ("\\le", Rel::LessEq),
     ("\\ge", Rel::GreaterEq),
     ("\\ne", Rel::NotEq),
+    ("\\not=", Rel::NotEq),
     ("\\lt", Rel::Less),
     ("\\gt", Rel::Greater),
     ("<=", Rel::LessEq),
     (">=", Rel::GreaterEq),
     ("!=", Rel::NotEq),
     ("≠", Rel::NotEq),
+    ("⩽", Rel::LessEq),
+    ("⩾", Rel::GreaterEq),
     ("<", Rel::Less),
     (">", Rel::Greater),
-    ("=<", Rel::LessEq),
 ];
 
 /// An inequality chain `a < x \le b` split into its sides and relations (at most two links).

@@ -124,6 +124,15 @@ pub(crate) fn shape(s: &str) -> Shape {
         return Shape::Union(union.into_iter().take(MAX_ELEMENTS).collect());
     }
     if let Some(inner) = s.strip_prefix("\\{").and_then(|t| t.strip_suffix("\\}")) {
+        // Set-builder `\{x \mid x > 2\}` / `\{x : x > 2\}` is the set its condition describes.
+        for bar in ["\\mid", "|", ":"] {
+            let parts = split_top(inner, bar);
+            if let [var, condition] = parts.as_slice() {
+                if is_variable(var.trim()) && relation_chain(condition.trim()).is_some() {
+                    return shape(condition.trim());
+                }
+            }
+        }
         if wraps_whole(&s[1..]) {
             return Shape::Unordered(
                 split_top(inner, ",")
