@@ -245,6 +245,12 @@ fn after_answer_marker(text: &str) -> Option<String> {
             return Some(number);
         }
     }
+    // `Answer: $a=2$, $b=3$`: spans parted by separators are several answers.
+    if phrase.starts_with('$') {
+        if let Some((_, run)) = dollar_span_run(phrase) {
+            return Some(run);
+        }
+    }
     let phrase = strip_math_delimiters(phrase);
     let phrase = phrase.trim_end_matches(['.', '*', ' ']).trim();
     (!phrase.is_empty()).then(|| phrase.to_string())

@@ -35,7 +35,8 @@ pub(crate) fn is_variable(s: &str) -> bool {
 }
 
 /// Whether `s` names what an answer gives rather than being part of it: a variable, a product
-/// of letters (`AB`, `S_{MBCN}`), a ratio of such (`S_{MBCN}:S`), or a tuple of them (`(p,q)`).
+/// or quotient of letters (`AB`, `S_{MBCN}`, `\frac{a}{b}`), a ratio of such (`S_{MBCN}:S`), or
+/// a tuple of them (`(p,q)`).
 /// `(p,q)=(3,2)`, `AB=4` and `S_{MBCN}:S=7:32` then read as their values; `2x`, `x+y` are not
 /// labels, so `2x=6` or `x+y=6` never pass for `6`.
 pub(crate) fn is_label(s: &str) -> bool {
@@ -55,7 +56,9 @@ pub(crate) fn is_label(s: &str) -> bool {
         *factors += 1;
         match e {
             Expr::Var(_) => *factors <= 6,
-            Expr::Mul(a, b) => letters_only(a, factors) && letters_only(b, factors),
+            Expr::Mul(a, b) | Expr::Div(a, b) => {
+                letters_only(a, factors) && letters_only(b, factors)
+            }
             _ => false,
         }
     }

@@ -148,6 +148,43 @@ fn extraction_never_reads_the_reasoning() {
     );
 }
 
+#[test]
+fn extraction_of_spans_bare_answers_box_runs_and_chat_tails() {
+    // A bare answer is taken whole, not as its last number.
+    assert_eq!(extract_answer("x \\geq 5").as_deref(), Some("x \\geq 5"));
+    assert_eq!(extract_answer("(1, 2)").as_deref(), Some("(1, 2)"));
+    assert_eq!(extract_answer("5 6").as_deref(), Some("6"));
+    // The last math span, `$$` and `\\(` included; spans parted by `or` / `and` are a list.
+    assert_eq!(extract_answer("Answer \\( (9+1) \\)").as_deref(), Some("(9+1)"));
+    assert_eq!(extract_answer("so $$y = 2$$").as_deref(), Some("y = 2"));
+    assert_eq!(extract_answer("costs \\$5 and $7$").as_deref(), Some("7"));
+    assert_eq!(
+        extract_answer("Both work: $(4,9)$ or $(9,4)$.").as_deref(),
+        Some("(4,9), (9,4)")
+    );
+    assert_eq!(
+        extract_answer("Answer: $a=2$, $b=3$").as_deref(),
+        Some("a=2, b=3")
+    );
+    // A run of boxes is several answers; a box after prose is the answer alone.
+    assert_eq!(
+        extract_answer("$x = \\boxed{3} \\quad\\text{and}\\quad x = \\boxed{-4}$").as_deref(),
+        Some("3, -4")
+    );
+    assert_eq!(
+        extract_answer("guess \\boxed{7}; on checking it is \\boxed{8}").as_deref(),
+        Some("8")
+    );
+    assert_eq!(extract_answer("\\boxed{\\boxed{2}}").as_deref(), Some("2"));
+    // Nothing after the next chat turn is read.
+    let r = "So \\boxed{14}.<|im_end|>\n<|im_start|>user\nAnd 3+4?\\boxed{7}";
+    assert_eq!(extract_answer(r).as_deref(), Some("14"));
+    assert_eq!(
+        extract_answer("Hence $k=9$.\n\nHuman: double it\n\nAssistant: $18$").as_deref(),
+        Some("k=9")
+    );
+}
+
 fn verify(response: &str, answer: &str) -> crate::verifiers::Verdict {
     let meta = serde_json::Value::Null;
     let input = VerifyInput {
