@@ -9,6 +9,8 @@
 //! symbolic expressions by evaluation at random points.
 
 use super::boxes::boxed_answers;
+use std::cell::Cell;
+
 use super::eval::{close, equal_at_random_points, eval, mentions_infinity, variables};
 use super::expr::{parse, Expr};
 use super::extract::extract_answer_with_tags;
@@ -17,6 +19,8 @@ use super::relation::{ascending, mentions_relation, RealSet, Rel};
 use super::shape::{as_interval, is_label, shape, Shape};
 use super::MathConfig;
 
+/// Most set comparisons (relations, unions) one answer pair may make, which bounds its time.
+const MAX_SET_COMPARISONS: usize = 32;
 /// Deepest structural nesting compared (tuples of tuples of ...).
 const MAX_NESTING: usize = 8;
 
@@ -78,13 +82,20 @@ fn clip(s: &str) -> String {
 
 fn values_equal(p: &Normalized, r: &Normalized, cfg: &MathConfig) -> bool {
     let percent_side = cfg.percent_equivalence.then_some((p.percent, r.percent));
-    Comparer { cfg, percent_side }.equal(&p.text, &r.text, 0)
+    Comparer {
+        cfg,
+        percent_side,
+        set_budget: Cell::new(MAX_SET_COMPARISONS),
+    }
+    .equal(&p.text, &r.text, 0)
 }
 
 struct Comparer<'a> {
     cfg: &'a MathConfig,
     /// Which sides carried a `%`, when percent equivalence is on.
     percent_side: Option<(bool, bool)>,
+    /// Set comparisons left for this answer pair (each may evaluate thousands of points).
+    set_budget: Cell<usize>,
 }
 
 impl Comparer<'_> {
@@ -111,11 +122,11 @@ impl Comparer<'_> {
             | (Shape::Unordered(x), Shape::Bracketed('(', y, ')')) => self.ordered(x, y, d),
             // `x<1, x>2` (a list of inequalities) may match `(-\infty,1)\cup(2,\infty)`.
             (Shape::Unordered(x) | Shape::Union(x), Shape::Unordered(y) | Shape::Union(y)) => {
-                self.unordered(x, y, d) || same_set(&sa, &sb)
+                self.unordered(x, y, d) || self.same_set(&sa, &sb)
             }
             (Shape::Relation(..), _) | (_, Shape::Relation(..)) => {
                 if let (Some(x), Some(y)) = (RealSet::of(&sa, 0), RealSet::of(&sb, 0)) {
-                    return x.same_as(&y);
+                    return self.sets_equal(&x, &y);
                 }
                 let same_interval = match (as_interval(&sa), as_interval(&sb)) {
                     (Some((o1, x, c1)), Some((o2, y, c2))) => {
@@ -125,7 +136,7 @@ impl Comparer<'_> {
                 };
                 same_interval || self.same_relation(&sa, &sb, d)
             }
-            (Shape::Union(_), _) | (_, Shape::Union(_)) => same_set(&sa, &sb),
+            (Shape::Union(_), _) | (_, Shape::Union(_)) => self.same_set(&sa, &sb),
             (Shape::Equation(l1, r1), Shape::Equation(l2, r2)) => {
                 (self.equal(l1, l2, d) && self.equal(r1, r2, d))
                     || (self.equal(l1, r2, d) && self.equal(r1, l2, d))
@@ -150,6 +161,28 @@ impl Comparer<'_> {
         let constant = variables(&l).is_empty() && variables(&r).is_empty();
         let (vl, vr) = (eval(&l, &[]), eval(&r, &[]));
         constant && vl.is_finite() && vr.is_finite() && self.numbers_equal(vl, vr)
+    }
+
+    /// Whether two answers that involve a relation or a union are the same set of reals.
+    fn same_set(&self, a: &Shape, b: &Shape) -> bool {
+        let explicit = |s: &Shape| mentions_relation(s) || matches!(s, Shape::Union(_));
+        if !(explicit(a) || explicit(b)) {
+            return false;
+        }
+        match (RealSet::of(a, 0), RealSet::of(b, 0)) {
+            (Some(x), Some(y)) => self.sets_equal(&x, &y),
+            _ => false,
+        }
+    }
+
+    /// [`RealSet::same_as`] while the budget lasts; past it, not equal (a miss, never a pass).
+    fn sets_equal(&self, a: &RealSet, b: &RealSet) -> bool {
+        let left = self.set_budget.get();
+        if left == 0 {
+            return false;
+        }
+        self.set_budget.set(left - 1);
+        a.same_as(b)
     }
 
     fn ordered(&self, x: &[String], y: &[String], depth: usize) -> bool {
@@ -281,18 +314,6 @@ impl Comparer<'_> {
             self.cfg.relative_tolerance,
         )
         .then_some(ratio)
-    }
-}
-
-/// Whether two answers that involve a relation or a union are the same set of reals.
-fn same_set(a: &Shape, b: &Shape) -> bool {
-    let explicit = |s: &Shape| mentions_relation(s) || matches!(s, Shape::Union(_));
-    if !(explicit(a) || explicit(b)) {
-        return false;
-    }
-    match (RealSet::of(a, 0), RealSet::of(b, 0)) {
-        (Some(x), Some(y)) => x.same_as(&y),
-        _ => false,
     }
 }
 

@@ -219,13 +219,17 @@ fn sign_changes(f: impl Fn(f64) -> f64, grid: &[f64]) -> Vec<f64> {
     roots
 }
 
-/// The search grid: simple numbers (multiples of 1/12 up to 24) and a sinh-spaced sweep to ±4000.
-fn grid() -> Vec<f64> {
-    let mut points: Vec<f64> = (-288..=288).map(|k| f64::from(k) / 12.0).collect();
-    points.extend((-800..=800).map(|k| (f64::from(k) / 100.0).sinh()));
-    points.sort_by(f64::total_cmp);
-    points.dedup();
-    points
+/// The search grid: simple numbers (multiples of 1/12 up to 24) and a sinh-spaced sweep to ±4000,
+/// built once.
+fn grid() -> &'static [f64] {
+    static GRID: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    GRID.get_or_init(|| {
+        let mut points: Vec<f64> = (-288..=288).map(|k| f64::from(k) / 12.0).collect();
+        points.extend((-400..=400).map(|k| (f64::from(k) / 50.0).sinh()));
+        points.sort_by(f64::total_cmp);
+        points.dedup();
+        points
+    })
 }
 
 /// A set of reals as a union of pieces; `var` is the variable its relations use.
@@ -314,14 +318,20 @@ impl RealSet {
         let grid = grid();
         let mut bounds = Vec::new();
         for piece in self.pieces.iter().chain(&other.pieces) {
-            piece.boundaries(&grid, &mut bounds);
+            piece.boundaries(grid, &mut bounds);
         }
         bounds.sort_by(f64::total_cmp);
         bounds.dedup();
         if bounds.len() > MAX_BOUNDS {
             return false;
         }
-        let mut points = grid;
+        // Intervals alone change membership only at their endpoints; relations need the grid.
+        let relations = self
+            .pieces
+            .iter()
+            .chain(&other.pieces)
+            .any(|p| matches!(p, Piece::Solutions(..)));
+        let mut points = if relations { grid.to_vec() } else { vec![0.0] };
         for (i, &b) in bounds.iter().enumerate() {
             let delta = 1e-6 * 1f64.max(b.abs());
             points.extend([b, b - delta, b + delta]);

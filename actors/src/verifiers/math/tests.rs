@@ -155,7 +155,10 @@ fn extraction_of_spans_bare_answers_box_runs_and_chat_tails() {
     assert_eq!(extract_answer("(1, 2)").as_deref(), Some("(1, 2)"));
     assert_eq!(extract_answer("5 6").as_deref(), Some("6"));
     // The last math span, `$$` and `\\(` included; spans parted by `or` / `and` are a list.
-    assert_eq!(extract_answer("Answer \\( (9+1) \\)").as_deref(), Some("(9+1)"));
+    assert_eq!(
+        extract_answer("Answer \\( (9+1) \\)").as_deref(),
+        Some("(9+1)")
+    );
     assert_eq!(extract_answer("so $$y = 2$$").as_deref(), Some("y = 2"));
     assert_eq!(extract_answer("costs \\$5 and $7$").as_deref(), Some("7"));
     assert_eq!(
@@ -271,6 +274,29 @@ fn hostile_inputs_end_quickly_without_panic() {
             start.elapsed().as_secs_f64() < 2.0,
             "slow on input starting {:?}",
             &case[..case.len().min(40)]
+        );
+    }
+    // Lists of relations that are equal item by item but not as text: every pair of items is a
+    // set comparison, which a per-pair budget bounds.
+    let squares = |shift: usize| {
+        (1..=32)
+            .map(|k| format!("x^2<{}", (k + shift) % 32 + 1))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let sines = |shift: usize| {
+        (1..=32)
+            .map(|k| format!("\\sin({}x)>0", (k + shift) % 32 + 1))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (a, b) in [(squares(0), squares(7)), (sines(0), sines(5))] {
+        let start = std::time::Instant::now();
+        let _ = math_equal(&a, &b, &cfg);
+        assert!(
+            start.elapsed().as_secs_f64() < 2.0,
+            "slow on the pair starting {:?}",
+            &a[..40]
         );
     }
     // A huge response is searched in linear time.
