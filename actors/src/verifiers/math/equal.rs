@@ -20,7 +20,7 @@ use super::shape::{as_interval, is_label, shape, Shape};
 use super::MathConfig;
 
 /// Most set comparisons (relations, unions) one answer pair may make, which bounds its time.
-const MAX_SET_COMPARISONS: usize = 32;
+const MAX_SET_COMPARISONS: usize = 16;
 /// Deepest structural nesting compared (tuples of tuples of ...).
 const MAX_NESTING: usize = 8;
 

@@ -57,7 +57,8 @@ impl Rel {
             return false;
         }
         let scale = 1f64.max(l.abs()).max(r.abs());
-        if (l - r).abs() <= BOUNDARY_TOLERANCE * scale || l == r {
+        let finite = l.is_finite() && r.is_finite();
+        if l == r || (finite && (l - r).abs() <= BOUNDARY_TOLERANCE * scale) {
             return matches!(self, Rel::LessEq | Rel::GreaterEq);
         }
         match self {
@@ -177,9 +178,10 @@ impl Piece {
         match self {
             Piece::Interval(lo, hi, ..) => out.extend([*lo, *hi].iter().filter(|e| e.is_finite())),
             Piece::Solutions(sides, _, var) => {
+                let mut at = [(var.clone(), 0.0)];
                 for pair in sides.windows(2) {
                     let f = |x: f64| {
-                        let at = [(var.clone(), x)];
+                        at[0].1 = x;
                         eval(&pair[0], &at) - eval(&pair[1], &at)
                     };
                     out.extend(sign_changes(f, grid));
@@ -190,7 +192,7 @@ impl Piece {
 }
 
 /// Points of `grid` where `f` changes sign, refined by bisection (at most [`MAX_ROOTS`]).
-fn sign_changes(f: impl Fn(f64) -> f64, grid: &[f64]) -> Vec<f64> {
+fn sign_changes(mut f: impl FnMut(f64) -> f64, grid: &[f64]) -> Vec<f64> {
     let values: Vec<f64> = grid.iter().map(|&x| f(x)).collect();
     let mut roots = Vec::new();
     for i in 1..grid.len() {
@@ -219,13 +221,18 @@ fn sign_changes(f: impl Fn(f64) -> f64, grid: &[f64]) -> Vec<f64> {
     roots
 }
 
-/// The search grid: simple numbers (multiples of 1/12 up to 24) and a sinh-spaced sweep to ±4000,
-/// built once.
+/// The search grid, built once: simple numbers (multiples of 1/12 up to 24), a sinh-spaced sweep
+/// to ±1490 (steps of 0.02 near 0), and a logarithmic sweep `±10^(k/4)` from 1e-5 to 1e300, so a
+/// boundary at any magnitude (`x > 5000` against `x > 6000`) falls between two grid points.
 fn grid() -> &'static [f64] {
     static GRID: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
     GRID.get_or_init(|| {
         let mut points: Vec<f64> = (-288..=288).map(|k| f64::from(k) / 12.0).collect();
         points.extend((-400..=400).map(|k| (f64::from(k) / 50.0).sinh()));
+        for k in -20..=1200 {
+            let magnitude = 10f64.powf(f64::from(k) / 4.0);
+            points.extend([magnitude, -magnitude]);
+        }
         points.sort_by(f64::total_cmp);
         points.dedup();
         points
@@ -319,6 +326,9 @@ impl RealSet {
         let mut bounds = Vec::new();
         for piece in self.pieces.iter().chain(&other.pieces) {
             piece.boundaries(grid, &mut bounds);
+            if bounds.len() > 4 * MAX_BOUNDS {
+                return false;
+            }
         }
         bounds.sort_by(f64::total_cmp);
         bounds.dedup();
