@@ -1,8 +1,8 @@
 //! Relations as values: chains of `<`, `\le`, `>`, `\ge`, `\ne` (`\lt`, `\gt`, `<=`, `>=`, `!=`
 //! spelled any way), and the sets they describe.
 //!
-//! A relation in one variable stands for its solution set, so `-x > -1`, `x < 1` and
-//! `(-\infty, 1)` are one answer, and `1 \le |z| \le 3/2` is `[-3/2,-1] \cup [1,3/2]`. Two sets
+//! A relation in one variable stands for its solution set (`\emptyset` and `S \setminus \{p\}`
+//! are sets too), so `-x > -1`, `x < 1` and `(-\infty, 1)` are one answer, and `1 \le |z| \le 3/2` is `[-3/2,-1] \cup [1,3/2]`. Two sets
 //! (relations, intervals, unions, lists of them) are compared by membership at test points: the
 //! finite interval endpoints, the boundaries of each relation (sign changes of `lhs - rhs` on a
 //! fine grid, refined by bisection), points just beside and between them, and a grid of simple
@@ -240,9 +240,12 @@ fn grid() -> &'static [f64] {
 }
 
 /// A set of reals as a union of pieces; `var` is the variable its relations use.
+#[derive(Default)]
 pub(crate) struct RealSet {
     pieces: Vec<Piece>,
     var: Option<String>,
+    /// Points taken out of the union (`\mathbb{R} \setminus \{2\}`).
+    excluded: Vec<f64>,
 }
 
 impl RealSet {
@@ -262,17 +265,14 @@ impl RealSet {
                 let (lo, hi) = (bound(&items[0])?, bound(&items[1])?);
                 (lo <= hi).then(|| RealSet {
                     pieces: vec![Piece::Interval(lo, hi, *open == '[', *close == ']')],
-                    var: None,
+                    ..RealSet::default()
                 })
             }
             // A list is a set only when it lists relations (`x < 1, x > 2`): `(1,3), (2,4)` are
             // points.
             Shape::Unordered(_) if !mentions_relation(shape) => None,
             Shape::Union(items) | Shape::Unordered(items) if items.len() <= MAX_PIECES => {
-                let mut set = RealSet {
-                    pieces: Vec::new(),
-                    var: None,
-                };
+                let mut set = RealSet::default();
                 for item in items {
                     let part = RealSet::of(&super::shape::shape(item.trim()), depth + 1)?;
                     if part.var.is_some() {
@@ -282,6 +282,7 @@ impl RealSet {
                         set.var = part.var;
                     }
                     set.pieces.extend(part.pieces);
+                    set.excluded.extend(part.excluded);
                 }
                 Some(set)
             }
@@ -300,6 +301,7 @@ impl RealSet {
                 Some(RealSet {
                     pieces: vec![Piece::Solutions(exprs, rels.clone(), var.clone())],
                     var: Some(var.clone()),
+                    ..RealSet::default()
                 })
             }
             Shape::Equation(lhs, rhs) if is_variable(lhs) => {
@@ -307,12 +309,28 @@ impl RealSet {
                 set.var.get_or_insert_with(|| lhs.trim().to_string());
                 Some(set)
             }
+            Shape::Scalar(text) if text == "\\emptyset" => Some(RealSet::default()),
+            // `A \setminus \{p, q\}`: a set less finitely many points.
+            Shape::Scalar(text) => {
+                let (whole, points) = text.split_once("\\setminus")?;
+                let mut set = RealSet::of(&super::shape::shape(whole.trim()), depth + 1)?;
+                let points = points.trim().strip_prefix("\\{")?.strip_suffix("\\}")?;
+                for point in points.split(',').take(MAX_PIECES) {
+                    let value = eval(&parse(point.trim())?, &[]);
+                    if !value.is_finite() {
+                        return None;
+                    }
+                    set.excluded.push(value);
+                }
+                Some(set)
+            }
             _ => None,
         }
     }
 
     fn contains(&self, x: f64) -> bool {
-        self.pieces.iter().any(|p| p.contains(x))
+        let near = |p: &f64| (x - p).abs() <= BOUNDARY_TOLERANCE * 1f64.max(p.abs());
+        !self.excluded.iter().any(near) && self.pieces.iter().any(|p| p.contains(x))
     }
 
     /// Whether both sets have the same members (and, when both name a variable, the same one).
@@ -324,6 +342,7 @@ impl RealSet {
         }
         let grid = grid();
         let mut bounds = Vec::new();
+        bounds.extend(self.excluded.iter().chain(&other.excluded));
         for piece in self.pieces.iter().chain(&other.pieces) {
             piece.boundaries(grid, &mut bounds);
             if bounds.len() > 4 * MAX_BOUNDS {
@@ -357,10 +376,11 @@ impl RealSet {
     }
 }
 
-/// Whether `shape` involves a relation (so a set comparison may be due).
+/// Whether `shape` involves a relation or a set difference (so a set comparison may be due).
 pub(crate) fn mentions_relation(shape: &Shape) -> bool {
     match shape {
         Shape::Relation(..) => true,
+        Shape::Scalar(text) => text.contains("\\setminus"),
         Shape::Union(items) | Shape::Unordered(items) => items
             .iter()
             .take(MAX_PIECES)

@@ -38,10 +38,19 @@ pub(crate) fn is_variable(s: &str) -> bool {
 /// or quotient of letters (`AB`, `S_{MBCN}`, `\frac{a}{b}`), a ratio of such (`S_{MBCN}:S`), or
 /// a tuple of them (`(p,q)`).
 /// `(p,q)=(3,2)`, `AB=4` and `S_{MBCN}:S=7:32` then read as their values; `2x`, `x+y` are not
-/// labels, so `2x=6` or `x+y=6` never pass for `6`.
+/// labels, so `2x=6` or `x+y=6` never pass for `6`. A function value `f(2)` is a label too.
 pub(crate) fn is_label(s: &str) -> bool {
     let s = s.trim();
     if is_variable(s) {
+        return true;
+    }
+    // A function value: `f(2)`, `P(A)`.
+    let mut chars = s.chars();
+    let function_value = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.as_str().starts_with('(')
+        && wraps_whole(chars.as_str())
+        && chars.as_str().len() > 2;
+    if function_value {
         return true;
     }
     if let Some(inner) = s.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
