@@ -1,12 +1,15 @@
 //! Mathematical equivalence of two final answers.
 //!
-//! Structure first, as Qwen2.5-Math's `math_equal` and math-verify do: matrices (elementwise),
-//! tuples and intervals (ordered; bracket kinds must match, so `[1,2)` is not `[1,2]`), sets and
-//! bare comma lists (order-free, like math-verify's `FiniteSet`), unions of intervals, inequalities
-//! (turned into intervals), equations (`x = 3` matches `3`; two equations match when one is a
-//! multiple of the other), `\pm` (two answers). Then scalars: integers exactly, other numbers
-//! within a relative tolerance, percentages as `p` or `p/100` (Qwen's `include_percentage`), and
-//! symbolic expressions by evaluation at random points.
+//! Structure first, as Qwen2.5-Math's `math_equal` and math-verify do: matrices (elementwise,
+//! after matrix expressions are worked out), tuples and intervals (ordered; bracket kinds must
+//! match, so `[1,2)` is not `[1,2]`), sets, bare lists and several answers (order-free, like
+//! math-verify's `FiniteSet`), unions of intervals and relations (as sets of reals, see
+//! `relation.rs`), equations (two equations match when one is a multiple of the other; a label
+//! `x =`, `(p,q) =`, `AB =` or a worked computation `\binom{6}{2} =` before a value is dropped
+//! when the other side is not an equation, so `x = 3` never matches `y = 3`), `\pm` (two
+//! answers). Then scalars: integers exactly, other numbers within a relative tolerance,
+//! percentages as `p` or `p/100` (Qwen's `include_percentage`), and symbolic expressions by
+//! evaluation at random points.
 
 use super::boxes::boxed_answers;
 use std::cell::Cell;

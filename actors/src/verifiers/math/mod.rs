@@ -1,12 +1,14 @@
 //! The `math` verifier: final-answer extraction and mathematical equivalence.
 //!
 //! The pipeline follows the public graders the field relies on:
-//! - extraction ([`extract_answer`]): the last `\boxed{}` / `\fbox{}` outside `<think>`, else
-//!   "the answer is ...", "Answer: ...", else the last number (Qwen2.5-Math `extract_answer`,
-//!   Hendrycks MATH `last_boxed_only_string`);
+//! - extraction ([`extract_answer`]): the last `\boxed{}` / `\fbox{}` (or a run of boxes listing
+//!   several answers) outside `<think>` and before a next chat turn, else "the answer is ...",
+//!   "Answer: ...", else the last `$...$` / `\(...\)` span, else a bare answer, else the last
+//!   number (Qwen2.5-Math `extract_answer`, Hendrycks MATH `last_boxed_only_string`, math-verify);
 //! - equivalence ([`math_equal`]): LaTeX normalisation (Hendrycks `strip_string`, Minerva / verl
 //!   `math_dapo.normalize_final_answer`), then numbers with a relative tolerance and percent forms
-//!   (Qwen2.5-Math `math_equal`), structures (tuples, intervals, sets, matrices, equations), and
+//!   (Qwen2.5-Math `math_equal`), structures (tuples, intervals, sets, matrices and matrix
+//!   expressions, equations, labelled answers, relations as solution sets), and
 //!   symbolic expressions parsed into an AST and compared by evaluation at random points (the
 //!   role sympy's `simplify(a - b) == 0` plays in PRM800K's grader).
 //!
@@ -20,7 +22,8 @@
 //! | `token.rs`, `expr.rs` | bounded tokenizer and recursive-descent parser to an AST |
 //! | `eval.rs` | AST evaluation, random-point identity test |
 //! | `equal.rs` | [`math_equal`]: ties the above together |
-//! | `testdata/pairs.tsv` | the answer-pair table the tests assert |
+//! | `testdata/pairs.tsv` | the answer-pair table the tests assert (both ways round, all must hold) |
+//! | `testdata/grader_kinds.jsonl` | held-out-style grader cases through the whole verifier (>= 97%, no false pass) |
 //!
 //! Robustness: every step is linear or bounded (answer length, token count, nesting depth,
 //! element counts, factorial size), so no input panics or hangs; `examples/fuzz_math.rs` drives

@@ -2,14 +2,15 @@
 //! spelled any way), and the sets they describe.
 //!
 //! A relation in one variable stands for its solution set (`\emptyset` and `S \setminus \{p\}`
-//! are sets too), so `-x > -1`, `x < 1` and `(-\infty, 1)` are one answer, and `1 \le |z| \le 3/2` is `[-3/2,-1] \cup [1,3/2]`. Two sets
-//! (relations, intervals, unions, lists of them) are compared by membership at test points: the
-//! finite interval endpoints, the boundaries of each relation (sign changes of `lhs - rhs` on a
-//! fine grid, refined by bisection), points just beside and between them, and a grid of simple
-//! numbers (so a boundary where `lhs - rhs` only touches zero, as in `(x-1)^2 > 0`, is still
-//! seen when it is a simple number). At a boundary a relation holds by its kind (`\le` yes, `<`
-//! no), within a relative tolerance. Relations in several variables compare link by link with the
-//! direction made ascending, as equal sides or as `lhs - rhs` a positive multiple of the other's.
+//! are sets too), so `-x > -1`, `x < 1` and `(-\infty, 1)` are one answer, and
+//! `1 \le |z| \le 3/2` is `[-3/2,-1] \cup [1,3/2]`. Two sets (relations, intervals, unions,
+//! lists of relations) are compared by membership at test points: the finite interval endpoints,
+//! the boundaries of each relation (sign changes of `lhs - rhs` on a grid from 1e-5 to 1e300,
+//! refined by bisection), points just beside and between them, and the grid itself, whose simple
+//! numbers catch a boundary where `lhs - rhs` only touches zero (`(x-1)^2 > 0`). At a boundary a
+//! relation holds by its kind (`\le` yes, `<` no), within a relative tolerance. Relations in
+//! several variables compare link by link with the direction made ascending, as equal sides or
+//! as `lhs - rhs` a positive multiple of the other's. Relations in different variables differ.
 
 use super::eval::eval;
 use super::expr::{parse, Expr};
