@@ -67,7 +67,7 @@ fn answer_part(s: &str) -> String {
         .take(5)
         .count();
     // Prose around a math span (`The total is $1,048,576$.`) is not part of the answer either.
-    if words >= 5 || (words >= 2 && s.contains('$')) {
+    if words >= 5 || (words >= 1 && s.contains('$')) {
         if let Some(answer) = extract_answer_with_tags(s, "", "") {
             return answer;
         }
@@ -139,7 +139,8 @@ impl Comparer<'_> {
                 };
                 same_interval || self.same_relation(&sa, &sb, d)
             }
-            (Shape::Union(_), _) | (_, Shape::Union(_)) => self.same_set(&sa, &sb),
+            (Shape::Union(_) | Shape::Intersection(_), _)
+            | (_, Shape::Union(_) | Shape::Intersection(_)) => self.same_set(&sa, &sb),
             (Shape::Equation(l1, r1), Shape::Equation(l2, r2)) => {
                 (self.equal(l1, l2, d) && self.equal(r1, r2, d))
                     || (self.equal(l1, r2, d) && self.equal(r1, l2, d))

@@ -162,8 +162,8 @@ fn last_delimited_math(text: &str) -> Option<String> {
         .map(|(_, span)| span)
 }
 
-/// The last run of non-empty `$` spans parted only by separators, joined by `, `, and the
-/// offset after it.
+/// The last run of non-empty `$` spans parted only by separators, joined, and the offset after
+/// it.
 fn dollar_span_run(text: &str) -> Option<(usize, String)> {
     let spans = dollar_spans(text);
     let last = spans.len().checked_sub(1)?;
@@ -171,8 +171,18 @@ fn dollar_span_run(text: &str) -> Option<(usize, String)> {
     while first > 0 && only_separators(&text[spans[first - 1].2..spans[first].0]) {
         first -= 1;
     }
-    let joined: Vec<&str> = spans[first..=last].iter().map(|s| s.1).collect();
-    Some((spans[last].2, joined.join(", ")))
+    // Joined by `, `, or by ` and ` where the text said so (a conjunction between relations).
+    let mut joined = spans[first].1.to_string();
+    for pair in spans[first..=last].windows(2) {
+        let between = &text[pair[0].2..pair[1].0];
+        joined.push_str(if between.contains("and") {
+            " and "
+        } else {
+            ", "
+        });
+        joined.push_str(pair[1].1);
+    }
+    Some((spans[last].2, joined))
 }
 
 /// The non-empty `$...$` / `$$...$$` spans of `text`: (offset of the opening delimiter, content,

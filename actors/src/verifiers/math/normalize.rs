@@ -164,6 +164,17 @@ pub fn normalize_answer(answer: &str) -> Normalized {
         }
     }
     s = replace_in_one_pass(&s, &REPLACEMENTS);
+    // Between relations `and` is a conjunction (`x > 1 and x < 3` is `(1,3)`), kept as `\land`.
+    if ["<", ">", "\\le", "\\ge", "\\ne", "\\lt", "\\gt"]
+        .iter()
+        .any(|op| s.contains(op))
+    {
+        s = s
+            .replace("\\text{and}", " \\land ")
+            .replace("\\text{ and }", " \\land ")
+            .replace(" and ", " \\land ")
+            .replace("\\wedge", "\\land");
+    }
     if latex && s.contains("\\text{") {
         s = s
             .replace("\\text{and}", ",")

@@ -147,6 +147,8 @@ enum Piece {
     Interval(f64, f64, bool, bool),
     /// The solution set of a relation chain in one variable.
     Solutions(Vec<Expr>, Vec<Rel>, String),
+    /// The intersection of pieces.
+    All(Vec<Piece>),
 }
 
 impl Piece {
@@ -171,6 +173,7 @@ impl Piece {
                     .enumerate()
                     .all(|(i, r)| r.holds(values[i], values[i + 1]))
             }
+            Piece::All(pieces) => pieces.iter().all(|p| p.contains(x)),
         }
     }
 
@@ -188,6 +191,7 @@ impl Piece {
                     out.extend(sign_changes(f, grid));
                 }
             }
+            Piece::All(pieces) => pieces.iter().for_each(|p| p.boundaries(grid, out)),
         }
     }
 }
@@ -310,6 +314,26 @@ impl RealSet {
                 set.var.get_or_insert_with(|| lhs.trim().to_string());
                 Some(set)
             }
+            // An intersection of single pieces (`x > 1 \land x < 3`, `x \ne \pm 1`).
+            Shape::Intersection(items) if items.len() <= MAX_PIECES => {
+                let mut set = RealSet::default();
+                let mut parts = Vec::new();
+                for item in items {
+                    let mut part = RealSet::of(&super::shape::shape(item.trim()), depth + 1)?;
+                    if part.pieces.len() != 1 || !part.excluded.is_empty() {
+                        return None;
+                    }
+                    if part.var.is_some() {
+                        if set.var.is_some() && set.var != part.var {
+                            return None;
+                        }
+                        set.var = part.var;
+                    }
+                    parts.extend(part.pieces.pop());
+                }
+                set.pieces.push(Piece::All(parts));
+                Some(set)
+            }
             Shape::Scalar(text) if text == "\\emptyset" => Some(RealSet::default()),
             // `A \setminus \{p, q\}`: a set less finitely many points.
             Shape::Scalar(text) => {
@@ -380,7 +404,7 @@ impl RealSet {
 /// Whether `shape` involves a relation or a set difference (so a set comparison may be due).
 pub(crate) fn mentions_relation(shape: &Shape) -> bool {
     match shape {
-        Shape::Relation(..) => true,
+        Shape::Relation(..) | Shape::Intersection(_) => true,
         Shape::Scalar(text) => text.contains("\\setminus"),
         Shape::Union(items) | Shape::Unordered(items) => items
             .iter()

@@ -18,6 +18,8 @@ pub(crate) enum Shape {
     /// `\{a, b\}`, or a bare `a, b`: order does not matter.
     Unordered(Vec<String>),
     Union(Vec<String>),
+    /// `x > 1 \land x < 3`: every part holds.
+    Intersection(Vec<String>),
     Relation(Vec<String>, Vec<Rel>),
     Equation(String, String),
     Scalar(String),
@@ -125,11 +127,21 @@ pub(crate) fn shape(s: &str) -> Shape {
     if let Some(matrix) = matrix_shape(s) {
         return matrix;
     }
-    // One `\pm` is two answers; more would multiply, so they stay a (non-parsing) scalar.
+    let conjunction = split_top(s, "\\land");
+    if conjunction.len() > 1 {
+        return Shape::Intersection(conjunction.into_iter().take(MAX_ELEMENTS).collect());
+    }
+    // One `\pm` is two answers; more would multiply, so they stay a (non-parsing) scalar. In a
+    // `\ne` both must hold: `x \ne \pm 1` excludes both.
     if let (Some(pos), 1) = (s.find("\\pm"), s.matches("\\pm").count()) {
         let plus = format!("{}+{}", &s[..pos], &s[pos + 3..]);
         let minus = format!("{}-{}", &s[..pos], &s[pos + 3..]);
-        return Shape::Unordered(vec![plus, minus]);
+        let not_equal = relation_chain(s).is_some_and(|(_, rels)| rels == [Rel::NotEq]);
+        return if not_equal {
+            Shape::Intersection(vec![plus, minus])
+        } else {
+            Shape::Unordered(vec![plus, minus])
+        };
     }
     let union = split_top(s, "\\cup");
     if union.len() > 1 {
