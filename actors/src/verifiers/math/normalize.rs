@@ -182,8 +182,8 @@ pub fn normalize_answer(answer: &str) -> Normalized {
             .replace("\\text{or}", ",")
             .replace("\\text{ or }", ",");
     }
-    // Several answers: `2; 9`, `(4,9) or (9,4)`, `3 and 4` are lists (a `\text{}` phrase such
-    // as `\text{black and white}` is unwrapped later, so it keeps its words).
+    // Several answers: `2; 9`, `(4,9) or (9,4)`, `3 and 4` are lists. A text answer such as
+    // `black and white` becomes the list `black, white` too, the same on both sides.
     s = s
         .replace(';', ",")
         .replace(" or ", ", ")
