@@ -2,9 +2,11 @@
 //!
 //! `pmatrix`, `bmatrix`, `Bmatrix`, `matrix`, `smallmatrix` and `array` (its column spec
 //! skipped), bare or inside `( )` / `[ ]` (what `\left[ ... \right]` leaves), are one matrix.
-//! `vmatrix` is a determinant: a scalar, never equal to a matrix. A sum, difference or product of
-//! matrices with scalar factors (`A + B`, `A B`, `2A`) is worked out cell by cell as expression
-//! text, which the scalar comparison then evaluates, as math-verify does with sympy matrices.
+//! `vmatrix` (and `\det M`) is a determinant: a scalar, never equal to a matrix. A sum,
+//! difference or product of matrices with scalar factors (`A + B`, `A B`, `2A`), transposes
+//! (`A^T`), inverses (`A^{-1}`, up to 3 x 3) and small powers (`A^2`) are worked out cell by cell
+//! as expression text, which the scalar comparison then evaluates, as math-verify does with sympy
+//! matrices.
 
 use super::shape::Shape;
 
@@ -148,22 +150,26 @@ fn factors(term: &str) -> Option<(String, Vec<Cells>)> {
             scalars.push(rest.to_string());
             break;
         };
-        let before = rest[..at].trim().trim_matches(['*', ' ']);
+        let mut before = rest[..at].trim().trim_matches(['*', ' ']);
         // `A = M` or `M, N` is not one matrix expression.
         if before.contains([',', '=']) {
             return None;
+        }
+        let det = before.ends_with("\\det");
+        if det {
+            before = before[..before.len() - 4].trim_end();
         }
         if !before.is_empty() {
             scalars.push(before.to_string());
         }
         let (name, body, len) = environment(&rest[at..])?;
-        let grid = cells(name, body)?;
-        if name == "vmatrix" {
+        let (grid, after) = postfix(cells(name, body)?, &rest[at + len..])?;
+        if name == "vmatrix" || det {
             scalars.push(determinant(&grid)?);
         } else {
             matrices.push(grid);
         }
-        rest = rest[at + len..].trim_start().trim_start_matches(['*', ' ']);
+        rest = after.trim_start().trim_start_matches(['*', ' ']);
     }
     let scalar = match scalars.as_slice() {
         [] => "1".to_string(),
@@ -175,6 +181,74 @@ fn factors(term: &str) -> Option<(String, Vec<Cells>)> {
             .join("*"),
     };
     Some((scalar, matrices))
+}
+
+/// A matrix with the postfix after it applied: a transpose (`^T`, `^{\top}`), the inverse
+/// (`^{-1}`, up to 3 x 3) or a small power (`^2` .. `^5`); the text after it.
+fn postfix(grid: Cells, after: &str) -> Option<(Cells, &str)> {
+    let Some(power) = after.trim_start().strip_prefix('^') else {
+        return Some((grid, after));
+    };
+    let (exponent, rest) = match power.strip_prefix('{') {
+        Some(group) => {
+            let len = super::boxes::balanced_group(group)?;
+            (group[..len].trim(), &group[len + 1..])
+        }
+        None if power.starts_with("\\top") => ("\\top", &power[4..]),
+        None => power.split_at(power.chars().next()?.len_utf8()),
+    };
+    let value = match exponent {
+        "T" | "\\top" | "t" => transpose(&grid),
+        "-1" => inverse(&grid)?,
+        _ => {
+            let times: usize = exponent.parse().ok().filter(|k| (1..=5).contains(k))?;
+            let mut acc = grid.clone();
+            for _ in 1..times {
+                acc = multiply(&acc, &grid)?;
+            }
+            acc
+        }
+    };
+    Some((value, rest))
+}
+
+fn transpose(m: &Cells) -> Cells {
+    let width = m.first().map_or(0, Vec::len);
+    (0..width)
+        .map(|j| m.iter().map(|row| row[j].clone()).collect())
+        .collect()
+}
+
+/// The inverse of a square matrix up to 3 x 3: the adjugate over the determinant.
+fn inverse(m: &Cells) -> Option<Cells> {
+    let n = m.len();
+    if n == 0 || n > 3 || m.iter().any(|r| r.len() != n) {
+        return None;
+    }
+    let det = determinant(m)?;
+    if n == 1 {
+        return Some(vec![vec![format!("1/({det})")]]);
+    }
+    (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| {
+                    // Entry (i, j) is the cofactor of (j, i).
+                    let minor: Cells = (0..n)
+                        .filter(|&r| r != j)
+                        .map(|r| {
+                            (0..n)
+                                .filter(|&c| c != i)
+                                .map(|c| m[r][c].clone())
+                                .collect()
+                        })
+                        .collect();
+                    let sign = if (i + j) % 2 == 0 { "" } else { "-" };
+                    bounded(format!("{sign}({})/({det})", determinant(&minor)?))
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// `scalar * M1 * M2 * ...`, or the scalar itself.
