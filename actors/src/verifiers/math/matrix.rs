@@ -1,7 +1,8 @@
 //! Matrices in any LaTeX form, and matrix expressions evaluated to one matrix.
 //!
 //! `pmatrix`, `bmatrix`, `Bmatrix`, `matrix`, `smallmatrix` and `array` (its column spec
-//! skipped), bare or inside `( )` / `[ ]` (what `\left[ ... \right]` leaves), are one matrix.
+//! skipped), bare or inside `( )` / `[ ]` (what `\left[ ... \right]` leaves), and a list of rows
+//! `[[1, 2], [3, 4]]` are one matrix.
 //! `vmatrix` (and `\det M`) is a determinant: a scalar, never equal to a matrix. A sum,
 //! difference or product of matrices with scalar factors (`A + B`, `A B`, `2A`), transposes
 //! (`A^T`), inverses (`A^{-1}`, up to 3 x 3) and small powers (`A^2`) are worked out cell by cell
@@ -23,7 +24,7 @@ type Cells = Vec<Vec<String>>;
 /// The shape of an answer holding a matrix environment: a matrix (or a determinant, a scalar).
 pub(crate) fn matrix_shape(s: &str) -> Option<Shape> {
     if !s.contains("\\begin{") {
-        return None;
+        return nested_list(s).map(Shape::Matrix);
     }
     let s = strip_outer_bracket(s.trim());
     let value = evaluate(s)?;
@@ -31,6 +32,33 @@ pub(crate) fn matrix_shape(s: &str) -> Option<Shape> {
         Value::Matrix(rows) => Shape::Matrix(rows),
         Value::Scalar(text) => Shape::Scalar(text),
     })
+}
+
+/// A matrix written as a list of rows, `[[1, 2], [3, 4]]` (NumPy, Qwen2.5-Math references) or
+/// `Matrix([[1, 2], [3, 4]])` (sympy): every row bracketed, all of one width.
+fn nested_list(s: &str) -> Option<Cells> {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("Matrix(")
+        .and_then(|t| t.strip_suffix(')'))
+        .unwrap_or(s)
+        .trim();
+    let inner = s.strip_prefix("[[")?.strip_suffix("]]")?;
+    let rows: Cells = inner
+        .split("],")
+        .map(|row| {
+            let row = row.trim().trim_start_matches('[');
+            let cells: Vec<String> = row.split(',').map(|c| c.trim().to_string()).collect();
+            // A nested bracket inside a row is not a plain cell.
+            let plain = cells
+                .iter()
+                .all(|c| !c.is_empty() && !c.contains(['[', ']']));
+            plain.then_some(cells)
+        })
+        .collect::<Option<_>>()?;
+    let width = rows.first()?.len();
+    let fits = rows.len() <= MAX_DIM && width <= MAX_DIM;
+    (fits && rows.iter().all(|r| r.len() == width)).then_some(rows)
 }
 
 /// `(M)` / `[M]` around a single environment is the environment.
