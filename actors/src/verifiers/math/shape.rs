@@ -63,10 +63,13 @@ pub(crate) fn is_label(s: &str) -> bool {
     if parts.len() > 1 {
         return parts.len() <= 4 && parts.iter().all(|p| is_label(p));
     }
+    /// Whether `e` is a product / quotient of at most 8 letters.
     fn letters_only(e: &Expr, factors: &mut usize) -> bool {
-        *factors += 1;
         match e {
-            Expr::Var(_) => *factors <= 6,
+            Expr::Var(_) => {
+                *factors += 1;
+                *factors <= 8
+            }
             Expr::Mul(a, b) | Expr::Div(a, b) => {
                 letters_only(a, factors) && letters_only(b, factors)
             }
