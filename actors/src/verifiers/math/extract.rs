@@ -141,9 +141,9 @@ fn strip_text_wrapper(text: &str) -> Option<&str> {
     (!inner.contains(['{', '}'])).then_some(inner)
 }
 
-/// The content of the last `$...$`, `$$...$$`, `\\(...\\)` or `\\[...\\]` span of `text` that holds
-/// something, trimmed. `$` spans that only separators part (`$(4,9)$ or $(9,4)$`) are several
-/// answers, joined by `, `.
+/// The content of the last `$...$`, `$$...$$`, `\(...\)` or `\[...\]` span of `text` that
+/// holds something, trimmed. `$` spans that only separators part (`$(4,9)$ or $(9,4)$`) are
+/// several answers, joined into one list.
 fn last_delimited_math(text: &str) -> Option<String> {
     let dollar = dollar_span_run(text);
     let bracketed = [("\\(", "\\)"), ("\\[", "\\]")]
@@ -186,7 +186,7 @@ fn dollar_span_run(text: &str) -> Option<(usize, String)> {
 }
 
 /// The non-empty `$...$` / `$$...$$` spans of `text`: (offset of the opening delimiter, content,
-/// offset after the closing one). An escaped `\\$` is a dollar sign, not a delimiter.
+/// offset after the closing one). An escaped `\$` is a dollar sign, not a delimiter.
 fn dollar_spans(text: &str) -> Vec<(usize, &str, usize)> {
     let bytes = text.as_bytes();
     // (start, length) of each delimiter.
