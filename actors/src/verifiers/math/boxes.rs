@@ -106,7 +106,7 @@ pub(crate) fn only_separators(between: &str) -> bool {
             rest = &rest[sep.len()..];
             continue;
         }
-        // A one-letter label before the next answer: `x = \\boxed{3} \\quad x = \\boxed{-4}`.
+        // A one-letter label before the next answer: `x = \boxed{3} \quad x = \boxed{-4}`.
         let mut chars = rest.chars();
         let label = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
             && chars.as_str().trim_start().starts_with('=');

@@ -154,7 +154,7 @@ fn extraction_of_spans_bare_answers_box_runs_and_chat_tails() {
     assert_eq!(extract_answer("x \\geq 5").as_deref(), Some("x \\geq 5"));
     assert_eq!(extract_answer("(1, 2)").as_deref(), Some("(1, 2)"));
     assert_eq!(extract_answer("5 6").as_deref(), Some("6"));
-    // The last math span, `$$` and `\\(` included; spans parted by `or` / `and` are a list.
+    // The last math span, `$$` and `\(` included; spans parted by `or` / `and` are a list.
     assert_eq!(
         extract_answer("Answer \\( (9+1) \\)").as_deref(),
         Some("(9+1)")
