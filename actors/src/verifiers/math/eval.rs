@@ -38,9 +38,25 @@ pub(crate) fn eval(expr: &Expr, vars: &[(String, f64)]) -> f64 {
                 eval(a, vars) / den
             }
         }
-        Expr::Pow(a, b) => eval(a, vars).powf(eval(b, vars)),
+        Expr::Pow(a, b) => {
+            let (base, exponent) = (eval(a, vars), eval(b, vars));
+            // `0^{-1}` is undefined, as `1/0` is (not +inf).
+            if base == 0.0 && exponent < 0.0 {
+                f64::NAN
+            } else {
+                base.powf(exponent)
+            }
+        }
         Expr::Root(index, radicand) => root(eval(index, vars), eval(radicand, vars)),
-        Expr::Log(base, arg) => eval(arg, vars).ln() / eval(base, vars).ln(),
+        Expr::Log(base, arg) => {
+            // The logarithm of 0 is undefined (not -inf), like that of a negative number.
+            let arg = eval(arg, vars);
+            if arg == 0.0 {
+                f64::NAN
+            } else {
+                arg.ln() / eval(base, vars).ln()
+            }
+        }
         Expr::Call(func, arg) => call(*func, eval(arg, vars)),
         Expr::Factorial(a) => factorial(eval(a, vars)),
         Expr::Binom(n, k) => binomial(eval(n, vars), eval(k, vars)),

@@ -112,6 +112,10 @@ const REPLACEMENTS: [(&str, &str); 45] = [
     ("\\bar", ""),
 ];
 
+use super::numbers::{
+    decimal_comma, is_space_grouped_number, join_spaced_thousands, strip_thousands_commas,
+};
+
 /// Wrappers whose argument is kept as plain text.
 const TEXT_WRAPPERS: [&str; 9] = [
     "\\text",
@@ -149,6 +153,7 @@ pub fn normalize_answer(answer: &str) -> Normalized {
         s = unwrap_command(&s, "\\boxed");
         s = unwrap_command(&s, "\\fbox");
     }
+    s = join_spaced_thousands(&s);
     s = replace_in_one_pass(&s, &DELETIONS);
     let mut percent = s.contains('%');
     s = s.replace("\\%", "").replace('%', "");
@@ -159,6 +164,17 @@ pub fn normalize_answer(answer: &str) -> Normalized {
         }
     }
     s = replace_in_one_pass(&s, &REPLACEMENTS);
+    // Between relations `and` is a conjunction (`x > 1 and x < 3` is `(1,3)`), kept as `\land`.
+    if ["<", ">", "\\le", "\\ge", "\\ne", "\\lt", "\\gt"]
+        .iter()
+        .any(|op| s.contains(op))
+    {
+        s = s
+            .replace("\\text{and}", " \\land ")
+            .replace("\\text{ and }", " \\land ")
+            .replace(" and ", " \\land ")
+            .replace("\\wedge", "\\land");
+    }
     if latex && s.contains("\\text{") {
         s = s
             .replace("\\text{and}", ",")
@@ -166,6 +182,12 @@ pub fn normalize_answer(answer: &str) -> Normalized {
             .replace("\\text{or}", ",")
             .replace("\\text{ or }", ",");
     }
+    // Several answers: `2; 9`, `(4,9) or (9,4)`, `3 and 4` are lists. A text answer such as
+    // `black and white` becomes the list `black, white` too, the same on both sides.
+    s = s
+        .replace(';', ",")
+        .replace(" or ", ", ")
+        .replace(" and ", ", ");
     if latex {
         s = unwrap_text(&s);
     }
@@ -183,6 +205,8 @@ pub fn normalize_answer(answer: &str) -> Normalized {
         .trim_start_matches(['=', ' ']);
     let s = if s.replace(' ', "") == "\\{\\}" {
         "\\emptyset"
+    } else if s.eq_ignore_ascii_case("all real numbers") {
+        "(-\\infty,\\infty)"
     } else {
         s
     };
@@ -201,7 +225,7 @@ fn unwrap_command(s: &str, cmd: &str) -> String {
         let after = &rest[pos + cmd.len()..];
         match after
             .strip_prefix('{')
-            .and_then(|g| super::extract::balanced_group(g).map(|len| (g, len)))
+            .and_then(|g| super::boxes::balanced_group(g).map(|len| (g, len)))
         {
             Some((group, len)) => {
                 out.push_str(&group[..len]);
@@ -227,7 +251,7 @@ fn unwrap_text(s: &str) -> String {
         let Some((pos, len)) = found else { break };
         out.push_str(&rest[..pos]);
         let group = &rest[pos + len + 1..];
-        let Some(end) = super::extract::balanced_group(group) else {
+        let Some(end) = super::boxes::balanced_group(group) else {
             rest = group;
             continue;
         };
@@ -264,59 +288,29 @@ fn unwrap_text(s: &str) -> String {
 fn strip_unit_words(s: &str) -> String {
     let s = strip_glued_unit(s.trim());
     let mut words: Vec<&str> = s.split(' ').filter(|w| !w.is_empty()).collect();
-    while words.len() >= 2 {
-        let last = words[words.len() - 1].trim_end_matches('.');
-        let is_unit = UNIT_WORDS.iter().any(|u| last.eq_ignore_ascii_case(u))
-            || (last.ends_with("^2") || last.ends_with("^3"))
-                && UNIT_WORDS.contains(&&last[..last.len() - 2]);
-        let before_is_value = words[..words.len() - 1]
+    let is_unit = |word: &str| {
+        let word = word.trim_end_matches('.');
+        UNIT_WORDS.iter().any(|u| word.eq_ignore_ascii_case(u))
+            || (word.ends_with("^2") || word.ends_with("^3"))
+                && UNIT_WORDS.contains(&&word[..word.len() - 2])
+    };
+    let units = words.iter().rev().take_while(|w| is_unit(w)).count();
+    // The units follow a value (`12 inches`, `5 square feet`), not a relation (`2 \le m`).
+    let value_at = words.len().saturating_sub(units + 1);
+    let before_is_value = units < words.len()
+        && words[value_at].ends_with(|c: char| c.is_ascii_digit() || matches!(c, '}' | ')'))
+        && words[..=value_at]
             .iter()
             .any(|w| w.chars().any(|c| c.is_ascii_digit()));
-        if is_unit && before_is_value {
-            words.pop();
-        } else {
-            break;
-        }
+    if units > 0 && before_is_value {
+        words.truncate(words.len() - units);
     }
     words.join(" ")
-}
-
-/// Remove commas that group thousands (`1,234,567` -> `1234567`), following PRM800K's
-/// `_strip_properly_formatted_commas`: a comma between a digit and exactly three digits.
-fn strip_thousands_commas(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
-    for (i, c) in s.char_indices() {
-        let is_group_comma = c == ','
-            && i > 0
-            && bytes[i - 1].is_ascii_digit()
-            && bytes.len() >= i + 4
-            && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit)
-            && !bytes.get(i + 4).is_some_and(u8::is_ascii_digit);
-        if !is_group_comma {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Runs of whitespace as one space, trimmed.
 fn collapse_spaces(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// `1 000 000`: digit groups of three separated by single spaces (SI thousands grouping).
-fn is_space_grouped_number(s: &str) -> bool {
-    let mut groups = s.split(' ');
-    let first_ok = groups
-        .next()
-        .is_some_and(|g| (1..=3).contains(&g.len()) && g.bytes().all(|b| b.is_ascii_digit()));
-    let rest: Vec<&str> = groups.collect();
-    first_ok
-        && !rest.is_empty()
-        && rest
-            .iter()
-            .all(|g| g.len() == 3 && g.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `12cm` / `3.5m^2` -> the number, when the whole answer is a plain number and a known unit.
@@ -337,19 +331,6 @@ fn strip_glued_unit(s: &str) -> &str {
     } else {
         s
     }
-}
-
-/// `0,111` / `1000,99` -> a decimal point, when the whole answer is `digits,digits` and the comma
-/// cannot group thousands (math-verify reads these as decimal commas). `1,2` stays a list.
-fn decimal_comma(s: &str) -> Option<String> {
-    let (int, frac) = s.split_once(',')?;
-    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    let int_digits = int.strip_prefix('-').unwrap_or(int);
-    if !digits(int_digits) || !digits(frac) || frac.len() < 2 {
-        return None;
-    }
-    let thousands = frac.len() == 3 && int_digits != "0" && int_digits.len() <= 3;
-    (!thousands).then(|| format!("{int}.{frac}"))
 }
 
 /// Function and constant names written without a backslash (`sqrt(2)`, `2pi`, `infinity`), as

@@ -3,6 +3,8 @@
 //! `(1,(2,3))` has two items). Inequalities in one variable become intervals, as math-verify does.
 
 use super::expr::{parse, Expr};
+use super::matrix::matrix_shape;
+use super::relation::{relation_chain, Rel};
 
 /// Most elements kept in one tuple / set / list / matrix row.
 const MAX_ELEMENTS: usize = 64;
@@ -16,18 +18,11 @@ pub(crate) enum Shape {
     /// `\{a, b\}`, or a bare `a, b`: order does not matter.
     Unordered(Vec<String>),
     Union(Vec<String>),
+    /// `x > 1 \land x < 3`: every part holds.
+    Intersection(Vec<String>),
     Relation(Vec<String>, Vec<Rel>),
     Equation(String, String),
     Scalar(String),
-}
-
-/// An order relation in an inequality chain.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Rel {
-    Less,
-    LessEq,
-    Greater,
-    GreaterEq,
 }
 
 /// Whether `s` is a lone variable name such as `x`, `y_1`, `\theta`, `f(x)`.
@@ -39,6 +34,49 @@ pub(crate) fn is_variable(s: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether `s` names what an answer gives rather than being part of it: a variable, a product
+/// or quotient of letters (`AB`, `S_{MBCN}`, `\frac{a}{b}`), a ratio of such (`S_{MBCN}:S`), or
+/// a tuple of them (`(p,q)`).
+/// `(p,q)=(3,2)`, `AB=4` and `S_{MBCN}:S=7:32` then read as their values; `2x`, `x+y` are not
+/// labels, so `2x=6` or `x+y=6` never pass for `6`. A function value `f(2)` is a label too.
+pub(crate) fn is_label(s: &str) -> bool {
+    let s = s.trim();
+    if is_variable(s) {
+        return true;
+    }
+    // A function value: `f(2)`, `P(A)`.
+    let mut chars = s.chars();
+    let function_value = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.as_str().starts_with('(')
+        && wraps_whole(chars.as_str())
+        && chars.as_str().len() > 2;
+    if function_value {
+        return true;
+    }
+    if let Some(inner) = s.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+        let items = split_top(inner, ",");
+        return wraps_whole(s) && items.len() > 1 && items.iter().all(|i| is_variable(i.trim()));
+    }
+    let parts = split_top(s, ":");
+    if parts.len() > 1 {
+        return parts.len() <= 4 && parts.iter().all(|p| is_label(p));
+    }
+    /// Whether `e` is a product / quotient of at most 8 letters.
+    fn letters_only(e: &Expr, factors: &mut usize) -> bool {
+        match e {
+            Expr::Var(_) => {
+                *factors += 1;
+                *factors <= 8
+            }
+            Expr::Mul(a, b) | Expr::Div(a, b) => {
+                letters_only(a, factors) && letters_only(b, factors)
+            }
+            _ => false,
+        }
+    }
+    parse(s).is_some_and(|e| letters_only(&e, &mut 0))
 }
 
 /// Split `s` at `sep` where no bracket is open.
@@ -89,26 +127,39 @@ pub(crate) fn shape(s: &str) -> Shape {
         Some(inner) if wraps_whole(s) => inner.trim(),
         _ => s,
     };
-    if let Some(rows) = matrix_rows(s) {
-        return Shape::Matrix(rows);
+    if let Some(matrix) = matrix_shape(s) {
+        return matrix;
     }
-    // `(\begin{pmatrix}...\end{pmatrix})`, as Qwen2.5-Math's references write matrices.
-    if let Some(inner) = s.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
-        if let Some(rows) = matrix_rows(inner.trim()).filter(|_| wraps_whole(s)) {
-            return Shape::Matrix(rows);
-        }
+    let conjunction = split_top(s, "\\land");
+    if conjunction.len() > 1 {
+        return Shape::Intersection(conjunction.into_iter().take(MAX_ELEMENTS).collect());
     }
-    // One `\pm` is two answers; more would multiply, so they stay a (non-parsing) scalar.
+    // One `\pm` is two answers; more would multiply, so they stay a (non-parsing) scalar. In a
+    // `\ne` both must hold: `x \ne \pm 1` excludes both.
     if let (Some(pos), 1) = (s.find("\\pm"), s.matches("\\pm").count()) {
         let plus = format!("{}+{}", &s[..pos], &s[pos + 3..]);
         let minus = format!("{}-{}", &s[..pos], &s[pos + 3..]);
-        return Shape::Unordered(vec![plus, minus]);
+        let not_equal = relation_chain(s).is_some_and(|(_, rels)| rels == [Rel::NotEq]);
+        return if not_equal {
+            Shape::Intersection(vec![plus, minus])
+        } else {
+            Shape::Unordered(vec![plus, minus])
+        };
     }
     let union = split_top(s, "\\cup");
     if union.len() > 1 {
         return Shape::Union(union.into_iter().take(MAX_ELEMENTS).collect());
     }
     if let Some(inner) = s.strip_prefix("\\{").and_then(|t| t.strip_suffix("\\}")) {
+        // Set-builder `\{x \mid x > 2\}` / `\{x : x > 2\}` is the set its condition describes.
+        for bar in ["\\mid", "|", ":"] {
+            let parts = split_top(inner, bar);
+            if let [var, condition] = parts.as_slice() {
+                if is_variable(var.trim()) && relation_chain(condition.trim()).is_some() {
+                    return shape(condition.trim());
+                }
+            }
+        }
         if wraps_whole(&s[1..]) {
             return Shape::Unordered(
                 split_top(inner, ",")
@@ -130,8 +181,8 @@ pub(crate) fn shape(s: &str) -> Shape {
             return Shape::Bracketed(first, items.into_iter().take(MAX_ELEMENTS).collect(), last);
         }
     }
-    if let Some(rel) = relation(s) {
-        return rel;
+    if let Some((sides, rels)) = relation_chain(s) {
+        return Shape::Relation(sides, rels);
     }
     let mut sides = split_top(&membership_as_equals(s), "=");
     if sides.len() > 2 {
@@ -144,63 +195,6 @@ pub(crate) fn shape(s: &str) -> Shape {
     Shape::Scalar(s.to_string())
 }
 
-/// Rows of a `pmatrix` / `bmatrix` / `matrix` environment, cells split at `&`.
-fn matrix_rows(s: &str) -> Option<Vec<Vec<String>>> {
-    let rest = s.strip_prefix("\\begin{")?;
-    let (env, body) = rest.split_once('}')?;
-    let body = body.strip_suffix(&format!("\\end{{{env}}}"))?;
-    let rows = body
-        .split("\\\\")
-        .filter(|r| !r.trim().is_empty())
-        .take(MAX_ELEMENTS)
-        .map(|r| {
-            r.split('&')
-                .take(MAX_ELEMENTS)
-                .map(str::to_string)
-                .collect()
-        })
-        .collect();
-    Some(rows)
-}
-
-/// An inequality chain `a < x \le b` split into its sides and relations.
-fn relation(s: &str) -> Option<Shape> {
-    const OPS: [(&str, Rel); 8] = [
-        ("\\le", Rel::LessEq),
-        ("\\ge", Rel::GreaterEq),
-        ("<=", Rel::LessEq),
-        (">=", Rel::GreaterEq),
-        ("\\lt", Rel::Less),
-        ("\\gt", Rel::Greater),
-        ("<", Rel::Less),
-        (">", Rel::Greater),
-    ];
-    let mut sides = Vec::new();
-    let mut rels = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i < s.len() {
-        let could_start = matches!(s.as_bytes()[i], b'<' | b'>' | b'\\');
-        match OPS
-            .iter()
-            .find(|(op, _)| could_start && s[i..].starts_with(op))
-        {
-            Some((op, rel)) => {
-                sides.push(s[start..i].to_string());
-                rels.push(*rel);
-                i += op.len();
-                start = i;
-            }
-            None => i += s[i..].chars().next().map_or(1, char::len_utf8),
-        }
-    }
-    if rels.is_empty() || rels.len() > 2 {
-        return None;
-    }
-    sides.push(s[start..].to_string());
-    Some(Shape::Relation(sides, rels))
-}
-
 /// An inequality in one variable as an interval `(open, [lo, hi], close)`; an interval as itself.
 pub(crate) fn as_interval(shape: &Shape) -> Option<(char, Vec<String>, char)> {
     let (sides, rels) = match shape {
@@ -210,6 +204,9 @@ pub(crate) fn as_interval(shape: &Shape) -> Option<(char, Vec<String>, char)> {
     };
     let inf = || "\\infty".to_string();
     let neg_inf = || "-\\infty".to_string();
+    if rels.contains(&Rel::NotEq) {
+        return None;
+    }
     let open = |r: Rel| matches!(r, Rel::Less | Rel::Greater);
     match (sides.as_slice(), rels.as_slice()) {
         ([v, a], [r]) | ([a, v], [r]) if is_variable(v) && !is_variable(a) => {

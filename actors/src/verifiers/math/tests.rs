@@ -4,6 +4,8 @@ use super::*;
 use crate::verifiers::{Verifier, VerifyInput};
 
 const PAIRS: &str = include_str!("testdata/pairs.tsv");
+/// Held-out-style grader cases: `{"kind", "response", "answer", "expected"}` per line.
+const GRADER_KINDS: &str = include_str!("testdata/grader_kinds.jsonl");
 
 #[test]
 fn answer_pair_table() {
@@ -146,6 +148,46 @@ fn extraction_never_reads_the_reasoning() {
     );
 }
 
+#[test]
+fn extraction_of_spans_bare_answers_box_runs_and_chat_tails() {
+    // A bare answer is taken whole, not as its last number.
+    assert_eq!(extract_answer("x \\geq 5").as_deref(), Some("x \\geq 5"));
+    assert_eq!(extract_answer("(1, 2)").as_deref(), Some("(1, 2)"));
+    assert_eq!(extract_answer("5 6").as_deref(), Some("6"));
+    // The last math span, `$$` and `\(` included; spans parted by `or` / `and` are a list.
+    assert_eq!(
+        extract_answer("Answer \\( (9+1) \\)").as_deref(),
+        Some("(9+1)")
+    );
+    assert_eq!(extract_answer("so $$y = 2$$").as_deref(), Some("y = 2"));
+    assert_eq!(extract_answer("costs \\$5 and $7$").as_deref(), Some("7"));
+    assert_eq!(
+        extract_answer("Both work: $(4,9)$ or $(9,4)$.").as_deref(),
+        Some("(4,9), (9,4)")
+    );
+    assert_eq!(
+        extract_answer("Answer: $a=2$, $b=3$").as_deref(),
+        Some("a=2, b=3")
+    );
+    // A run of boxes is several answers; a box after prose is the answer alone.
+    assert_eq!(
+        extract_answer("$x = \\boxed{3} \\quad\\text{and}\\quad x = \\boxed{-4}$").as_deref(),
+        Some("3, -4")
+    );
+    assert_eq!(
+        extract_answer("guess \\boxed{7}; on checking it is \\boxed{8}").as_deref(),
+        Some("8")
+    );
+    assert_eq!(extract_answer("\\boxed{\\boxed{2}}").as_deref(), Some("2"));
+    // Nothing after the next chat turn is read.
+    let r = "So \\boxed{14}.<|im_end|>\n<|im_start|>user\nAnd 3+4?\\boxed{7}";
+    assert_eq!(extract_answer(r).as_deref(), Some("14"));
+    assert_eq!(
+        extract_answer("Hence $k=9$.\n\nHuman: double it\n\nAssistant: $18$").as_deref(),
+        Some("k=9")
+    );
+}
+
 fn verify(response: &str, answer: &str) -> crate::verifiers::Verdict {
     let meta = serde_json::Value::Null;
     let input = VerifyInput {
@@ -208,10 +250,23 @@ fn hostile_inputs_end_quickly_without_panic() {
         "<".repeat(1000),
         "\\pm".repeat(1000),
         ",".repeat(10_000),
+        // Relations with many boundaries, long lists of them, big matrix products, many boxes.
+        "\\sin(100x) > 0".into(),
+        vec!["x^2 < 1"; 64].join(", "),
+        format!("{}\\cup(0,1)", "(0,1)\\cup".repeat(500)),
+        format!(
+            "\\begin{{pmatrix}}{}\\end{{pmatrix}}",
+            vec![["x+1"; 12].join("&"); 12].join("\\\\")
+        )
+        .repeat(6),
+        "\\boxed{1}, ".repeat(5000),
+        "$1$ or ".repeat(5000),
+        "\\begin{vmatrix}".repeat(200),
     ];
     for case in &cases {
         let start = std::time::Instant::now();
         let _ = math_equal(case, "1", &cfg);
+        let _ = math_equal(case, "(-1,1)\\cup(2,3)", &cfg);
         let _ = math_equal(case, case, &cfg);
         let _ = extract_answer(case);
         let _ = verify(case, case);
@@ -221,10 +276,119 @@ fn hostile_inputs_end_quickly_without_panic() {
             &case[..case.len().min(40)]
         );
     }
+    // Lists of relations that are equal item by item but not as text: every pair of items is a
+    // set comparison, which a per-pair budget bounds.
+    let squares = |shift: usize| {
+        (1..=32)
+            .map(|k| format!("x^2<{}", (k + shift) % 32 + 1))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let sines = |shift: usize| {
+        (1..=32)
+            .map(|k| format!("\\sin({}x)>0", (k + shift) % 32 + 1))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (a, b) in [(squares(0), squares(7)), (sines(0), sines(5))] {
+        let start = std::time::Instant::now();
+        let _ = math_equal(&a, &b, &cfg);
+        assert!(
+            start.elapsed().as_secs_f64() < 2.0,
+            "slow on the pair starting {:?}",
+            &a[..40]
+        );
+    }
     // A huge response is searched in linear time.
     let response = format!(
         "<think>{huge}</think>{}\\boxed{{3}}",
         "x ".repeat(1_000_000)
     );
     assert_eq!(verify(&response, "3").score, 1.0);
+}
+
+/// One line of `testdata/grader_kinds.jsonl`.
+#[derive(serde::Deserialize)]
+struct GraderCase {
+    kind: String,
+    response: String,
+    answer: String,
+    expected: u8,
+}
+
+/// The grader-kind cases through the whole verifier (extraction + equivalence), as `r1v2 verify`
+/// scores them; outside the `prose` kind also with response and reference swapped. Agreement
+/// must be at least 97% and no wrong answer may pass.
+#[test]
+fn grader_kind_cases_agree_without_false_passes() {
+    use std::collections::BTreeMap;
+    let mut per_kind: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    let (mut checks, mut agreed) = (0usize, 0usize);
+    let (mut false_passes, mut misses) = (Vec::new(), Vec::new());
+    let cases: Vec<(usize, GraderCase)> = GRADER_KINDS
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let case = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("grader_kinds.jsonl line {}: {e}", i + 1));
+            (i + 1, case)
+        })
+        .collect();
+    for (line, case) in &cases {
+        let expected = match case.expected {
+            0 => false,
+            1 => true,
+            other => panic!("grader_kinds.jsonl line {line}: expected is {other}, want 0 or 1"),
+        };
+        let mut directions = vec![(case.response.as_str(), case.answer.as_str())];
+        if case.kind != "prose" {
+            directions.push((case.answer.as_str(), case.response.as_str()));
+        }
+        for (response, answer) in directions {
+            let verdict = verify(response, answer);
+            let got = verdict.score == 1.0;
+            checks += 1;
+            let tally = per_kind.entry(case.kind.as_str()).or_default();
+            tally.1 += 1;
+            if got == expected {
+                agreed += 1;
+                tally.0 += 1;
+                continue;
+            }
+            let note = format!(
+                "line {line} [{}]: `{response}` vs `{answer}`: want {expected} ({})",
+                case.kind, verdict.reason
+            );
+            if got {
+                false_passes.push(note);
+            } else {
+                misses.push(note);
+            }
+        }
+    }
+    for (kind, (ok, total)) in &per_kind {
+        println!("grader kinds: {kind:<10} {ok}/{total}");
+    }
+    let rate = 100.0 * agreed as f64 / checks as f64;
+    println!(
+        "grader kinds: {} cases, {agreed}/{checks} checks agree ({rate:.1}%), {} false passes, {} misses",
+        cases.len(),
+        false_passes.len(),
+        misses.len()
+    );
+    for note in &misses {
+        println!("miss: {note}");
+    }
+    assert!(cases.len() >= 100, "want 100+ cases, have {}", cases.len());
+    assert!(
+        false_passes.is_empty(),
+        "wrong answers scored 1:\n{}",
+        false_passes.join("\n")
+    );
+    assert!(
+        rate >= 97.0,
+        "agreement {rate:.1}% < 97%:\n{}",
+        misses.join("\n")
+    );
 }

@@ -18,7 +18,7 @@ pub(crate) enum Tok {
 }
 
 /// Commands the tokenizer knows; unknown commands make the expression unparsable.
-const COMMANDS: [&str; 52] = [
+const COMMANDS: [&str; 53] = [
     "frac",
     "sqrt",
     "binom",
@@ -71,6 +71,8 @@ const COMMANDS: [&str; 52] = [
     "Sigma",
     "Phi",
     "Omega",
+    // Read as a letter, so `\angle ABC` is a name (a label in `\angle ABC = 45^\circ`).
+    "angle",
 ];
 
 /// Split `text` into tokens; `None` when it holds something no expression has.
