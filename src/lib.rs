@@ -25,6 +25,7 @@ pub mod demo;
 pub mod error;
 pub mod images;
 pub mod prompting;
+pub mod rm_train;
 pub mod telemetry;
 pub mod text;
 pub mod tiny;
