@@ -22,7 +22,7 @@ use crate::{Error, Result};
 /// OpenAI CLIP channel means (`OPENAI_CLIP_MEAN`).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP channel standard deviations (`OPENAI_CLIP_STD`).
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// The processor's settings (`preprocessor_config.json`, with `Qwen2VLImageProcessor`'s defaults).
 #[derive(Debug, Clone, PartialEq)]

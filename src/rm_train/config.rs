@@ -196,7 +196,7 @@ impl RmConfig {
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return bad("train.min_lr_ratio", "must be in [0, 1]");
         }
-        if t.max_grad_norm.is_some_and(|n| !(n > 0.0)) {
+        if t.max_grad_norm.is_some_and(|n| n.is_nan() || n <= 0.0) {
             return bad("train.max_grad_norm", "must be positive");
         }
         if t.eval_every == 0 {

@@ -12,8 +12,9 @@ use super::value_head::ValueModel;
 use super::weights::{read_config, WeightStore};
 use crate::{Error, Result};
 
-/// A reward model of either family.
+/// A reward model of either family (one lives per actor or trainer, so the variants' sizes do not matter).
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum RewardNet {
     /// `qwen2` with a `score` head (`Qwen2ForSequenceClassification`); images are not seen.
     Qwen2(ValueModel),

@@ -122,10 +122,12 @@ impl TextModel {
             .flat_map(|axis| std::iter::repeat_n(axis, self.mrope_section[axis]))
             .collect();
         let mut angles = Vec::with_capacity(b * t * self.inv_freq.len());
-        for row in 0..b {
-            for slot in 0..t {
+        let [temporal, height, width] = positions;
+        for ((t_row, h_row), w_row) in temporal.iter().zip(height).zip(width) {
+            for ((&pt, &ph), &pw) in t_row.iter().zip(h_row).zip(w_row) {
+                let axes = [pt as f32, ph as f32, pw as f32];
                 for (f, &axis) in self.inv_freq.iter().zip(&axis_of) {
-                    angles.push(positions[axis][row][slot] as f32 * f);
+                    angles.push(axes[axis] * f);
                 }
             }
         }
@@ -162,11 +164,14 @@ impl TextModel {
     }
 }
 
+/// Per-row token ids and real flags.
+pub(crate) type RowsAndReal = (Vec<Vec<u32>>, Vec<Vec<bool>>);
+
 /// (B, T) real flags and ids of a (B, T) u32 id tensor and optional mask.
 pub(crate) fn ids_and_real(
     input_ids: &Tensor,
     attention_mask: Option<&Tensor>,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<bool>>)> {
+) -> Result<RowsAndReal> {
     let (b, t) = input_ids.dims2()?;
     let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
     Ok((ids, mask_rows(attention_mask, b, t)?))
