@@ -205,3 +205,31 @@ impl RmConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_parses_and_bad_values_name_their_key() {
+        let text = include_str!("../../configs/train_rm.toml");
+        let cfg = RmConfig::from_toml_str(text, Path::new("/base")).expect("configs/train_rm.toml");
+        assert_eq!(cfg.data.train, Path::new("/base/data/rm_pairs.jsonl"));
+        assert!(cfg.train.freeze_vision && cfg.train.steps == 500);
+
+        let base = "[model]\ntiny = {}\n[data]\ntrain = \"p.jsonl\"\n";
+        for (extra, key) in [
+            ("[train]\nbatch_pairs = 0\n", "train.batch_pairs"),
+            ("[train]\nlr = -1.0\n", "train.lr"),
+            ("[train]\nlearning_rate = 1.0\n", "learning_rate"),
+        ] {
+            let err = RmConfig::from_toml_str(&format!("{base}{extra}"), Path::new("."))
+                .expect_err(key)
+                .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let both = "[model]\ndir = \"m\"\ntiny = {}\n[data]\ntrain = \"p.jsonl\"\n";
+        let err = RmConfig::from_toml_str(both, Path::new(".")).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+    }
+}
