@@ -29,6 +29,7 @@ pub mod images;
 pub mod model_dir;
 pub mod placement;
 pub mod prompting;
+pub mod rm_train;
 pub mod telemetry;
 pub mod text;
 pub mod tiny;

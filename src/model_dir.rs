@@ -21,10 +21,13 @@ pub enum ModelKind {
     /// `internvl_chat` or `skywork_chat`: InternViT + `mlp1` + Qwen2 (`vision_model.*`, `mlp1.*`,
     /// `language_model.*`).
     Chat,
+    /// `qwen2_5_vl`: Qwen2.5-VL (`visual.*`, `model.*`, `lm_head`), with a TRL value head when
+    /// `value_head.safetensors` sits beside it (Skywork-VL Reward).
+    Qwen25Vl,
 }
 
 /// The model types `forward` and `inspect` accept, for error messages.
-pub const SUPPORTED_MODEL_TYPES: &str = "qwen2, internvl_chat, skywork_chat";
+pub const SUPPORTED_MODEL_TYPES: &str = "qwen2, internvl_chat, skywork_chat, qwen2_5_vl";
 
 impl ModelKind {
     /// Reads the kind from a parsed `config.json`; an unknown `model_type` is an error naming the file.
@@ -51,6 +54,7 @@ impl ModelKind {
                 })
             }
             "internvl_chat" | "skywork_chat" => Ok(ModelKind::Chat),
+            "qwen2_5_vl" => Ok(ModelKind::Qwen25Vl),
             other => Err(Error::File {
                 path: path.to_path_buf(),
                 msg: format!(
@@ -66,6 +70,7 @@ impl ModelKind {
             ModelKind::Qwen2CausalLm => "Qwen2 causal LM",
             ModelKind::Qwen2ValueHead => "Qwen2 with a value head (one score per sequence)",
             ModelKind::Chat => "InternVL-chat (InternViT + mlp1 adapter + Qwen2)",
+            ModelKind::Qwen25Vl => "Qwen2.5-VL (vision tower + patch merger + Qwen2 with mrope)",
         }
     }
 }
@@ -229,6 +234,19 @@ pub fn module_of(kind: ModelKind, name: &str) -> &'static str {
             match name.strip_prefix("language_model.") {
                 Some(rest) => rest,
                 None => return "other",
+            }
+        }
+        ModelKind::Qwen25Vl => {
+            let visual = name
+                .strip_prefix("visual.")
+                .or_else(|| name.strip_prefix("model.visual."));
+            match visual {
+                Some(rest) if rest.starts_with("merger.") => return "adapter",
+                Some(_) => return "vision",
+                None => match name.strip_prefix("model.language_model.") {
+                    Some(_) => return "llm",
+                    None => name,
+                },
             }
         }
         ModelKind::Qwen2CausalLm | ModelKind::Qwen2ValueHead => name,

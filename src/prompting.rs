@@ -57,13 +57,20 @@ impl PromptEncoder {
     pub fn from_model_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
-        let images = match ModelKind::from_config(&config, &config_path)? {
-            ModelKind::Chat => Some(ImageSetup {
-                tiling: TilingConfig::from_model_config(&config, &config_path)?,
-                tokens_per_tile: TilingConfig::tokens_per_tile(&config, &config_path)?,
-            }),
-            ModelKind::Qwen2CausalLm | ModelKind::Qwen2ValueHead => None,
-        };
+        let images =
+            match ModelKind::from_config(&config, &config_path)? {
+                ModelKind::Chat => Some(ImageSetup {
+                    tiling: TilingConfig::from_model_config(&config, &config_path)?,
+                    tokens_per_tile: TilingConfig::tokens_per_tile(&config, &config_path)?,
+                }),
+                ModelKind::Qwen2CausalLm | ModelKind::Qwen2ValueHead => None,
+                ModelKind::Qwen25Vl => return Err(Error::File {
+                    path: config_path,
+                    msg:
+                        "qwen2_5_vl: the prompt encoder does not place Qwen2.5-VL image tokens yet"
+                            .into(),
+                }),
+            };
         let tokenizer = Tokenizer::from_model_dir(dir)?;
         let mut stop_token_ids = generation_config_eos(&dir.join("generation_config.json"))?;
         for token in [IM_END, END_OF_TEXT] {

@@ -6,6 +6,7 @@
 //! | [`SyncWeights`] | PolicyGenerator (actor/policy_generator.rs) | version held | controller: after each update |
 //! | [`Verify`] | RuleVerifier (actor/rule_verifier.rs) | [`Verdicts`] | controller: each step, probes |
 //! | [`Score`] | RewardModel (actor/reward_model.rs) | [`RmScores`] | controller: each step |
+//! | [`ScoreWithImages`] | RewardModel (actor/reward_model.rs) | [`RmScores`] | its tests only: the controller does not yet re-encode prompts for a Qwen2.5-VL reward model |
 //! | [`ScoredGroups`] | SampleBuffer (actor/sample_buffer.rs) | [`Accepted`] | controller: each GRPO step |
 //! | [`NextBatch`] | SampleBuffer (actor/sample_buffer.rs) | [`TrainBatch`] | controller: each GRPO step |
 //! | [`Snapshot`] | SampleBuffer (actor/sample_buffer.rs) | [`BufferSnapshot`] | controller: checkpoints |
@@ -94,6 +95,7 @@ named!(
     SyncWeights,
     Verify,
     Score,
+    ScoreWithImages,
     ScoredGroups,
     NextBatch,
     Snapshot,
@@ -188,7 +190,18 @@ pub struct Score {
     pub sequences: Vec<ScoreSequence>,
 }
 
-/// Reply to [`Score`]: one raw (unnormalised) scalar per sequence, in order.
+/// [`Score`] with each sequence's images (`images[i]` for `sequences[i]`, `None` for text only), which fill
+/// the sequence's `<|image_pad|>` runs in order. A Qwen2 value head reads text only and refuses images.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "crate::Result<RmScores>")]
+pub struct ScoreWithImages {
+    /// The sequences.
+    pub sequences: Vec<ScoreSequence>,
+    /// One entry per sequence.
+    pub images: Vec<Option<crate::model::qwen2_5_vl::Images>>,
+}
+
+/// Reply to [`Score`] / [`ScoreWithImages`]: one raw (unnormalised) scalar per sequence, in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RmScores {
     /// The scores.

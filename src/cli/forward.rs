@@ -310,7 +310,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let kind = ModelKind::from_config(&config, &config_path)?;
     let input = ForwardInput::from_file(&args.input)?;
     let device = parse_device(&args.device)?;
-    if !input.images.is_empty() && kind != ModelKind::Chat {
+    if !input.images.is_empty() && !matches!(kind, ModelKind::Chat | ModelKind::Qwen25Vl) {
         return Err(Error::File {
             path: args.input.clone(),
             msg: format!("`images` given but {} takes no images", kind.describe()),
@@ -320,6 +320,9 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let output = match kind {
         ModelKind::Qwen2CausalLm => forward_qwen2(&args.model, &input, &args.input, &device)?,
         ModelKind::Qwen2ValueHead => forward_value_head(&args.model, &input, &args.input, &device)?,
+        ModelKind::Qwen25Vl => {
+            super::forward_qwen2_5_vl::forward(&args.model, &input, &args.input, &device)?
+        }
         ModelKind::Chat => forward_chat(
             &args.model,
             &config,

@@ -280,6 +280,10 @@ fn run_model(
             let generator = Qwen2Generator::new(&model, device);
             generate_and_print(&generator, encoder, encoded, args, params)
         }
+        ModelKind::Qwen25Vl => Err(Error::File {
+            path: dir.join("config.json"),
+            msg: format!("generate does not support {} yet", kind.describe()),
+        }),
         ModelKind::Qwen2ValueHead => Err(Error::File {
             path: dir.join("config.json"),
             msg: format!(

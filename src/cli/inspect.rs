@@ -9,7 +9,9 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::images::TilingConfig;
-use crate::model_dir::{architectures, module_of, read_all_headers, read_json, ModelKind};
+use crate::model_dir::{
+    architectures, module_of, read_all_headers, read_json, read_safetensors_header, ModelKind,
+};
 use crate::Result;
 
 /// Arguments of `r1v2 inspect`.
@@ -68,6 +70,16 @@ const VISION_KEYS: [&str; 7] = [
     "qk_normalization",
 ];
 
+const QWEN2_5_VL_VISION_KEYS: [&str; 7] = [
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "patch_size",
+    "spatial_merge_size",
+    "window_size",
+    "fullatt_block_indexes",
+];
+
 /// Builds the summary of a model directory.
 pub fn summarize(dir: &Path) -> Result<ModelSummary> {
     let config_path = dir.join("config.json");
@@ -75,6 +87,7 @@ pub fn summarize(dir: &Path) -> Result<ModelSummary> {
     let kind = ModelKind::from_config(&config, &config_path)?;
     let llm_config = match kind {
         ModelKind::Chat => config.get("llm_config").cloned().unwrap_or_default(),
+        ModelKind::Qwen25Vl => config.get("text_config").unwrap_or(&config).clone(),
         _ => config.clone(),
     };
     let pick = |source: &serde_json::Value, keys: &[&str]| -> BTreeMap<String, serde_json::Value> {
@@ -84,6 +97,14 @@ pub fn summarize(dir: &Path) -> Result<ModelSummary> {
     };
     let llm = pick(&llm_config, &LLM_KEYS);
     let mut vision = BTreeMap::new();
+    if kind == ModelKind::Qwen25Vl {
+        vision = pick(
+            config
+                .get("vision_config")
+                .unwrap_or(&serde_json::Value::Null),
+            &QWEN2_5_VL_VISION_KEYS,
+        );
+    }
     if kind == ModelKind::Chat {
         vision = pick(
             config
@@ -108,8 +129,16 @@ pub fn summarize(dir: &Path) -> Result<ModelSummary> {
     let tensors = read_all_headers(dir)?;
     let mut parameters: BTreeMap<String, usize> = BTreeMap::new();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut tensors = tensors;
+    if kind == ModelKind::Qwen25Vl {
+        // Skywork-VL Reward keeps TRL's value head in its own file.
+        let head = dir.join(r1v2_actors::model::qwen2_5_vl::VALUE_HEAD_FILE);
+        if head.is_file() {
+            tensors.extend(read_safetensors_header(&head)?);
+        }
+    }
     let modules: &[&str] = match kind {
-        ModelKind::Chat => &["vision", "adapter", "llm", "head"],
+        ModelKind::Chat | ModelKind::Qwen25Vl => &["vision", "adapter", "llm", "head"],
         _ => &["llm", "head"],
     };
     for module in modules {

@@ -3,10 +3,12 @@
 use clap::{Parser, Subcommand};
 
 pub mod forward;
+pub mod forward_qwen2_5_vl;
 pub mod generate;
 pub mod inspect;
 pub mod report;
 pub mod train;
+pub mod train_rm;
 pub mod verify;
 
 /// Fine-tune multimodal reasoning models with the Skywork R1V2 method.
@@ -29,6 +31,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Train: SFT warm start, MPO rounds and GRPO steps over the actors, as the config's [[stages]] say.
     Train(train::TrainArgs),
+    /// Train a reward model (Qwen2 value head or Qwen2.5-VL + value head) on preference pairs (Bradley-Terry).
+    TrainRm(train_rm::TrainRmArgs),
     /// The main job on the embedded default task with a random tiny model, on the CPU (~20 s).
     Demo(train::DemoArgs),
     /// Draw RUN_DIR/metrics.jsonl to PNG/SVG charts in RUN_DIR/report/ and print a summary table.
@@ -44,6 +48,7 @@ impl Cli {
             Command::Verify(args) => args.run(),
             Command::Report(args) => report::run(&args),
             Command::Train(args) => train::run(args),
+            Command::TrainRm(args) => train_rm::run(args),
             Command::Demo(args) => train::run_demo(args),
         }
     }

@@ -17,6 +17,7 @@ use candle_core::{Device, Tensor};
 use image::{imageops, RgbImage};
 
 pub mod bicubic;
+pub mod qwen2_vl;
 
 use bicubic::resize_bicubic;
 

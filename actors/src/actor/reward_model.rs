@@ -1,6 +1,8 @@
-//! RewardModel: the frozen reward model (a Qwen2 [`ValueModel`]) behind one sync actor.
+//! RewardModel: the frozen reward model ([`RewardNet`]: a Qwen2 [`ValueModel`], or Skywork-VL Reward's
+//! Qwen2.5-VL + value head) behind one sync actor.
 //!
-//! Receives [`Score`] and replies [`RmScores`], one raw scalar per sequence in order. Sequences are scored
+//! Receives [`Score`] (text) or [`ScoreWithImages`] (each sequence with its images, for a model that reads
+//! pixels) and replies [`RmScores`], one raw scalar per sequence in order. Sequences are scored
 //! `max_batch` at a time, each chunk right-padded to its longest sequence (padding has mask 0, and the value
 //! head reads each row's last real token, so padding does not change a score). The forward pass runs on the
 //! actor's own thread (`SyncArbiter` of one), never on the arbiter that routes messages.
@@ -9,17 +11,31 @@ use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
 use candle_core::{Device, Tensor};
 
 use super::{handle_guarded, Closed, Liveness};
+use crate::model::qwen2_5_vl::{Images, Qwen25Vl};
+use crate::model::reward::RewardNet;
 use crate::model::value_head::ValueModel;
 use crate::protocol::{
-    ActorName, Heartbeat, HeartbeatReply, RmScores, Score, ScoreSequence, Shutdown,
+    ActorName, Heartbeat, HeartbeatReply, RmScores, Score, ScoreSequence, ScoreWithImages, Shutdown,
 };
 use crate::{Error, Result};
 
 const NAME: ActorName = ActorName::RewardModel;
 
+impl From<ValueModel> for RewardNet {
+    fn from(model: ValueModel) -> Self {
+        RewardNet::Qwen2(model)
+    }
+}
+
+impl From<Qwen25Vl> for RewardNet {
+    fn from(model: Qwen25Vl) -> Self {
+        RewardNet::Qwen25Vl(model)
+    }
+}
+
 /// The reward model actor.
 pub struct RewardModel {
-    model: ValueModel,
+    model: RewardNet,
     device: Device,
     max_batch: usize,
     liveness: Liveness,
@@ -29,7 +45,8 @@ pub struct RewardModel {
 impl RewardModel {
     /// Starts the actor on its own thread; `max_batch` (at least 1) sequences go through one forward pass.
     /// Needs a running actix `System`.
-    pub fn start(model: ValueModel, device: Device, max_batch: usize) -> Addr<Self> {
+    pub fn start(model: impl Into<RewardNet>, device: Device, max_batch: usize) -> Addr<Self> {
+        let model = model.into();
         // The factory runs again if the actor stops; cloning a model shares its tensors.
         let closed = Closed::default();
         SyncArbiter::start(1, move || RewardModel {
@@ -40,25 +57,62 @@ impl RewardModel {
             closed: closed.clone(),
         })
     }
+
+    /// Runs a scoring handler: refused after [`Shutdown`], a panic becomes an error reply.
+    fn guarded(
+        &mut self,
+        message: &'static str,
+        sequences: &[ScoreSequence],
+        images: &[Option<Images>],
+    ) -> Result<RmScores> {
+        let Self {
+            model,
+            device,
+            max_batch,
+            liveness,
+            closed,
+        } = self;
+        handle_guarded(liveness, closed, message, || {
+            Ok(RmScores {
+                scores: score(model, device, *max_batch, sequences, images)?,
+            })
+        })
+    }
 }
 
-/// Scores `sequences`, `max_batch` at a time.
+/// Scores `sequences` (with `images[i]` for sequence i, or none at all), `max_batch` at a time.
 fn score(
-    model: &ValueModel,
+    model: &RewardNet,
     device: &Device,
     max_batch: usize,
     sequences: &[ScoreSequence],
+    images: &[Option<Images>],
 ) -> Result<Vec<f32>> {
-    for (index, sequence) in sequences.iter().enumerate() {
-        check_sequence(index, sequence)?;
+    {
+        for (index, sequence) in sequences.iter().enumerate() {
+            check_sequence(index, sequence)?;
+        }
+        if !images.is_empty() && images.len() != sequences.len() {
+            return Err(Error::msg(format!(
+                "ScoreWithImages: {} image entries for {} sequences",
+                images.len(),
+                sequences.len()
+            )));
+        }
+        let mut scores = Vec::with_capacity(sequences.len());
+        for (k, chunk) in sequences.chunks(max_batch).enumerate() {
+            let (ids, mask) = pad_right(chunk, device)?;
+            let start = k * max_batch;
+            let chunk_images = images
+                .get(start..start + chunk.len())
+                .map(|rows| concat_images(rows, device))
+                .transpose()?
+                .flatten();
+            let chunk_scores = model.score(&ids, Some(&mask), chunk_images.as_ref())?; // (B)
+            scores.extend(chunk_scores.to_vec1::<f32>()?);
+        }
+        Ok(scores)
     }
-    let mut scores = Vec::with_capacity(sequences.len());
-    for chunk in sequences.chunks(max_batch) {
-        let (ids, mask) = pad_right(chunk, device)?;
-        let chunk_scores = model.forward(&ids, Some(&mask))?; // (B)
-        scores.extend(chunk_scores.to_vec1::<f32>()?);
-    }
-    Ok(scores)
 }
 
 /// A sequence the model can score: non-empty, mask as long as the ids, of 0/1, with a real token.
@@ -78,6 +132,22 @@ fn check_sequence(index: usize, sequence: &ScoreSequence) -> Result<()> {
         return fail("no real token (empty, or the mask is all 0)".into());
     }
     Ok(())
+}
+
+/// The images of a chunk's rows, concatenated in row order (`None` when no row has any).
+fn concat_images(rows: &[Option<Images>], device: &Device) -> Result<Option<Images>> {
+    let (mut pixels, mut grids) = (Vec::new(), Vec::new());
+    for images in rows.iter().flatten() {
+        pixels.push(images.pixel_values.to_device(device)?);
+        grids.extend_from_slice(&images.grids);
+    }
+    if pixels.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Images {
+        pixel_values: Tensor::cat(&pixels, 0)?,
+        grids,
+    }))
 }
 
 /// (ids, mask), both (B, T) u32, T the longest sequence of `chunk`; padding is id 0 with mask 0.
@@ -116,18 +186,15 @@ impl Handler<Score> for RewardModel {
     type Result = Result<RmScores>;
 
     fn handle(&mut self, msg: Score, _ctx: &mut SyncContext<Self>) -> Result<RmScores> {
-        let Self {
-            model,
-            device,
-            max_batch,
-            liveness,
-            closed,
-        } = self;
-        handle_guarded(liveness, closed, "Score", || {
-            Ok(RmScores {
-                scores: score(model, device, *max_batch, &msg.sequences)?,
-            })
-        })
+        self.guarded("Score", &msg.sequences, &[])
+    }
+}
+
+impl Handler<ScoreWithImages> for RewardModel {
+    type Result = Result<RmScores>;
+
+    fn handle(&mut self, msg: ScoreWithImages, _ctx: &mut SyncContext<Self>) -> Result<RmScores> {
+        self.guarded("ScoreWithImages", &msg.sequences, &msg.images)
     }
 }
 
@@ -230,6 +297,70 @@ mod tests {
             (beat.actor, beat.last_message, beat.handled),
             (ActorName::RewardModel, Some("Score"), 1)
         );
+        Ok(())
+    }
+
+    /// One row's images from the Qwen2.5-VL fixture (first temporal frame stored, both restored).
+    fn vl_images(io: &HashMap<String, Tensor>, keys: &[&str]) -> anyhow::Result<Images> {
+        let mut pixels = Vec::new();
+        let mut grids = Vec::new();
+        for key in keys {
+            let frame = io[&format!("pixels_{key}")].unsqueeze(2)?;
+            let n = frame.dim(0)?;
+            pixels.push(Tensor::cat(&[&frame, &frame], 2)?.reshape((n, 3 * 2 * 196))?);
+            let g = io[&format!("grid_{key}")]
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?;
+            grids.push([g[0] as usize, g[1] as usize, g[2] as usize]);
+        }
+        Ok(Images {
+            pixel_values: Tensor::cat(&pixels, 0)?,
+            grids,
+        })
+    }
+
+    #[actix::test]
+    async fn qwen2_5_vl_scores_with_images_match_transformers() -> anyhow::Result<()> {
+        let dir = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/qwen2_5_vl"
+        ));
+        let loaded = crate::model::qwen2_5_vl::load_dir(
+            &dir.join("released"),
+            DType::F32,
+            &Device::Cpu,
+            |_| false,
+        )?;
+        let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu)?;
+        let sequences = sequences(&io)?;
+        let images = vec![
+            Some(vl_images(&io, &["a"])?),
+            Some(vl_images(&io, &["b", "d"])?),
+            None,
+        ];
+        // max_batch 2: the first chunk holds three images of two rows, the second a text-only row.
+        let actor = RewardModel::start(loaded.model, Device::Cpu, 2);
+        let reply = actor
+            .send(ScoreWithImages {
+                sequences: sequences.clone(),
+                images,
+            })
+            .await??;
+        let reference = io["scores"].to_vec1::<f32>()?;
+        for (row, (got, want)) in reply.scores.iter().zip(&reference).enumerate() {
+            assert!(
+                (got - want).abs() < 1e-4,
+                "row {row}: actor {got} vs transformers {want}"
+            );
+        }
+        // Without the images the pad tokens have nothing to fill them: an error, and the actor goes on.
+        let error = actor
+            .send(Score { sequences })
+            .await?
+            .expect_err("pads without images");
+        assert!(error.to_string().contains("pad tokens"), "{error}");
+        let beat = actor.send(Heartbeat).await?;
+        assert_eq!(beat.handled, 2);
         Ok(())
     }
 

@@ -162,7 +162,7 @@ impl Mlp {
 
 /// RMSNorm weight and epsilon, applied through the differentiable kernel.
 #[derive(Debug, Clone)]
-struct RmsNorm {
+pub(crate) struct RmsNorm {
     weight: Tensor,
     eps: f64,
 }
@@ -175,13 +175,13 @@ impl RmsNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(rms_norm(x, &self.weight, self.eps)?)
     }
 }
 
 #[derive(Debug, Clone)]
-struct DecoderLayer {
+pub(crate) struct DecoderLayer {
     self_attn: Attention,
     mlp: Mlp,
     input_layernorm: RmsNorm,
@@ -217,7 +217,7 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
@@ -247,8 +247,8 @@ impl DecoderLayer {
 #[derive(Debug, Clone)]
 pub struct Model {
     embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: RmsNorm,
     rotary: RotaryEmbedding,
     cfg: Config,
 }

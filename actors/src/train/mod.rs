@@ -20,6 +20,7 @@ pub mod config;
 mod grpo_step;
 pub mod logprobs;
 mod mpo_step;
+pub mod reward_model;
 pub mod schedule;
 mod sft_step;
 pub mod trainer;
