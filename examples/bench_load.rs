@@ -164,7 +164,8 @@ fn child(way: &str, dir: &Path) -> Result<()> {
         "stream" | "train" => {
             let store = WeightStore::load(dir, DType::F32, &Device::Cpu)?;
             let prefix = last_layer(&store);
-            let vb = store.var_builder(move |name| way == "train" && name.starts_with(&prefix));
+            let train = way == "train";
+            let vb = store.var_builder(move |name| train && name.starts_with(&prefix));
             for (name, shape) in store.shapes() {
                 if store.stored_dtype(&name).is_none() {
                     bail!("{name} has no dtype");

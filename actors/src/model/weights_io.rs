@@ -97,26 +97,57 @@ impl MappedFile {
     /// Decodes `tensor` into `dtype` on `device`, one allocation on the host. For another device the host
     /// copy keeps the stored dtype (half the bytes of f32 for bf16) and the conversion runs there.
     pub fn read(&self, tensor: &FileTensor, dtype: DType, device: &Device) -> Result<Tensor> {
-        let bytes = self.mmap.get(tensor.start..tensor.end).ok_or_else(|| {
-            checkpoint_error(
+        if tensor.end > self.mmap.len() || tensor.start > tensor.end {
+            return Err(checkpoint_error(
                 &self.path,
                 format!("tensor `{}` lies past the end of the file", tensor.name),
-            )
-        })?;
-        let out = if device.is_cpu() {
-            decode(bytes, tensor.stored, dtype, &tensor.shape)?
+            ));
+        }
+        let host = if device.is_cpu() {
+            dtype
         } else {
-            decode(bytes, tensor.stored, tensor.stored, &tensor.shape)?
-                .to_device(device)?
-                .to_dtype(dtype)?
+            tensor.stored
         };
-        self.release(tensor.start, tensor.end);
-        Ok(out)
+        let shape = tensor.shape.clone();
+        let cpu = &Device::Cpu;
+        let (start, end, stored) = (tensor.start, tensor.end, tensor.stored);
+        let out = match host {
+            DType::F32 => Tensor::from_vec(self.decode::<f32>(start, end, stored), shape, cpu)?,
+            DType::F64 => Tensor::from_vec(self.decode::<f64>(start, end, stored), shape, cpu)?,
+            DType::BF16 => Tensor::from_vec(self.decode::<bf16>(start, end, stored), shape, cpu)?,
+            DType::F16 => Tensor::from_vec(self.decode::<f16>(start, end, stored), shape, cpu)?,
+            other => return Err(Error::msg(format!("cannot load weights as {other:?}"))),
+        };
+        if device.is_cpu() {
+            return Ok(out);
+        }
+        Ok(out.to_device(device)?.to_dtype(dtype)?)
+    }
+
+    /// The elements in bytes `start..end` (of dtype `stored`) as `T`, read in chunks: each chunk's pages
+    /// are faulted in with one call, decoded by all threads, then dropped, so at most one chunk of the map
+    /// is resident besides the result.
+    fn decode<T: Decode>(&self, start: usize, end: usize, stored: DType) -> Vec<T> {
+        // A multiple of every element size, so chunks hold whole elements.
+        const CHUNK: usize = 32 << 20;
+        let mut out = Vec::with_capacity((end - start) / stored.size_in_bytes());
+        let mut at = start;
+        while at < end {
+            let stop = (at + CHUNK).min(end);
+            let first = at / PAGE * PAGE;
+            // Advisory: without it the same pages fault in one by one.
+            let _ = self
+                .mmap
+                .advise_range(Advice::PopulateRead, first, stop - first);
+            extend_decoded(&mut out, &self.mmap[at..stop], stored);
+            self.release(at, stop);
+            at = stop;
+        }
+        out
     }
 
     /// Drops the mapped pages wholly inside `start..end` from this process's resident set.
     fn release(&self, start: usize, end: usize) {
-        const PAGE: usize = 4096;
         let first = start.div_ceil(PAGE) * PAGE;
         let last = end / PAGE * PAGE;
         if last > first {
@@ -201,43 +232,34 @@ impl Decode for f16 {
     }
 }
 
-fn decode_as<T: Decode>(bytes: &[u8], stored: DType) -> Vec<T> {
-    match stored {
-        DType::F64 => bytes
-            .par_chunks_exact(8)
-            .map(|b| {
-                T::of_f64(f64::from_le_bytes([
-                    b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-                ]))
-            })
-            .collect(),
-        DType::BF16 => bytes
-            .par_chunks_exact(2)
-            .map(|b| T::of_bf16(bf16::from_le_bytes([b[0], b[1]])))
-            .collect(),
-        DType::F16 => bytes
-            .par_chunks_exact(2)
-            .map(|b| T::of_f16(f16::from_le_bytes([b[0], b[1]])))
-            .collect(),
-        // F32 (the only other dtype `stored_dtype` admits).
-        _ => bytes
-            .par_chunks_exact(4)
-            .map(|b| T::of_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-            .collect(),
-    }
-}
+/// The mapped pages' size (x86-64 and aarch64 Linux defaults; only used to round advice ranges).
+const PAGE: usize = 4096;
 
-/// Little-endian `bytes` of dtype `stored` as a CPU tensor of `dtype` and `shape`.
-fn decode(bytes: &[u8], stored: DType, dtype: DType, shape: &[usize]) -> Result<Tensor> {
-    let shape = shape.to_vec();
-    let cpu = &Device::Cpu;
-    Ok(match dtype {
-        DType::F32 => Tensor::from_vec(decode_as::<f32>(bytes, stored), shape, cpu)?,
-        DType::F64 => Tensor::from_vec(decode_as::<f64>(bytes, stored), shape, cpu)?,
-        DType::BF16 => Tensor::from_vec(decode_as::<bf16>(bytes, stored), shape, cpu)?,
-        DType::F16 => Tensor::from_vec(decode_as::<f16>(bytes, stored), shape, cpu)?,
-        other => return Err(Error::msg(format!("cannot load weights as {other:?}"))),
-    })
+/// Appends the little-endian elements of dtype `stored` in `bytes`, converted to `T`, using all threads.
+fn extend_decoded<T: Decode>(out: &mut Vec<T>, bytes: &[u8], stored: DType) {
+    match stored {
+        DType::F64 => out.par_extend(bytes.par_chunks_exact(8).map(|b| {
+            T::of_f64(f64::from_le_bytes([
+                b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+            ]))
+        })),
+        DType::BF16 => out.par_extend(
+            bytes
+                .par_chunks_exact(2)
+                .map(|b| T::of_bf16(bf16::from_le_bytes([b[0], b[1]]))),
+        ),
+        DType::F16 => out.par_extend(
+            bytes
+                .par_chunks_exact(2)
+                .map(|b| T::of_f16(f16::from_le_bytes([b[0], b[1]]))),
+        ),
+        // F32 (the only other dtype `stored_dtype` admits).
+        _ => out.par_extend(
+            bytes
+                .par_chunks_exact(4)
+                .map(|b| T::of_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        ),
+    }
 }
 
 /// The safetensors name of a dtype we write.
