@@ -248,5 +248,5 @@ fn nccl_all_reduce_sums_over_every_gpu() -> Result<()> {
     Ok(())
 }
 
-#[path = "cuda_bench.rs"]
+#[path = "cuda_support/bench.rs"]
 mod cuda_bench;

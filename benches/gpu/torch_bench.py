@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch + transformers beside r1v2's `gpu_bench` (actors/tests/cuda_bench.rs), on the same GPU in the same
+"""PyTorch + transformers beside r1v2's `gpu_bench` (actors/tests/cuda_support/bench.rs), on the same GPU in the same
 run: the same Qwen2-0.5B-shaped model with random weights, the same shapes and the same counts.
 
     python3 benches/gpu/torch_bench.py [--bandwidth 4.3e12]

@@ -316,7 +316,7 @@ pub(super) fn write_file(
         file_name.unwrap_or_default(),
         std::process::id()
     ));
-    let result = (|| {
+    atomically(path, &tmp, || {
         let file = File::create(&tmp).map_err(io_error(&tmp))?;
         let mut out = BufWriter::with_capacity(1 << 22, file);
         out.write_all(&(header.len() as u64).to_le_bytes())
@@ -347,11 +347,15 @@ pub(super) fn write_file(
             path: tmp.clone(),
             source: err.into_error(),
         })?;
-        file.sync_all().map_err(io_error(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io_error(path))
-    })();
+        file.sync_all().map_err(io_error(&tmp))
+    })
+}
+
+/// Runs `write` (which fills `tmp`), then renames `tmp` over `path`; on any error `tmp` is removed.
+fn atomically(path: &Path, tmp: &Path, write: impl FnOnce() -> Result<()>) -> Result<()> {
+    let result = write().and_then(|()| std::fs::rename(tmp, path).map_err(io_error(path)));
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
     }
     result
 }
@@ -391,16 +395,11 @@ fn write_tensor(out: &mut impl Write, value: &Tensor, dtype: DType) -> Result<()
 /// Writes `text` to `path` atomically (temporary name, sync, rename).
 pub(super) fn write_text(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result = (|| {
+    atomically(path, &tmp, || {
         let mut file = File::create(&tmp).map_err(io_error(&tmp))?;
         file.write_all(text.as_bytes()).map_err(io_error(&tmp))?;
-        file.sync_all().map_err(io_error(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io_error(path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        file.sync_all().map_err(io_error(&tmp))
+    })
 }
 
 /// Syncs a directory, so that renames into it survive a crash.

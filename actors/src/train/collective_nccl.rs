@@ -198,33 +198,11 @@ fn reduce(
         .iter()
         .map(|ts| ts.iter().map(|t| t.contiguous()).collect())
         .collect::<candle_core::Result<_>>()?;
-    let mut outputs: Vec<Vec<Option<Storage>>> = vec![Vec::with_capacity(count); comms.len()];
+    let mut outputs: Vec<Vec<Storage>> = (0..comms.len())
+        .map(|_| Vec::with_capacity(count))
+        .collect();
     group_start().map_err(nccl_error)?;
-    let issued = (|| {
-        for i in 0..count {
-            let first = &inputs[0][i];
-            for (rank, tensors) in inputs.iter().enumerate() {
-                if tensors[i].dims() != first.dims() || tensors[i].dtype() != first.dtype() {
-                    return Err(Error::msg(format!(
-                        "all-reduce: tensor {i} is {:?} {:?} on rank {rank}, {:?} {:?} on rank 0",
-                        tensors[i].dtype(),
-                        tensors[i].dims(),
-                        first.dtype(),
-                        first.dims()
-                    )));
-                }
-                let out = match first.dtype() {
-                    DType::F32 => issue::<f32>(&comms[rank], &devices[rank], &tensors[i])?,
-                    DType::BF16 => issue::<bf16>(&comms[rank], &devices[rank], &tensors[i])?,
-                    DType::F16 => issue::<f16>(&comms[rank], &devices[rank], &tensors[i])?,
-                    DType::F64 => issue::<f64>(&comms[rank], &devices[rank], &tensors[i])?,
-                    other => return Err(Error::msg(format!("all-reduce of {other:?}"))),
-                };
-                outputs[rank].push(Some(out));
-            }
-        }
-        Ok(())
-    })();
+    let issued = issue_all(comms, devices, &inputs, &mut outputs);
     // The group is closed even when issuing failed, or NCCL stays inside it.
     let ended = group_end().map_err(nccl_error);
     issued?;
@@ -240,19 +218,45 @@ fn reduce(
         let tensors = storages
             .into_iter()
             .zip(&inputs[rank])
-            .filter_map(|(storage, input)| {
-                let storage = storage?;
-                Some(Tensor::from_storage(
-                    storage,
-                    input.shape().clone(),
-                    BackpropOp::none(),
-                    false,
-                ))
+            .map(|(storage, input)| {
+                Tensor::from_storage(storage, input.shape().clone(), BackpropOp::none(), false)
             })
             .collect();
         sums.push(tensors);
     }
     Ok(sums)
+}
+
+/// Enqueues every tensor's all-reduce on every rank (inside the caller's group), the sums' storage into
+/// `outputs[rank]`.
+fn issue_all(
+    comms: &[Comm],
+    devices: &[CudaDevice],
+    inputs: &[Vec<Tensor>],
+    outputs: &mut [Vec<Storage>],
+) -> Result<()> {
+    for (i, first) in inputs[0].iter().enumerate() {
+        for (rank, tensors) in inputs.iter().enumerate() {
+            if tensors[i].dims() != first.dims() || tensors[i].dtype() != first.dtype() {
+                return Err(Error::msg(format!(
+                    "all-reduce: tensor {i} is {:?} {:?} on rank {rank}, {:?} {:?} on rank 0",
+                    tensors[i].dtype(),
+                    tensors[i].dims(),
+                    first.dtype(),
+                    first.dims()
+                )));
+            }
+            let out = match first.dtype() {
+                DType::F32 => issue::<f32>(&comms[rank], &devices[rank], &tensors[i])?,
+                DType::BF16 => issue::<bf16>(&comms[rank], &devices[rank], &tensors[i])?,
+                DType::F16 => issue::<f16>(&comms[rank], &devices[rank], &tensors[i])?,
+                DType::F64 => issue::<f64>(&comms[rank], &devices[rank], &tensors[i])?,
+                other => return Err(Error::msg(format!("all-reduce of {other:?}"))),
+            };
+            outputs[rank].push(out);
+        }
+    }
+    Ok(())
 }
 
 /// Enqueues the all-reduce of one rank's `tensor` into a new buffer, returned as candle storage.
