@@ -13,7 +13,8 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use r1v2_actors::model::chat::ChatModel;
 use r1v2_actors::rl::config::GrpoConfig;
-use r1v2_actors::train::{Collective, NcclCollective, OptimConfig, PolicyTrainer};
+use r1v2_actors::train::collective::NcclCollective;
+use r1v2_actors::train::{Collective, OptimConfig, PolicyTrainer};
 use train_common::{bank, grpo_batch, img_context_id, model_dir};
 
 fn gpu() -> Option<Device> {
@@ -49,11 +50,11 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.max(0)?.to_scalar::<f32>()? / scale)
 }
 
-type Op = dyn Fn(&[Tensor], &Device) -> candle_core::Result<Tensor>;
+type Op<'a> = dyn Fn(&[Tensor], &Device) -> candle_core::Result<Tensor> + 'a;
 
 /// Runs `op` on the CPU and on `gpu` with the same inputs (as Vars), a fixed weighting of the output as
 /// the loss, and compares the outputs and every input's gradient.
-fn compare(name: &str, inputs: &[Tensor], op: &Op, gpu: &Device) -> Result<()> {
+fn compare(name: &str, inputs: &[Tensor], op: &Op<'_>, gpu: &Device) -> Result<()> {
     let run = |device: &Device| -> Result<(Tensor, Vec<Tensor>)> {
         let vars: Vec<Var> = inputs
             .iter()
@@ -210,6 +211,7 @@ fn nccl_all_reduce_sums_over_every_gpu() -> Result<()> {
         .map(Device::new_cuda)
         .collect::<candle_core::Result<_>>()?;
     let group = NcclCollective::group(&devices)?;
+    let devices = &devices;
     let results: Vec<Result<Vec<Tensor>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = group
             .iter()

@@ -24,12 +24,15 @@ use half::{bf16, f16};
 use super::Collective;
 use crate::{Error, Result};
 
+/// Where a rank's sums (or the error) go.
+type Reply = mpsc::Sender<Result<Vec<Tensor>>>;
+
 enum Message {
     /// One rank's contribution to the current all-reduce, and where its sums go.
     Reduce {
         rank: usize,
         tensors: Vec<Tensor>,
-        reply: mpsc::Sender<Result<Vec<Tensor>>>,
+        reply: Reply,
     },
     /// A rank's handle was dropped (its thread ended or panicked): the others must not wait for it.
     Left { rank: usize },
@@ -131,8 +134,7 @@ impl Collective for NcclCollective {
 fn serve(comms: &[Comm], devices: &[CudaDevice], inbox: &mpsc::Receiver<Message>) {
     let world = comms.len();
     let mut left: Option<usize> = None;
-    let mut pending: Vec<Option<(Vec<Tensor>, mpsc::Sender<Result<Vec<Tensor>>>)>> =
-        (0..world).map(|_| None).collect();
+    let mut pending: Vec<Option<(Vec<Tensor>, Reply)>> = (0..world).map(|_| None).collect();
     let mut gone = 0;
     while gone < world {
         let Ok(message) = inbox.recv() else { return };
