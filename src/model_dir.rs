@@ -263,18 +263,8 @@ pub fn module_of(kind: ModelKind, name: &str) -> &'static str {
     }
 }
 
-/// The device a name stands for: `cpu` or `cuda:N`; anything else is an error naming it.
+/// The device a name stands for: `cpu` or `cuda:N`. An unknown name, a GPU index past the ones present or a
+/// build without the `cuda` feature is an error naming the device (`r1v2_actors::device`).
 pub fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        other => match other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
-            Some(ordinal) => Ok(Device::new_cuda(ordinal)?),
-            None => Err(Error::Msg(format!(
-                "unknown device `{other}` (expected `cpu` or `cuda:N`)"
-            ))),
-        },
-    }
+    Ok(r1v2_actors::device::parse_device(name)?)
 }

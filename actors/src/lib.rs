@@ -11,9 +11,11 @@
 //! | [`prompt`] | encoded prompts shared by generator and optimizer ([`prompt::PromptBank`]) |
 //! | [`protocol`] | the typed messages the actors exchange |
 //! | [`actor`] | the actix actors: rule verifier pool, reward model, sample buffer, optimizer |
+//! | [`device`] | device names (`cpu`, `cuda:N`) and the local GPUs |
 //! | [`error`] | the crate's error type |
 
 pub mod actor;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod model;

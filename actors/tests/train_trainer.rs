@@ -145,7 +145,7 @@ fn adapter_only_update_changes_only_mlp1_and_reference_shares_frozen_tensors() -
     let before = trainer
         .policy()
         .store
-        .tensors()
+        .tensors()?
         .into_iter()
         .map(|(n, t)| Ok((n, t.copy()?)))
         .collect::<Result<Vec<_>>>()?;
@@ -162,7 +162,7 @@ fn adapter_only_update_changes_only_mlp1_and_reference_shares_frozen_tensors() -
         trainer.grpo_update(&batch, &bank, &GrpoConfig::default())?;
     }
     ensure!(trainer.version() == 2);
-    let after = trainer.policy().store.tensors();
+    let after = trainer.policy().store.tensors()?;
     let mut changed = Vec::new();
     for ((name, a), (_, b)) in before.iter().zip(&after) {
         let same = a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?;

@@ -24,6 +24,11 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// [`token_logprobs`] with the output in `out_dtype` (F32 or F64): F64 keeps the full precision of f64
 /// logits, which the gradient checks need.
 pub fn token_logprobs_as(logits: &Tensor, targets: &Tensor, out_dtype: DType) -> Result<Tensor> {
+    // CUDA: candle's ops composed (they have a backward) until a fused kernel exists (`crate::cuda`).
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return crate::reference::token_logprobs(logits, targets)?.to_dtype(out_dtype);
+    }
     let (lead, vocab) = match logits.dims().split_last() {
         Some((&v, lead)) if v > 0 => (lead, v),
         _ => bail!(

@@ -25,6 +25,11 @@ const ROW_BLOCK: usize = 32;
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 /// x (..., D), weight (D) of the same dtype -> (..., D). Matches [`crate::reference::rms_norm`].
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    // CUDA: candle's ops composed (they have a backward) until a fused kernel exists (`crate::cuda`).
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return crate::reference::rms_norm(x, weight, eps);
+    }
     check_affine("rms_norm", x, weight, None)?;
     x.apply_op2(weight, RmsNorm { eps })
 }
@@ -32,6 +37,11 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// LayerNorm over the last dimension (biased variance, as torch), with an optional bias.
 /// x (..., D), weight (D), bias (D)? of the same dtype -> (..., D). Matches [`crate::reference::layer_norm`].
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    // CUDA: candle's ops composed (they have a backward) until a fused kernel exists (`crate::cuda`).
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return crate::reference::layer_norm(x, weight, bias, eps);
+    }
     check_affine("layer_norm", x, weight, bias)?;
     match bias {
         Some(bias) => x.apply_op3(weight, bias, LayerNorm { eps }),

@@ -17,6 +17,11 @@ use crate::cpu::{contiguous, float_dispatch, Elem};
 /// Rotary position embedding. x: (B, H, T, D), D even; cos, sin: (T, D/2) or (B, T, D/2), same dtype
 /// as x. Returns (B, H, T, D). Matches [`crate::reference::rope`].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    // CUDA: candle's ops composed (they have a backward) until a fused kernel exists (`crate::cuda`).
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return crate::reference::rope(x, cos, sin);
+    }
     let (b, _h, t, d) = match x.dims4() {
         Ok(dims) => dims,
         Err(_) => bail!("rope: x must be (B, H, T, D), got shape {:?}", x.shape()),

@@ -13,6 +13,11 @@ use crate::cpu::{contiguous, float_dispatch, Elem};
 /// Numerically stable softmax over the last dimension. x (..., N) -> (..., N).
 /// Matches [`crate::reference::softmax_last_dim`].
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    // CUDA: candle's ops composed (they have a backward) until a fused kernel exists (`crate::cuda`).
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return crate::reference::softmax_last_dim(x);
+    }
     match x.dims().last() {
         Some(&n) if n > 0 => x.apply_op1(SoftmaxLastDim),
         _ => bail!(

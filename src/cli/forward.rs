@@ -141,8 +141,6 @@ impl ForwardInput {
     }
 }
 
-/// Parses `cpu` / `cuda:N`.
-
 /// The images of an input, preprocessed with the model's tiling, concatenated: `(tiles, 3, S, S)` and the
 /// tile count of each image.
 pub fn load_input_images(

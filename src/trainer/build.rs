@@ -23,7 +23,7 @@ use r1v2_actors::monitor::{HallucinationMonitor, ProbeSet};
 use r1v2_actors::prompt::PromptBank;
 use r1v2_actors::protocol::ActorName;
 use r1v2_actors::protocol::BufferSnapshot;
-use r1v2_actors::train::{LocalCollective, PolicyTrainer};
+use r1v2_actors::train::{Collective, LocalCollective, PolicyTrainer};
 use r1v2_actors::verifiers::grounding::{GroundingConfig, GroundingVerifier};
 use r1v2_actors::verifiers::registry::VerifierRegistry;
 
@@ -93,6 +93,30 @@ fn start_reward_model(
         device.clone(),
         section.max_batch,
     )))
+}
+
+/// The all-reduce handles of the optimizer shards: none for one shard; NCCL over the GPUs when every shard
+/// is on one (the `cuda` feature); else the in-process CPU collective.
+fn shard_collectives(
+    trainer: &[crate::placement::Placed],
+) -> Result<Vec<Option<Box<dyn Collective>>>> {
+    if trainer.len() == 1 {
+        return Ok(vec![None]);
+    }
+    #[cfg(feature = "cuda")]
+    if trainer.iter().all(|p| p.device.is_cuda()) {
+        let devices: Vec<Device> = trainer.iter().map(|p| p.device.clone()).collect();
+        return Ok(
+            r1v2_actors::train::collective::NcclCollective::group(&devices)?
+                .into_iter()
+                .map(|c| Some(Box::new(c) as Box<dyn Collective>))
+                .collect(),
+        );
+    }
+    Ok(LocalCollective::group(trainer.len())?
+        .into_iter()
+        .map(|c| Some(Box::new(c) as Box<dyn Collective>))
+        .collect())
 }
 
 fn verifier_registry(config: &TrainConfig) -> Result<VerifierRegistry> {
@@ -216,10 +240,7 @@ impl Controller {
         // The actors. One optimizer shard per trainer device (a data-parallel group when there are
         // several), one policy generator per generation device.
         let bank = PromptBank::new();
-        let collectives = match placement.trainer.len() {
-            1 => vec![None],
-            n => LocalCollective::group(n)?.into_iter().map(Some).collect(),
-        };
+        let collectives = shard_collectives(&placement.trainer)?;
         let mut optimizers = Vec::with_capacity(placement.trainer.len());
         let mut version = 0;
         for (shard, (placed, collective)) in placement.trainer.iter().zip(collectives).enumerate() {

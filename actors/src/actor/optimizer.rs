@@ -29,7 +29,7 @@ use crate::protocol::{
 };
 use crate::rl::config::{GrpoConfig, MpoConfig};
 use crate::rl::mpo::BcoRewardMean;
-use crate::train::{LocalCollective, PolicyTrainer, OPTIMIZER_DIR};
+use crate::train::{Collective, PolicyTrainer, OPTIMIZER_DIR};
 use crate::{Error, Result};
 
 /// File (under `dir/optimizer`) holding the BCO running mean of MPO.
@@ -48,7 +48,7 @@ pub struct Optimizer {
     owns_arbiter: bool,
     /// Data parallel: this shard's handle of the group's all-reduce (each update message then carries
     /// this shard's part of the batch); `None` for a single optimizer.
-    collective: Option<LocalCollective>,
+    collective: Option<Box<dyn Collective>>,
 }
 
 impl Optimizer {
@@ -76,7 +76,7 @@ impl Optimizer {
 
     /// Makes this optimizer one shard of a data-parallel group: updates sum the shards' gradients through
     /// `collective`, so every shard applies the same update (see `PolicyTrainer::grpo_update_shard`).
-    pub fn with_collective(mut self, collective: LocalCollective) -> Self {
+    pub fn with_collective(mut self, collective: Box<dyn Collective>) -> Self {
         self.collective = Some(collective);
         self
     }
@@ -171,7 +171,7 @@ impl Handler<TrainGrpo> for Optimizer {
                     &msg.batch,
                     &this.prompts,
                     &this.grpo,
-                    collective,
+                    collective.as_ref(),
                 )?,
                 None => this
                     .trainer
@@ -199,7 +199,7 @@ impl Handler<TrainMpo> for Optimizer {
                     &this.prompts,
                     &this.mpo,
                     &mut delta,
-                    collective,
+                    collective.as_ref(),
                 )?,
                 None => {
                     this.trainer
@@ -220,7 +220,7 @@ impl Handler<TrainSft> for Optimizer {
         self.guarded("TrainSft", |this| match &this.collective {
             Some(collective) => {
                 this.trainer
-                    .sft_update_shard(&msg.examples, &this.prompts, collective)
+                    .sft_update_shard(&msg.examples, &this.prompts, collective.as_ref())
             }
             None => this.trainer.sft_update(&msg.examples, &this.prompts),
         })

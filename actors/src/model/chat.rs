@@ -100,11 +100,11 @@ impl LoadedChat {
     /// (and any other top-level prefix the checkpoint has), for `r1v2 inspect`.
     pub fn parameter_counts(&self) -> Vec<(String, usize)> {
         let mut counts: Vec<(String, usize)> = Vec::new();
-        for (name, tensor) in self.store.tensors() {
+        for (name, shape) in self.store.shapes() {
             let module = name.split('.').next().unwrap_or(&name).to_string();
             match counts.iter_mut().find(|(m, _)| *m == module) {
-                Some((_, n)) => *n += tensor.elem_count(),
-                None => counts.push((module, tensor.elem_count())),
+                Some((_, n)) => *n += shape.elem_count(),
+                None => counts.push((module, shape.elem_count())),
             }
         }
         counts
@@ -114,12 +114,7 @@ impl LoadedChat {
     /// sharded like `save_pretrained` above `max_shard_bytes`, with the source's config.json and
     /// tokenizer files.
     pub fn save(&self, dir: &Path, max_shard_bytes: usize) -> Result<()> {
-        super::weights::save(
-            dir,
-            &self.store.tensors(),
-            self.store.dtype(),
-            max_shard_bytes,
-        )?;
+        self.store.save(dir, self.store.dtype(), max_shard_bytes)?;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| Error::Io { path, source }

@@ -1,24 +1,41 @@
 //! HF checkpoint I/O: safetensors weights (one `model.safetensors` or shards listed by
 //! `model.safetensors.index.json`, as transformers' `save_pretrained` writes them) and `config.json`.
 //!
-//! [`WeightStore`] loads every tensor of a checkpoint once and hands them to models through a
-//! candle [`VarBuilder`]: names chosen as trainable come back as [`Var`]s (recorded, so an optimizer
-//! sees exactly them), the rest as plain tensors that never receive a gradient. Names the model asks
-//! for but the checkpoint lacks, or with another shape, are errors naming the tensor and the file;
-//! names in the checkpoint that no model asked for are reported by [`WeightStore::unexpected`].
-//! [`save`] writes the same layout back.
+//! [`WeightStore`] memory-maps a checkpoint's files and reads only their headers; a tensor is read
+//! (decoded from the map into the asked dtype, then moved to its device) when a model asks for it through a
+//! candle [`VarBuilder`], one at a time, so loading a checkpoint larger than memory onto GPUs, or only
+//! part of it, holds about one tensor on the host (`weights_io.rs`; measured by examples/bench_load.rs).
+//! Names chosen as trainable come back as [`Var`]s (recorded, so an optimizer sees exactly them), the
+//! rest as plain tensors that never receive a gradient (kept by the store too, so that every model built
+//! from it shares one copy). Names the model asks for but the checkpoint lacks, or with
+//! another shape, are errors naming the tensor and the file; names in the checkpoint that no model
+//! asked for are reported by [`WeightStore::unexpected`]. [`save`] and [`WeightStore::save`] write the
+//! same layout back, one tensor in memory at a time, each file atomically.
+//!
+//! Every tensor is converted to the store's one dtype as it is read: the models' layers (candle-nn's
+//! `Linear`, `Embedding`) multiply weights and activations of one dtype, so a frozen bf16 module beside
+//! f32 compute would need a cast in each forward; keeping frozen modules in the checkpoint's dtype waits
+//! for bf16 compute on the GPU ([`WeightStore::stored_dtype`] tells what the file holds).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Shape, Tensor, Var};
-use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
+
+#[path = "weights_backend.rs"]
+mod backend;
+#[path = "weights_io.rs"]
+mod io;
+#[path = "weights_save.rs"]
+mod save_files;
+use backend::StoreBackend;
+use io::{FileTensor, MappedFile, ToWrite};
+pub use save_files::{save, DEFAULT_MAX_SHARD_BYTES};
 
 /// File name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -39,10 +56,19 @@ pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
-/// One loaded tensor and the file it came from (for error messages).
+/// Where a tensor's value comes from.
+enum Source {
+    /// Bytes in `Inner::files[file]`.
+    File { file: usize, tensor: FileTensor },
+    /// Already a tensor of the store's dtype and device ([`WeightStore::from_tensors`]).
+    Memory(Tensor),
+}
+
+/// One tensor of the checkpoint: its shape, the file it comes from (for error messages), its source.
 struct Entry {
-    tensor: Tensor,
+    shape: Shape,
     file: PathBuf,
+    source: Source,
 }
 
 /// What models asked for so far.
@@ -52,10 +78,14 @@ struct Requests {
     names: BTreeSet<String>,
     /// The trainable ones, one `Var` per name (a name asked twice, as tied embeddings do, shares it).
     vars: BTreeMap<String, Var>,
+    /// The frozen ones read in the store's dtype and device, so that every model built from the store
+    /// (policy, reference, scorers) shares one copy.
+    frozen: BTreeMap<String, Tensor>,
 }
 
 struct Inner {
     dir: PathBuf,
+    files: Vec<MappedFile>,
     entries: BTreeMap<String, Entry>,
     requests: Mutex<Requests>,
 }
@@ -67,9 +97,17 @@ impl Inner {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// The value of `entry` as stored (not a Var's), read now, in `dtype` on `device`.
+    fn read(&self, entry: &Entry, dtype: DType, device: &Device) -> Result<Tensor> {
+        match &entry.source {
+            Source::File { file, tensor } => self.files[*file].read(tensor, dtype, device),
+            Source::Memory(tensor) => Ok(tensor.to_dtype(dtype)?.to_device(device)?),
+        }
+    }
 }
 
-/// Every tensor of an HF safetensors checkpoint, converted to one dtype and device.
+/// An HF safetensors checkpoint, memory-mapped, each tensor converted to one dtype and device when read.
 #[derive(Clone)]
 pub struct WeightStore {
     inner: Arc<Inner>,
@@ -78,24 +116,20 @@ pub struct WeightStore {
 }
 
 impl WeightStore {
-    /// Loads `dir/model.safetensors`, or the shards named by `dir/model.safetensors.index.json`.
-    /// Tensors stored as f32, bf16 or f16 are converted to `dtype` on `device`.
+    /// Maps `dir/model.safetensors`, or the shards named by `dir/model.safetensors.index.json`, and reads
+    /// their headers: the index and the files must name the same tensors. Tensors stored as f32, bf16,
+    /// f16 or f64 are converted to `dtype` on `device` as models ask for them.
     pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let index_path = dir.join(INDEX_FILE);
         let single_path = dir.join(SINGLE_FILE);
+        let mut files = Vec::new();
         let mut entries = BTreeMap::new();
-        if index_path.is_file() {
-            let index: ShardIndex = read_config(&index_path)?;
-            let mut by_file: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-            for (name, file) in &index.weight_map {
-                by_file.entry(file).or_default().insert(name);
-            }
-            for (file, names) in by_file {
-                let path = dir.join(file);
-                let loaded = load_file(&path, dtype, device)?;
-                for name in names {
-                    if !loaded.contains_key(name) {
+        let mut add_file = |path: PathBuf, listed: Option<&BTreeSet<&str>>| -> Result<()> {
+            let (mapped, tensors) = MappedFile::open(&path)?;
+            if let Some(listed) = listed {
+                for name in listed {
+                    if !tensors.iter().any(|t| t.name == *name) {
                         return Err(checkpoint_error(
                             &path,
                             format!(
@@ -104,32 +138,57 @@ impl WeightStore {
                         ));
                     }
                 }
-                for (name, tensor) in loaded {
-                    if index.weight_map.get(&name).map(String::as_str) != Some(file) {
-                        return Err(checkpoint_error(
-                            &path,
-                            format!("tensor `{name}` is in the file but {INDEX_FILE} does not map it here"),
-                        ));
-                    }
-                    let file = path.clone();
-                    entries.insert(name, Entry { tensor, file });
+            }
+            for tensor in tensors {
+                if listed.is_some_and(|listed| !listed.contains(tensor.name.as_str())) {
+                    return Err(checkpoint_error(
+                        &path,
+                        format!(
+                            "tensor `{}` is in the file but {INDEX_FILE} does not map it here",
+                            tensor.name
+                        ),
+                    ));
+                }
+                let entry = Entry {
+                    shape: Shape::from(tensor.shape.clone()),
+                    file: path.clone(),
+                    source: Source::File {
+                        file: files.len(),
+                        tensor: tensor.clone(),
+                    },
+                };
+                if entries.insert(tensor.name.clone(), entry).is_some() {
+                    return Err(checkpoint_error(
+                        &path,
+                        format!("tensor `{}` is in two files", tensor.name),
+                    ));
                 }
             }
-        } else if single_path.is_file() {
-            for (name, tensor) in load_file(&single_path, dtype, device)? {
-                let file = single_path.clone();
-                entries.insert(name, Entry { tensor, file });
+            files.push(mapped);
+            Ok(())
+        };
+        if index_path.is_file() {
+            let index: ShardIndex = read_config(&index_path)?;
+            let mut by_file: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+            for (name, file) in &index.weight_map {
+                by_file.entry(file).or_default().insert(name);
             }
+            for (file, names) in &by_file {
+                add_file(dir.join(file), Some(names))?;
+            }
+        } else if single_path.is_file() {
+            add_file(single_path, None)?;
         } else {
             return Err(checkpoint_error(
                 &dir,
                 format!("neither {SINGLE_FILE} nor {INDEX_FILE} found"),
             ));
         }
-        tracing::debug!(dir = %dir.display(), tensors = entries.len(), "checkpoint loaded");
+        tracing::debug!(dir = %dir.display(), tensors = entries.len(), files = files.len(), "checkpoint mapped");
         Ok(Self {
             inner: Arc::new(Inner {
                 dir,
+                files,
                 entries,
                 requests: Mutex::new(Requests::default()),
             }),
@@ -150,12 +209,17 @@ impl WeightStore {
         let mut entries = BTreeMap::new();
         for (name, tensor) in tensors {
             let tensor = tensor.to_dtype(dtype)?.to_device(device)?;
-            let file = origin.clone();
-            entries.insert(name, Entry { tensor, file });
+            let entry = Entry {
+                shape: tensor.shape().clone(),
+                file: origin.clone(),
+                source: Source::Memory(tensor),
+            };
+            entries.insert(name, entry);
         }
         Ok(Self {
             inner: Arc::new(Inner {
                 dir: origin,
+                files: Vec::new(),
                 entries,
                 requests: Mutex::new(Requests::default()),
             }),
@@ -173,6 +237,8 @@ impl WeightStore {
     ) -> VarBuilder<'static> {
         let backend = StoreBackend {
             inner: self.inner.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
             trainable: Box::new(trainable),
         };
         VarBuilder::from_backend(Box::new(backend), self.dtype, self.device.clone())
@@ -224,21 +290,76 @@ impl WeightStore {
         self.inner.entries.keys().cloned().collect()
     }
 
-    /// The current value of every tensor: trainable ones as the optimizer left them, the rest as
-    /// loaded. This is what [`save`] needs to write a checkpoint after training.
-    pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        let requests = self.inner.requests();
+    /// Every tensor's name and shape, sorted by name (nothing is read).
+    pub fn shapes(&self) -> Vec<(String, Shape)> {
+        let entries = self.inner.entries.iter();
+        entries.map(|(n, e)| (n.clone(), e.shape.clone())).collect()
+    }
+
+    /// The dtype `name` has in its file (for a store built in memory, the store's dtype).
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
         self.inner
             .entries
-            .iter()
-            .map(|(name, entry)| {
-                let tensor = match requests.vars.get(name) {
-                    Some(var) => var.as_tensor().clone(),
-                    None => entry.tensor.clone(),
-                };
-                (name.clone(), tensor)
+            .get(name)
+            .map(|entry| match &entry.source {
+                Source::File { tensor, .. } => tensor.stored,
+                Source::Memory(tensor) => tensor.dtype(),
             })
+    }
+
+    /// The current value of `name`: a trainable one as the optimizer left it, a frozen one a model holds
+    /// as shared with it, any other read now (and not kept).
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        {
+            let requests = self.inner.requests();
+            if let Some(var) = requests.vars.get(name) {
+                return Ok(var.as_tensor().clone());
+            }
+            if let Some(tensor) = requests.frozen.get(name) {
+                return Ok(tensor.clone());
+            }
+        }
+        let entry = self
+            .inner
+            .entries
+            .get(name)
+            .ok_or_else(|| checkpoint_error(&self.inner.dir, format!("no tensor `{name}`")))?;
+        self.inner.read(entry, self.dtype, &self.device)
+    }
+
+    /// The current value of every tensor ([`Self::tensor`]), all read into memory at once: prefer
+    /// [`Self::save`], which holds one at a time, for writing a checkpoint.
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.inner
+            .entries
+            .keys()
+            .map(|name| Ok((name.clone(), self.tensor(name)?)))
             .collect()
+    }
+
+    /// Writes the current value of every tensor (trained Vars included) to `dir` as [`save`] does, reading
+    /// each one only while it is written. `dir` may be the store's own directory: files are replaced by
+    /// rename, so the mapped old ones stay readable until the store is dropped.
+    pub fn save(&self, dir: impl AsRef<Path>, dtype: DType, max_shard_bytes: usize) -> Result<()> {
+        let names: Vec<&String> = self.inner.entries.keys().collect();
+        let fetch: Vec<Box<dyn Fn() -> Result<Tensor> + '_>> = names
+            .iter()
+            .map(|name| Box::new(move || self.tensor(name)) as Box<dyn Fn() -> Result<Tensor>>)
+            .collect();
+        let shapes: Vec<&[usize]> = self
+            .inner
+            .entries
+            .values()
+            .map(|e| e.shape.dims())
+            .collect();
+        let items: Vec<ToWrite<'_>> = (0..names.len())
+            .map(|i| ToWrite {
+                name: names[i],
+                shape: shapes[i],
+                value: &*fetch[i],
+            })
+            .collect();
+        save_files::save_items(dir.as_ref(), items, dtype, max_shard_bytes)
     }
 
     /// The directory (or origin) the store was loaded from.
@@ -246,12 +367,12 @@ impl WeightStore {
         &self.inner.dir
     }
 
-    /// The dtype every tensor was converted to.
+    /// The dtype every tensor is converted to.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
-    /// The device every tensor lives on.
+    /// The device every tensor is moved to.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -262,6 +383,7 @@ impl WeightStore {
 struct ShardIndex {
     #[serde(default)]
     metadata: serde_json::Map<String, serde_json::Value>,
+    /// Tensor name -> file name in the checkpoint directory.
     weight_map: BTreeMap<String, String>,
 }
 
@@ -272,214 +394,10 @@ fn checkpoint_error(path: &Path, msg: String) -> Error {
     }
 }
 
-/// Reads every tensor of one safetensors file, converted to `dtype` on `device`.
-fn load_file(path: &Path, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let file = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|err| checkpoint_error(path, format!("not a safetensors file: {err}")))?;
-    let mut out = HashMap::new();
-    for (name, view) in file.tensors() {
-        let stored = view.dtype();
-        if !matches!(
-            stored,
-            safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16
-        ) {
-            return Err(checkpoint_error(
-                path,
-                format!(
-                    "tensor `{name}` is stored as {stored:?}; only f32, bf16 and f16 are supported"
-                ),
-            ));
-        }
-        let tensor = view
-            .load(&Device::Cpu)
-            .map_err(|err| checkpoint_error(path, format!("tensor `{name}`: {err}")))?;
-        out.insert(name, tensor.to_dtype(dtype)?.to_device(device)?);
-    }
-    Ok(out)
-}
-
-/// The candle backend behind [`WeightStore::var_builder`].
-struct StoreBackend {
-    inner: Arc<Inner>,
-    trainable: Box<dyn Fn(&str) -> bool + Send + Sync>,
-}
-
-impl SimpleBackend for StoreBackend {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _init: candle_nn::Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let entry = self.inner.entries.get(name).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "checkpoint {}: missing tensor `{name}` (the model expects shape {:?})",
-                self.inner.dir.display(),
-                shape.dims()
-            ))
-        })?;
-        if entry.tensor.shape() != &shape {
-            return Err(candle_core::Error::Msg(format!(
-                "checkpoint {}: tensor `{name}` has shape {:?}, the model expects {:?}",
-                entry.file.display(),
-                entry.tensor.dims(),
-                shape.dims()
-            )));
-        }
-        let tensor = entry.tensor.to_dtype(dtype)?.to_device(device)?;
-        let mut requests = self.inner.requests();
-        requests.names.insert(name.to_string());
-        if !(self.trainable)(name) {
-            return Ok(tensor);
-        }
-        if let Some(var) = requests.vars.get(name) {
-            if var.dtype() == dtype && var.device().same_device(device) {
-                return Ok(var.as_tensor().clone());
-            }
-            return Err(candle_core::Error::Msg(format!(
-                "tensor `{name}` is trainable and was already handed out as {:?}; asked again as {dtype:?}",
-                var.dtype()
-            )));
-        }
-        let var = Var::from_tensor(&tensor)?;
-        let out = var.as_tensor().clone();
-        requests.vars.insert(name.to_string(), var);
-        Ok(out)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let shape = match self.inner.entries.get(name) {
-            Some(entry) => entry.tensor.shape().clone(),
-            None => Shape::from(()),
-        };
-        self.get(shape, name, candle_nn::Init::Const(0.), dtype, device)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.entries.contains_key(name)
-    }
-}
-
-/// Default shard size of [`save`] callers that do not care: 5 GB, as `save_pretrained`'s default.
-pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
-
-/// Writes `tensors` converted to `dtype` as an HF checkpoint in `dir` (created if needed):
-/// `model.safetensors` when the total fits in `max_shard_bytes`, otherwise shards
-/// `model-00001-of-0000N.safetensors` and `model.safetensors.index.json`, the layout transformers'
-/// `from_pretrained` reads. Checkpoint files of the other layout already in `dir` are removed so
-/// that the directory holds exactly one checkpoint.
-pub fn save(
-    dir: impl AsRef<Path>,
-    tensors: &[(String, Tensor)],
-    dtype: DType,
-    max_shard_bytes: usize,
-) -> Result<()> {
-    let dir = dir.as_ref();
-    let io_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let mut seen = BTreeSet::new();
-    let mut converted = Vec::with_capacity(tensors.len());
-    for (name, tensor) in tensors {
-        if !seen.insert(name.as_str()) {
-            return Err(checkpoint_error(
-                dir,
-                format!("tensor `{name}` given twice to save"),
-            ));
-        }
-        let tensor = tensor
-            .detach()
-            .to_dtype(dtype)?
-            .to_device(&Device::Cpu)?
-            .contiguous()?;
-        converted.push((name.clone(), tensor));
-    }
-    // Greedy sharding in the given order, as save_pretrained does: start a new shard when the next
-    // tensor would overflow the current one (a tensor larger than the limit gets a shard of its own).
-    let mut shards: Vec<Vec<usize>> = vec![vec![]];
-    let mut shard_bytes = 0usize;
-    let mut total_bytes = 0usize;
-    for (i, (_, tensor)) in converted.iter().enumerate() {
-        let bytes = tensor.elem_count() * dtype.size_in_bytes();
-        total_bytes += bytes;
-        let current_is_empty = shards.last().is_none_or(|s| s.is_empty());
-        if shard_bytes + bytes > max_shard_bytes && !current_is_empty {
-            shards.push(vec![]);
-            shard_bytes = 0;
-        }
-        shard_bytes += bytes;
-        if let Some(shard) = shards.last_mut() {
-            shard.push(i);
-        }
-    }
-    remove_checkpoint_files(dir)?;
-    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let write = |path: &Path, members: &[usize]| -> Result<()> {
-        let data = members
-            .iter()
-            .map(|&i| (converted[i].0.as_str(), &converted[i].1));
-        safetensors::serialize_to_file(data, Some(metadata.clone()), path)
-            .map_err(|err| checkpoint_error(path, format!("cannot write: {err}")))
-    };
-    if shards.len() == 1 {
-        return write(&dir.join(SINGLE_FILE), &shards[0]);
-    }
-    let count = shards.len();
-    let mut weight_map = BTreeMap::new();
-    for (k, members) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{count:05}.safetensors", k + 1);
-        write(&dir.join(&file), members)?;
-        for &i in members {
-            weight_map.insert(converted[i].0.clone(), file.clone());
-        }
-    }
-    let mut meta = serde_json::Map::new();
-    meta.insert("total_size".into(), total_bytes.into());
-    let index = ShardIndex {
-        metadata: meta,
-        weight_map,
-    };
-    let index_path = dir.join(INDEX_FILE);
-    let text = serde_json::to_string_pretty(&index).map_err(|source| Error::Json {
-        path: index_path.clone(),
-        source,
-    })?;
-    std::fs::write(&index_path, text).map_err(io_err(&index_path))
-}
-
-/// Removes `model.safetensors`, `model.safetensors.index.json` and `model-*-of-*.safetensors`.
-fn remove_checkpoint_files(dir: &Path) -> Result<()> {
-    let listing = std::fs::read_dir(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    for entry in listing.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let is_shard =
-            name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors");
-        if name == SINGLE_FILE || name == INDEX_FILE || is_shard {
-            std::fs::remove_file(entry.path()).map_err(|source| Error::Io {
-                path: entry.path(),
-                source,
-            })?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 #[path = "weights_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "weights_io_tests.rs"]
+mod io_tests;

@@ -22,7 +22,7 @@ fn tied_config() -> anyhow::Result<Config> {
 
 fn assert_same_tensors(a: &WeightStore, b: &WeightStore) -> anyhow::Result<()> {
     assert_eq!(a.names(), b.names());
-    for ((name, x), (_, y)) in a.tensors().into_iter().zip(b.tensors()) {
+    for ((name, x), (_, y)) in a.tensors()?.into_iter().zip(b.tensors()?) {
         let x = x.to_dtype(DType::F32)?;
         let y = y.to_dtype(DType::F32)?;
         let diff = (x - y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
@@ -36,14 +36,14 @@ fn save_then_load_round_trips_single_and_sharded() -> anyhow::Result<()> {
     let original = WeightStore::load(fixture("tied"), DType::F32, &Device::Cpu)?;
     let tmp = tempfile::tempdir()?;
     // One file.
-    save(tmp.path(), &original.tensors(), DType::F32, usize::MAX)?;
+    save(tmp.path(), &original.tensors()?, DType::F32, usize::MAX)?;
     assert!(tmp.path().join(SINGLE_FILE).is_file());
     assert_same_tensors(
         &original,
         &WeightStore::load(tmp.path(), DType::F32, &Device::Cpu)?,
     )?;
     // Shards of at most 100 kB into the same directory: the single file is replaced.
-    save(tmp.path(), &original.tensors(), DType::F32, 100_000)?;
+    save(tmp.path(), &original.tensors()?, DType::F32, 100_000)?;
     assert!(!tmp.path().join(SINGLE_FILE).exists());
     let index: serde_json::Value = read_config(&tmp.path().join(INDEX_FILE))?;
     let shards: std::collections::BTreeSet<_> = index["weight_map"]
@@ -54,7 +54,7 @@ fn save_then_load_round_trips_single_and_sharded() -> anyhow::Result<()> {
         .collect();
     assert!(shards.len() > 2, "expected several shards, got {shards:?}");
     let total: usize = original
-        .tensors()
+        .tensors()?
         .iter()
         .map(|(_, t)| t.elem_count() * 4)
         .sum();
@@ -71,9 +71,9 @@ fn bf16_and_f16_on_disk_convert_to_the_asked_dtype() -> anyhow::Result<()> {
     let original = WeightStore::load(fixture("tied"), DType::F32, &Device::Cpu)?;
     for disk in [DType::BF16, DType::F16] {
         let tmp = tempfile::tempdir()?;
-        save(tmp.path(), &original.tensors(), disk, usize::MAX)?;
+        save(tmp.path(), &original.tensors()?, disk, usize::MAX)?;
         let back = WeightStore::load(tmp.path(), DType::F32, &Device::Cpu)?;
-        for ((name, x), (_, y)) in original.tensors().into_iter().zip(back.tensors()) {
+        for ((name, x), (_, y)) in original.tensors()?.into_iter().zip(back.tensors()?) {
             assert_eq!(y.dtype(), DType::F32);
             let rounded = x.to_dtype(disk)?.to_dtype(DType::F32)?;
             let diff = (rounded - y)?
@@ -91,7 +91,7 @@ fn bf16_and_f16_on_disk_convert_to_the_asked_dtype() -> anyhow::Result<()> {
 fn missing_tensor_is_an_error_naming_it() -> anyhow::Result<()> {
     let full = WeightStore::load(fixture("tied"), DType::F32, &Device::Cpu)?;
     let partial = full
-        .tensors()
+        .tensors()?
         .into_iter()
         .filter(|(name, _)| name != "model.layers.1.mlp.up_proj.weight");
     let store =
@@ -109,7 +109,7 @@ fn missing_tensor_is_an_error_naming_it() -> anyhow::Result<()> {
 #[test]
 fn mis_shaped_tensor_is_an_error_naming_tensor_and_file() -> anyhow::Result<()> {
     let full = WeightStore::load(fixture("tied"), DType::F32, &Device::Cpu)?;
-    let bad = full.tensors().into_iter().map(|(name, t)| {
+    let bad = full.tensors()?.into_iter().map(|(name, t)| {
         if name == "model.norm.weight" {
             (
                 name,
@@ -135,7 +135,7 @@ fn mis_shaped_tensor_is_an_error_naming_tensor_and_file() -> anyhow::Result<()> 
 #[test]
 fn unexpected_tensors_are_reported() -> anyhow::Result<()> {
     let full = WeightStore::load(fixture("tied"), DType::F32, &Device::Cpu)?;
-    let mut tensors = full.tensors();
+    let mut tensors = full.tensors()?;
     tensors.push((
         "model.extra.weight".into(),
         Tensor::zeros(4, DType::F32, &Device::Cpu)?,
@@ -156,7 +156,7 @@ fn missing_checkpoint_and_bad_index_are_clear_errors() -> anyhow::Result<()> {
     assert!(err.to_string().contains(SINGLE_FILE), "{err}");
     // An index naming a tensor its shard lacks.
     let original = WeightStore::load(fixture("tied"), DType::F32, &Device::Cpu)?;
-    save(tmp.path(), &original.tensors(), DType::F32, 100_000)?;
+    save(tmp.path(), &original.tensors()?, DType::F32, 100_000)?;
     let index_path = tmp.path().join(INDEX_FILE);
     let mut index: serde_json::Value = read_config(&index_path)?;
     index["weight_map"]["model.ghost.weight"] = "model-00001-of-00004.safetensors".into();
@@ -202,7 +202,7 @@ fn only_trainable_names_become_vars_and_get_gradients() -> anyhow::Result<()> {
     }
     // A frozen tensor is not tracked: the embedding gets no gradient.
     let frozen = store
-        .tensors()
+        .tensors()?
         .into_iter()
         .find(|(name, _)| name == "model.embed_tokens.weight")
         .map(|(_, t)| t)
@@ -221,10 +221,10 @@ fn trained_values_are_what_save_writes() -> anyhow::Result<()> {
     let (_, var) = store.trainable_vars().pop().expect("one trainable");
     var.set(&Tensor::full(2.5f32, 64, &Device::Cpu)?)?;
     let tmp = tempfile::tempdir()?;
-    save(tmp.path(), &store.tensors(), DType::F32, usize::MAX)?;
+    save(tmp.path(), &store.tensors()?, DType::F32, usize::MAX)?;
     let back = WeightStore::load(tmp.path(), DType::F32, &Device::Cpu)?;
     let norm = back
-        .tensors()
+        .tensors()?
         .into_iter()
         .find(|(n, _)| n == "model.norm.weight")
         .expect("saved");

@@ -3,8 +3,10 @@
 //! the replicas stay identical.
 //!
 //! [`LocalCollective`] is the in-process implementation for CPU devices (`cpu:0`, `cpu:1`: one thread per
-//! replica), so that the multi-device logic is tested without GPUs; an NCCL implementation would take its
-//! place on GPUs. Every rank sums the contributions in rank order, so all ranks get bit-identical results.
+//! replica), so that the multi-device logic is tested without GPUs; [`NcclCollective`] (`cuda` feature,
+//! `collective_nccl.rs`) takes its place on the GPUs of this process. Every rank of a `LocalCollective` sums
+//! the contributions in rank order, so all ranks get bit-identical results (NCCL's sums are identical on
+//! every rank too, in its own order).
 
 use std::sync::{Arc, Barrier};
 
@@ -12,6 +14,12 @@ use candle_core::Tensor;
 use parking_lot::Mutex;
 
 use crate::{Error, Result};
+
+#[cfg(feature = "cuda")]
+#[path = "collective_nccl.rs"]
+mod nccl;
+#[cfg(feature = "cuda")]
+pub use nccl::NcclCollective;
 
 /// An all-reduce among `world_size` ranks.
 pub trait Collective: Send + Sync {

@@ -207,7 +207,7 @@ impl RewardTrainer {
         if let Some(main) = stores.next() {
             save(
                 dir,
-                &main.tensors(),
+                &main.tensors()?,
                 candle_core::DType::F32,
                 DEFAULT_MAX_SHARD_BYTES,
             )?;
@@ -215,7 +215,7 @@ impl RewardTrainer {
         if let Some(head) = stores.next() {
             let path = dir.join(VALUE_HEAD_FILE);
             let tensors: std::collections::HashMap<String, Tensor> =
-                head.tensors().into_iter().collect();
+                head.tensors()?.into_iter().collect();
             candle_core::safetensors::save(&tensors, &path).map_err(|err| Error::Checkpoint {
                 path: path.clone(),
                 msg: err.to_string(),

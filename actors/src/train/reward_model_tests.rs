@@ -102,7 +102,7 @@ fn a_qwen2_5_vl_step_with_images_trains_the_head_and_llm_but_not_the_frozen_visi
         !is_vision_tensor(name)
     })?;
     let vision_before = loaded.stores[0]
-        .tensors()
+        .tensors()?
         .into_iter()
         .find(|(name, _)| name == "visual.blocks.0.attn.qkv.weight")
         .expect("vision tensor")
@@ -138,7 +138,7 @@ fn a_qwen2_5_vl_step_with_images_trains_the_head_and_llm_but_not_the_frozen_visi
     let last = trainer.evaluate(&pairs, 2)?;
     assert!(last.loss < first.loss, "{first:?} -> {last:?}");
     let vision_after = trainer.loaded.stores[0]
-        .tensors()
+        .tensors()?
         .into_iter()
         .find(|(name, _)| name == "visual.blocks.0.attn.qkv.weight")
         .expect("vision tensor")

@@ -414,7 +414,7 @@ fn policy_scorer(policy: &LoadedChat, config: &OptimConfig) -> Result<ResponseSc
 fn build_reference(policy: &LoadedChat, trainable: &[(String, Tensor)]) -> Result<ResponseScorer> {
     let replaced: BTreeMap<&str, &Tensor> =
         trainable.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let tensors = policy.store.tensors().into_iter().map(|(name, tensor)| {
+    let tensors = policy.store.tensors()?.into_iter().map(|(name, tensor)| {
         match replaced.get(name.as_str()) {
             Some(t) => (name, (*t).clone()),
             None => (name, tensor),
