@@ -78,6 +78,9 @@ def status_kib(field):
 
 
 def main():
+    # Passive OpenMP waits (before torch starts its threads): on a shared machine torch's spinning workers
+    # collapse under load; the Rust side likewise keeps candle's spinning pool off. A caller's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
@@ -112,6 +115,7 @@ def main():
         rust_times = json.loads(proc.stdout.strip().splitlines()[-1])
 
     tokens = args.batch * args.seq
+    print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     print(f"Qwen2 {n_params / 1e6:.1f}M params, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
           f"f32, median of {args.iters} iterations")
     print(f"| pass | PyTorch {torch.__version__} (ms) | r1v2 candle (ms) | r1v2 tokens/s | speed-up |")

@@ -263,7 +263,11 @@ def main():
             work.mkdir()
             r1v2_stages, r1v2_rss, run_dir = run_r1v2(Path(args.binary), work, size, args.steps, args.threads)
             policy, rm, rm_tok, n_params = load_trl_models(run_dir, work)
+            # Passive OpenMP waits: on a shared machine torch's spinning workers collapse (a step ran 10x slower with
+            # the default active wait at load 10 on 2 cores); r1v2's binary likewise keeps candle's spinning pool
+            # off (CANDLE_NUM_THREADS=1). A value set by the caller wins.
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             cmd = [sys.executable, __file__, "--worker", "trl", "--threads", str(args.threads), "--steps",
                    str(args.steps), "--policy", str(policy), "--rm", str(rm), "--rm-tokenizer", str(rm_tok),
                    "--out", str(work / "trl-out")]
@@ -274,6 +278,9 @@ def main():
             results.append((size, n_params, median_row(trl["stages"]), trl["peak_rss_mib"],
                             median_row(r1v2_stages), r1v2_rss, trl["torch"]))
 
+    load = os.getloadavg()[0]
+    print(f"load average at the end: {load:.1f} on {os.cpu_count()} CPUs; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')} for TRL")
     print(f"GRPO step: {PROMPTS_PER_STEP} prompts x G={GROUP}, <= {MAX_NEW} completion tokens, KL beta {BETA}, "
           f"one update per step, {args.threads} threads, f32; median of steps 2..{args.steps} (seconds)")
     print("| model | side | step | generation | scoring | ref log-probs | update | mean length | peak RSS (MiB) |")
