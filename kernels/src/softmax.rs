@@ -263,7 +263,7 @@ fn masked_fwd<T: Acc>(
             }
             let inv = sum.recip();
             for v in y.iter_mut() {
-                *v = *v * inv;
+                *v *= inv;
             }
         });
     Ok(y)

@@ -131,7 +131,7 @@ fn scaled_masked_softmax_has_the_bits_of_the_composition() -> Result<()> {
         );
         let got = gradients(
             |t| scaled_masked_softmax(&t[0], &mask, scale),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &[0],
             5,
         )?;
