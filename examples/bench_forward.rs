@@ -1,4 +1,4 @@
-//! Forward and forward+backward time of a Qwen2 checkpoint on the CPU, as one JSON line.
+//! Forward and forward+backward time (median) of a Qwen2 checkpoint on the CPU, as one JSON line.
 //!
 //!     cargo run --release --example bench_forward -- --model DIR [--batch 4] [--seq 128] [--iters 5]
 //!
@@ -6,6 +6,8 @@
 //! this example on the same weights with the same thread count (RAYON_NUM_THREADS), printing one table.
 //! The backward pass reaches every LLM parameter (all trainable), through the same token log-probs
 //! loss as the PyTorch side: -mean(log p(ids[t+1] | ids[..=t])).
+//! `peak_rss_mib` is the process's peak resident set (VmHWM, Linux) above its resident set once the model and
+//! the batch are loaded: what the passes took at their peak (the forward+backward's).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,16 +31,40 @@ struct Args {
     iters: usize,
 }
 
-fn mean_seconds(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Median seconds of `iters` runs of `f` after one warm-up run.
+fn median_seconds(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?; // warm-up
-    let start = Instant::now();
+    let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
+        let start = Instant::now();
         f()?;
+        times.push(start.elapsed().as_secs_f64());
     }
-    Ok(start.elapsed().as_secs_f64() / iters as f64)
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/self/status"))?;
+    let kib = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse::<f64>()?;
+    Ok(kib)
 }
 
 fn main() -> Result<()> {
+    // As the `r1v2` binary (src/main.rs): candle's element-wise ops on the calling thread, not on a second pool
+    // of spinning workers that competes with rayon's (gemm and the kernels) for the cores.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let args = Args::parse();
     let device = Device::Cpu;
     let cfg: Config = read_config(&args.model.join("config.json"))?;
@@ -54,11 +80,14 @@ fn main() -> Result<()> {
     let ids = Tensor::from_vec(ids, (args.batch, args.seq), &device)?; // (B, T)
     let mask = Tensor::ones((args.batch, args.seq), DType::U32, &device)?;
 
-    let forward = mean_seconds(args.iters, || {
+    // "5" resets the peak (VmHWM) to the current resident set: loading's own peak does not count.
+    std::fs::write("/proc/self/clear_refs", "5")?;
+    let loaded = status_kib("VmRSS")?;
+    let forward = median_seconds(args.iters, || {
         model.forward(&ids, Some(&mask))?;
         Ok(())
     })?;
-    let forward_backward = mean_seconds(args.iters, || {
+    let forward_backward = median_seconds(args.iters, || {
         let loss = model.token_logprobs(&ids, Some(&mask))?.mean_all()?.neg()?;
         let grads = loss.backward()?;
         // Every parameter must have received a gradient, or the timing would flatter us.
@@ -67,9 +96,10 @@ fn main() -> Result<()> {
         }
         Ok(())
     })?;
+    let peak = (status_kib("VmHWM")? - loaded) / 1024.0;
     println!(
         "{}",
-        serde_json::json!({ "forward": forward, "forward+backward": forward_backward })
+        serde_json::json!({ "forward": forward, "forward+backward": forward_backward, "peak_rss_mib": peak })
     );
     Ok(())
 }

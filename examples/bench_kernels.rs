@@ -1,7 +1,7 @@
 //! Benchmark of the differentiable kernels of `r1v2-kernels` on CPU: forward and forward+backward time
 //! of each fused op beside its composed reference (`r1v2_kernels::reference`).
 //!
-//! Run: `cargo run --release --example bench_kernels [-- --iters N]`. Prints one table; the times are
+//! Run: `cargo run --release --example bench_kernels [-- --iters N] [--only NAME]`. Prints one table; the times are
 //! the median over N runs (default 5) after one warm-up run.
 
 use std::time::{Duration, Instant};
@@ -78,6 +78,14 @@ fn cases() -> Result<Vec<Case>> {
     let logits = Tensor::randn(0f32, 2., (vocab_rows, vocab), cpu)?;
     let targets = Tensor::arange(0u32, vocab_rows as u32, cpu)?;
     let gate = Tensor::randn(0f32, 1., (rows, 2 * hidden), cpu)?;
+    // Attention scores of 8 rows x 8 heads (2 KV heads x 4) x 256 queries x 256 keys, a causal mask.
+    let scores = Tensor::randn(0f32, 3., (8, 2, 4, 256, 256), cpu)?;
+    let causal: Vec<f32> = (0..256 * 256)
+        .map(|i| if i % 256 > i / 256 { f32::MIN } else { 0.0 })
+        .collect();
+    let causal = Tensor::from_vec(causal, (1, 1, 1, 256, 256), cpu)?
+        .broadcast_as((8, 1, 1, 256, 256))?
+        .contiguous()?;
     Ok(vec![
         Case {
             name: "rms_norm",
@@ -102,6 +110,14 @@ fn cases() -> Result<Vec<Case>> {
             trainable: vec![0],
             fused: |t| kernels::softmax_last_dim(&t[0]),
             composed: |t| reference::softmax_last_dim(&t[0]),
+        },
+        Case {
+            name: "scaled_masked_softmax",
+            shape: "(8, 2, 4, 256, 256)",
+            inputs: vec![scores, causal],
+            trainable: vec![0],
+            fused: |t| kernels::scaled_masked_softmax(&t[0], &t[1], 0.125),
+            composed: |t| kernels::softmax_last_dim(&(&t[0] * 0.125)?.broadcast_add(&t[1])?),
         },
         Case {
             name: "rope",
@@ -131,6 +147,12 @@ fn cases() -> Result<Vec<Case>> {
 }
 
 fn main() -> Result<()> {
+    // As the `r1v2` binary (src/main.rs): candle's element-wise ops on the calling thread. With candle's own pool of
+    // spinning workers beside rayon's, the fused kernels (rayon) shared the cores with spinning threads and the
+    // timings followed the machine's load more than the op (rms_norm fused fwd+bwd read 120 ms, 31 ms without).
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let args: Vec<String> = std::env::args().collect();
     let iters = match args.iter().position(|a| a == "--iters") {
         Some(i) => args.get(i + 1).map(|v| v.parse()).transpose()?.unwrap_or(5),

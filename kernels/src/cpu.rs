@@ -102,12 +102,34 @@ pub(crate) fn contiguous<'a, T: WithDType>(
     }
 }
 
-/// Copies a strided view into a row-major buffer by walking its multi-index.
+/// Copies a strided view into a row-major buffer by walking its multi-index; a view whose last dimension is
+/// dense (stride 1, as a `narrow` of an earlier dimension or a slice of rows) is copied a row at a time.
 fn gather_strided<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {
     let dims = layout.dims();
     let stride = layout.stride();
     let count = layout.shape().elem_count();
     let mut out = Vec::with_capacity(count);
+    if let (Some(&row), Some(&1)) = (dims.last(), stride.last()) {
+        if row > 1 && count > 0 {
+            let lead = &dims[..dims.len() - 1];
+            let lead_stride = &stride[..stride.len() - 1];
+            let mut index = vec![0usize; lead.len()];
+            let mut offset = layout.start_offset();
+            for _ in 0..count / row {
+                out.extend_from_slice(&data[offset..offset + row]);
+                for dim in (0..lead.len()).rev() {
+                    index[dim] += 1;
+                    offset += lead_stride[dim];
+                    if index[dim] < lead[dim] {
+                        break;
+                    }
+                    offset -= lead_stride[dim] * lead[dim];
+                    index[dim] = 0;
+                }
+            }
+            return out;
+        }
+    }
     let mut index = vec![0usize; dims.len()];
     let mut offset = layout.start_offset();
     for _ in 0..count {
@@ -160,13 +182,20 @@ mod tests {
     #[test]
     fn gather_strided_matches_candle_contiguous() -> Result<()> {
         let t = Tensor::arange(0f32, 24., &Device::Cpu)?.reshape((2, 3, 4))?;
-        let view = t.permute((2, 0, 1))?.narrow(0, 1, 2)?; // (2, 2, 3), offset 1
-        let (storage, layout) = view.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("expected a cpu storage")
-        };
-        let gathered = contiguous::<f32>(cpu, layout)?.into_owned();
-        assert_eq!(gathered, view.flatten_all()?.to_vec1::<f32>()?);
+        let views = [
+            t.permute((2, 0, 1))?.narrow(0, 1, 2)?, // (2, 2, 3), offset 1: element by element
+            t.narrow(1, 0, 2)?,                     // (2, 2, 4): rows of 4 copied whole
+            t.narrow(1, 1, 2)?.narrow(2, 1, 3)?,    // (2, 2, 3), offset 5: rows of 3
+            t.narrow(2, 2, 1)?,                     // (2, 3, 1): rows of one element
+        ];
+        for view in views {
+            let (storage, layout) = view.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("expected a cpu storage")
+            };
+            let gathered = contiguous::<f32>(cpu, layout)?.into_owned();
+            assert_eq!(gathered, view.flatten_all()?.to_vec1::<f32>()?);
+        }
         Ok(())
     }
 }

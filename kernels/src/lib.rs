@@ -10,6 +10,7 @@
 //! | [`rms_norm`] | `norm.rs` | x (..., D), weight (D) -> (..., D) | CustomOp2, fused backward |
 //! | [`layer_norm`] | `norm.rs` | x (..., D), weight (D), bias (D)? -> (..., D) | CustomOp2/3, fused backward |
 //! | [`softmax_last_dim`] | `softmax.rs` | x (..., N) -> (..., N) | CustomOp1, fused backward |
+//! | [`scaled_masked_softmax`] | `softmax.rs` | x (B, H, G, T, S), mask (B, 1, 1, T, S) -> x's shape | CustomOp2: `softmax(x * scale + mask)`, the composition's bits |
 //! | [`rope`] | `rope.rs` | x (B, H, T, D), cos/sin (T, D/2) or (B, T, D/2) -> (B, H, T, D) | CustomOp3 |
 //! | [`swiglu`], [`silu`] | `swiglu.rs` | gate (..., F), up (..., F) -> (..., F) | CustomOp1 SiLU (f32/f64 CPU; candle's elsewhere), then mul |
 //! | [`token_logprobs`] | `logprobs.rs` | logits (..., V), targets (...) u32/i64 -> (...) f32 | CustomOp2 |
@@ -47,5 +48,5 @@ pub use logprobs::{token_logprobs, token_logprobs_as};
 pub use norm::{layer_norm, rms_norm};
 pub use packed::{packed_linear, PackedMatrix};
 pub use rope::rope;
-pub use softmax::softmax_last_dim;
+pub use softmax::{scaled_masked_softmax, softmax_last_dim};
 pub use swiglu::{silu, swiglu};

@@ -3,9 +3,11 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use candle_core::DType;
-use common::{assert_close, assert_same_gradients, finite_difference_check, rng, uniform};
-use r1v2_kernels::{reference, softmax_last_dim};
+use candle_core::{DType, Tensor};
+use common::{
+    assert_close, assert_same_gradients, finite_difference_check, gradients, rng, uniform,
+};
+use r1v2_kernels::{reference, scaled_masked_softmax, softmax_last_dim};
 
 #[test]
 fn softmax_forward_matches_reference() -> Result<()> {
@@ -82,4 +84,79 @@ fn softmax_gradient_matches_reference() -> Result<()> {
         assert_same_gradients(fused, composed, &[x], &[0], 1e-6)?;
     }
     Ok(())
+}
+
+/// The composition `scaled_masked_softmax` replaces in the Qwen2 attention.
+fn composed_scaled_masked(x: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    softmax_last_dim(&(x * scale)?.broadcast_add(mask)?)
+}
+
+/// A (B, 1, 1, T, S) additive causal mask with some padded keys, in `dtype`.
+fn causal_mask(b: usize, t: usize, s: usize, dtype: DType) -> Result<Tensor> {
+    let values: Vec<f32> = (0..b * t * s)
+        .map(|i| {
+            let (row, key) = ((i / s) % t, i % s);
+            let padded = i / (t * s) == 1 && key == 0;
+            if key > row + (s - t) || padded {
+                f32::MIN
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, (b, 1, 1, t, s), &candle_core::Device::Cpu)?.to_dtype(dtype)?)
+}
+
+fn bits(t: &Tensor) -> Result<Vec<u64>> {
+    Ok(t.to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .iter()
+        .map(|v| if *v == 0.0 { 0 } else { v.to_bits() })
+        .collect())
+}
+
+#[test]
+fn scaled_masked_softmax_has_the_bits_of_the_composition() -> Result<()> {
+    let mut rng = rng(130);
+    for dtype in [DType::F32, DType::F64] {
+        let (b, h, g, t, s) = (2, 2, 3, 5, 7);
+        let x = uniform(&mut rng, &[b, h, g, t, s], -9.0, 9.0, dtype)?;
+        let mask = causal_mask(b, t, s, dtype)?;
+        let scale = 1.0 / 8f64.sqrt();
+        let fused = scaled_masked_softmax(&x, &mask, scale)?;
+        ensure!(
+            bits(&fused)? == bits(&composed_scaled_masked(&x, &mask, scale)?)?,
+            "{dtype:?} forward differs from the composition"
+        );
+        let got = gradients(
+            |t| scaled_masked_softmax(&t[0], &mask, scale),
+            std::slice::from_ref(&x),
+            &[0],
+            5,
+        )?;
+        let want = gradients(
+            |t| composed_scaled_masked(&t[0], &mask, scale),
+            &[x],
+            &[0],
+            5,
+        )?;
+        ensure!(
+            bits(&got[0])? == bits(&want[0])?,
+            "{dtype:?} gradient differs from the composition"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn scaled_masked_softmax_gradient_matches_finite_differences() -> Result<()> {
+    let x = uniform(&mut rng(140), &[2, 1, 2, 3, 4], -3.0, 3.0, DType::F64)?;
+    let mask = causal_mask(2, 3, 4, DType::F64)?;
+    finite_difference_check(
+        |t| scaled_masked_softmax(&t[0], &mask, 0.7),
+        std::slice::from_ref(&x),
+        &[0],
+        141,
+    )
 }

@@ -8,7 +8,8 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use r1v2_kernels::{
-    cached_attention, no_grad_f32_cpu, rms_norm, rope, softmax_last_dim, swiglu, token_logprobs,
+    cached_attention, no_grad_f32_cpu, rms_norm, rope, scaled_masked_softmax, softmax_last_dim,
+    swiglu, token_logprobs,
 };
 
 use super::kv_cache::{mask_rows, KvCache, Layout};
@@ -117,17 +118,19 @@ impl Attention {
         // GQA without copying K/V: the `group` query heads of one KV head become one longer
         // query sequence. Head h uses KV head h / group, as transformers' repeat_kv.
         let q = q.reshape((b, h_kv, group * t, d))?; // (B, Hkv, G*T, D)
-        let scores = (q.matmul(&k.t()?)? * scale)?; // (B, Hkv, G*T, S)
-                                                    // Softmax in f32 at least (as transformers' eager attention); f64 stays f64.
-        let softmax_dtype = if v.dtype() == DType::F64 {
-            DType::F64
+        let scores = q.matmul(&k.t()?)?; // (B, Hkv, G*T, S)
+        let probs = if matches!(scores.dtype(), DType::F32 | DType::F64) {
+            // Scale, mask and softmax in one op: the bits of the composition below, without two (B, H, T, S)
+            // temporaries that the graph would keep until the backward.
+            let scores = scores.reshape((b, h_kv, group, t, s))?; // (B, Hkv, G, T, S)
+            scaled_masked_softmax(&scores, &mask.to_dtype(scores.dtype())?, scale)?
         } else {
-            DType::F32
+            // Softmax in f32 at least (as transformers' eager attention).
+            let scores = (scores * scale)?
+                .to_dtype(DType::F32)?
+                .reshape((b, h_kv, group, t, s))?; // (B, Hkv, G, T, S)
+            softmax_last_dim(&scores.broadcast_add(&mask.to_dtype(DType::F32)?)?)?
         };
-        let scores = scores
-            .to_dtype(softmax_dtype)?
-            .reshape((b, h_kv, group, t, s))?; // (B, Hkv, G, T, S)
-        let probs = softmax_last_dim(&scores.broadcast_add(&mask.to_dtype(softmax_dtype)?)?)?;
         let probs = probs
             .to_dtype(v.dtype())?
             .reshape((b, h_kv, group * t, s))?; // (B, Hkv, G*T, S)
