@@ -199,7 +199,7 @@ fn finish_reasons_stop_tokens_strings_and_length() {
     let groups = generate_groups(&model, &prompts, 8, &params(), None).unwrap();
     let mut seen_stop = false;
     let mut seen_length = false;
-    for rollout in groups.iter().flat_map(|g| g) {
+    for rollout in groups.iter().flatten() {
         let last = *rollout.token_ids.last().unwrap(); // every response has at least one token
         match rollout.finish_reason {
             FinishReason::StopToken(id) => {
