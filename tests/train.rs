@@ -94,6 +94,10 @@ fn tiny_config_runs_every_stage_and_actor_end_to_end() {
     let config = write_config(dir.path(), "tiny.toml", &tiny_config());
     let output = train(&config, &run, false);
     assert_ok(&output);
+    // Piped, not a terminal: plain log lines, no colour codes.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("INFO"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "ANSI escapes in piped output");
 
     let records = read_metrics(&run.join("metrics.jsonl")).unwrap();
     let steps: Vec<u64> = records.iter().map(|r| r.step).collect();

@@ -51,7 +51,11 @@ pub fn init(run_dir: Option<&Path>, level: &str) -> Result<bool> {
         EnvFilter::try_new(level).map_err(|e| Error::Msg(format!("log level `{level}`: {e}")))?;
     *lock_json_log() = file;
     let installed = *INSTALLED.get_or_init(|| {
-        let terminal = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        // Colours only on a terminal: piped or redirected output gets plain text.
+        let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let terminal = tracing_subscriber::fmt::layer()
+            .with_ansi(colour)
+            .with_writer(std::io::stderr);
         let json = tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
