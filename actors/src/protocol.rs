@@ -6,7 +6,7 @@
 //! | [`SyncWeights`] | PolicyGenerator (actor/policy_generator.rs) | version held | controller: after each update |
 //! | [`Verify`] | RuleVerifier (actor/rule_verifier.rs) | [`Verdicts`] | controller: each step, probes |
 //! | [`Score`] | RewardModel (actor/reward_model.rs) | [`RmScores`] | controller: each step |
-//! | [`ScoreWithImages`] | RewardModel (actor/reward_model.rs) | [`RmScores`] | its tests only: the controller does not yet re-encode prompts for a Qwen2.5-VL reward model |
+//! | [`ScoreWithImages`] | RewardModel (actor/reward_model.rs) | [`RmScores`] | controller: each step, for a reward model that reads images (Qwen2.5-VL) |
 //! | [`ScoredGroups`] | SampleBuffer (actor/sample_buffer.rs) | [`Accepted`] | controller: each GRPO step |
 //! | [`NextBatch`] | SampleBuffer (actor/sample_buffer.rs) | [`TrainBatch`] | controller: each GRPO step |
 //! | [`Snapshot`] | SampleBuffer (actor/sample_buffer.rs) | [`BufferSnapshot`] | controller: checkpoints |

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use r1v2_actors::model::qwen2_5_vl::Config as VlConfig;
+use r1v2_actors::model::qwen2_5_vl::{Config as VlConfig, Images};
 use r1v2_actors::train::reward_model::PreferencePair;
 use serde::Deserialize;
 
@@ -140,11 +140,17 @@ impl PairEncoder {
         })
     }
 
-    /// Encodes one record: prompt + each answer, the images for a model that reads them.
-    pub fn encode(&self, record: &PairRecord, device: &Device) -> Result<PreferencePair> {
-        let (prefix, images) = match (&self.vision, record.images.is_empty()) {
+    /// The prompt's token ids (chat template, one vision run per image for a model that reads images) and
+    /// its images, preprocessed; no images for a text-only model or prompt.
+    pub fn encode_prompt(
+        &self,
+        question: &str,
+        image_paths: &[PathBuf],
+        device: &Device,
+    ) -> Result<(Vec<u32>, Option<Images>)> {
+        let (prefix, images) = match (&self.vision, image_paths.is_empty()) {
             (Some(vision), false) => {
-                let images = load_images(&record.images, &vision.processor, device)?;
+                let images = load_images(image_paths, &vision.processor, device)?;
                 let runs: String = images
                     .grids
                     .iter()
@@ -157,19 +163,26 @@ impl PairEncoder {
             }
             _ => (String::new(), None),
         };
-        let prompt = self.tokenizer.encode(
-            &self
-                .template
-                .prompt(&format!("{prefix}{}", record.question)),
-        )?;
-        let answer = |text: &str| -> Result<Vec<u32>> {
-            let mut ids = prompt.clone();
-            ids.extend(self.tokenizer.encode(text)?);
-            if let Ok(end) = self.tokenizer.token_id(IM_END) {
-                ids.push(end);
-            }
-            Ok(ids)
-        };
+        let prompt = self
+            .tokenizer
+            .encode(&self.template.prompt(&format!("{prefix}{question}")))?;
+        Ok((prompt, images))
+    }
+
+    /// `prompt` followed by the response's tokens and the end of the turn.
+    pub fn encode_response(&self, prompt: &[u32], text: &str) -> Result<Vec<u32>> {
+        let mut ids = prompt.to_vec();
+        ids.extend(self.tokenizer.encode(text)?);
+        if let Ok(end) = self.tokenizer.token_id(IM_END) {
+            ids.push(end);
+        }
+        Ok(ids)
+    }
+
+    /// Encodes one record: prompt + each answer, the images for a model that reads them.
+    pub fn encode(&self, record: &PairRecord, device: &Device) -> Result<PreferencePair> {
+        let (prompt, images) = self.encode_prompt(&record.question, &record.images, device)?;
+        let answer = |text: &str| self.encode_response(&prompt, text);
         Ok(PreferencePair {
             chosen: answer(&record.chosen)?,
             rejected: answer(&record.rejected)?,

@@ -17,6 +17,7 @@ use r1v2_actors::actor::rule_verifier::RuleVerifier;
 use r1v2_actors::actor::sample_buffer::SampleBuffer;
 use r1v2_actors::model::chat::ChatModel;
 use r1v2_actors::model::qwen2;
+use r1v2_actors::model::reward::load_reward_dir;
 use r1v2_actors::model::value_head::ValueModel;
 use r1v2_actors::model::weights::WeightStore;
 use r1v2_actors::monitor::{HallucinationMonitor, ProbeSet};
@@ -31,9 +32,10 @@ use super::{Actors, Controller};
 use crate::checkpoint::{RunDir, TrainerState};
 use crate::config::TrainConfig;
 use crate::data::{DataLoader, Dataset};
-use crate::model_dir::parse_device;
+use crate::model_dir::{parse_device, read_json, ModelKind};
 use crate::placement::local_gpu_count;
 use crate::prompting::PromptEncoder;
+use crate::rm_train::PairEncoder;
 use crate::telemetry::{self, MetricsWriter, Progress};
 use crate::trainer::state::{self, LoopState};
 use crate::trainer::watchdog::Watchdog;
@@ -71,7 +73,7 @@ fn start_reward_model(
     config: &TrainConfig,
     run: &RunDir,
     device: &Device,
-) -> Result<Option<Addr<RewardModel>>> {
+) -> Result<Option<(Addr<RewardModel>, Option<PairEncoder>)>> {
     let Some(section) = &config.reward_model else {
         return Ok(None);
     };
@@ -85,13 +87,27 @@ fn start_reward_model(
             dir
         }
     };
-    let rm_config = qwen2::Config::from_file(&dir.join("config.json"))?;
+    let config_path = dir.join("config.json");
+    if ModelKind::from_config(&read_json(&config_path)?, &config_path)? == ModelKind::Qwen25Vl {
+        // Skywork-VL Reward: Qwen2.5-VL + value head. It reads the images, so each prompt is encoded again
+        // with its own template and vision runs (the policy's InternVL encoding means nothing to it).
+        let loaded = load_reward_dir(&dir, DType::F32, device, |_| false)?;
+        let encoder = PairEncoder::from_model_dir(&dir, true)?;
+        tracing::info!(
+            dir = %dir.display(),
+            "reward model reads images (qwen2_5_vl): prompts encoded with its own template"
+        );
+        return Ok(Some((
+            RewardModel::start(loaded.net, device.clone(), section.max_batch),
+            Some(encoder),
+        )));
+    }
+    let rm_config = qwen2::Config::from_file(&config_path)?;
     let weights = WeightStore::load(&dir, DType::F32, device)?;
     let model = ValueModel::new(&rm_config, weights.frozen_var_builder())?;
-    Ok(Some(RewardModel::start(
-        model,
-        device.clone(),
-        section.max_batch,
+    Ok(Some((
+        RewardModel::start(model, device.clone(), section.max_batch),
+        None,
     )))
 }
 
@@ -311,7 +327,11 @@ impl Controller {
             Arc::new(verifier_registry(&config)?),
             config.verifiers.parallel,
         );
-        let reward = start_reward_model(&config, &run, &placement.reward_model.device)?;
+        let (reward, rm_encoder) =
+            match start_reward_model(&config, &run, &placement.reward_model.device)? {
+                Some((addr, encoder)) => (Some(addr), encoder),
+                None => (None, None),
+            };
         let buffer = match trainer_state
             .as_ref()
             .map(|s| s.section::<BufferSnapshot>("ssb"))
@@ -397,6 +417,8 @@ impl Controller {
             last_checkpoint: resume_from.map(|(_, dir)| dir),
             last_metrics: BTreeMap::new(),
             prefetched: None,
+            rm_encoder,
+            image_paths: Default::default(),
         })
     }
 }

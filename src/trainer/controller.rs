@@ -38,8 +38,8 @@ use r1v2_actors::monitor::ProbeSet;
 use r1v2_actors::prompt::{EncodedPrompt, PromptBank};
 use r1v2_actors::protocol::{
     ActorName, GenerateGroups, GroupRequest, MpoPair, Named, ObserveProbe, ObserveStep, Rollouts,
-    Score, ScoreSequence, SftExample, Shutdown, SyncWeights, TrainBatch, TrainGrpo, TrainMpo,
-    TrainSft, Verify,
+    Score, ScoreSequence, ScoreWithImages, SftExample, Shutdown, SyncWeights, TrainBatch,
+    TrainGrpo, TrainMpo, TrainSft, Verify,
 };
 use r1v2_actors::rl::scoring::{mean, score_groups, Scoring, ScoringConfig};
 use r1v2_actors::rl::PromptId;
@@ -74,6 +74,14 @@ struct Actors {
 
 /// A step's generation requests, one per generator (async mode: already in their mailboxes).
 type Prefetched = Vec<actix::dev::Request<PolicyGenerator, GenerateGroups>>;
+
+/// A step's request to the reward model.
+enum RmRequest {
+    /// Prompt + response ids of the policy's encoding (a text-only reward model).
+    Text(Score),
+    /// Re-encoded for a reward model that reads images.
+    Images(ScoreWithImages),
+}
 
 /// One update's data, split across the optimizer shards by [`Update::split`].
 enum Update {
@@ -150,6 +158,10 @@ pub struct Controller {
     last_checkpoint: Option<PathBuf>,
     last_metrics: BTreeMap<String, f64>,
     prefetched: Option<Prefetched>,
+    /// For a reward model that reads images (Qwen2.5-VL): its own prompt encoding.
+    rm_encoder: Option<crate::rm_train::PairEncoder>,
+    /// Each prompt's image files (the reward model's encoder reads them again).
+    image_paths: HashMap<PromptId, Vec<PathBuf>>,
 }
 
 impl Controller {
@@ -318,7 +330,7 @@ impl Controller {
 
     /// Encodes a prompt into the bank under `id`, once.
     fn encode_into_bank(
-        &self,
+        &mut self,
         id: PromptId,
         question: &str,
         images: &[PathBuf],
@@ -330,6 +342,7 @@ impl Controller {
             return Ok(());
         }
         let encoded = self.encoder.encode(question, images)?;
+        self.image_paths.insert(id, images.to_vec());
         self.bank.insert(EncodedPrompt {
             id,
             token_ids: encoded.token_ids,
@@ -489,18 +502,7 @@ impl Controller {
     /// advantages ([`score_groups`], pure).
     async fn score(&self, rollouts: Rollouts, metrics: &mut StepMetrics) -> Result<Scoring> {
         let items = self.verify_requests(&rollouts)?;
-        let mut sequences = Vec::new();
-        for group in &rollouts.groups {
-            let prompt = self.bank.get(group.prompt_id)?;
-            for sample in &group.samples {
-                let mut ids = prompt.token_ids.clone();
-                ids.extend(&sample.token_ids);
-                sequences.push(ScoreSequence {
-                    attention_mask: vec![1; ids.len()],
-                    token_ids: ids,
-                });
-            }
-        }
+        let rm_request = self.rm_request(&rollouts)?;
         let started = Instant::now();
         let verify = async {
             let reply = self
@@ -513,15 +515,12 @@ impl Controller {
             (reply, started.elapsed())
         };
         let score = async {
-            match &self.actors.reward {
-                Some(rm) => {
-                    let reply = self
-                        .ask(ActorName::RewardModel, rm, Score { sequences })
-                        .await;
-                    Some((reply, started.elapsed()))
-                }
-                None => None,
-            }
+            let rm = self.actors.reward.as_ref()?;
+            let reply = match rm_request? {
+                RmRequest::Text(message) => self.ask(ActorName::RewardModel, rm, message).await,
+                RmRequest::Images(message) => self.ask(ActorName::RewardModel, rm, message).await,
+            };
+            Some((reply, started.elapsed()))
         };
         let ((verdicts, verify_time), score) = futures_util::future::join(verify, score).await;
         let verdicts = verdicts??.verdicts;
@@ -552,6 +551,52 @@ impl Controller {
         }
         metrics.reward = Some(scoring.metrics);
         Ok(scoring)
+    }
+
+    /// What the reward model is asked: prompt + response ids from the policy's own encoding, or, for a model
+    /// that reads images, each prompt encoded again with the reward model's template and vision runs (once
+    /// per group) and the response re-tokenised with its tokenizer.
+    fn rm_request(&self, rollouts: &Rollouts) -> Result<Option<RmRequest>> {
+        if self.actors.reward.is_none() {
+            return Ok(None);
+        }
+        let mut sequences = Vec::new();
+        let Some(encoder) = &self.rm_encoder else {
+            for group in &rollouts.groups {
+                let prompt = self.bank.get(group.prompt_id)?;
+                for sample in &group.samples {
+                    let mut ids = prompt.token_ids.clone();
+                    ids.extend(&sample.token_ids);
+                    sequences.push(ScoreSequence {
+                        attention_mask: vec![1; ids.len()],
+                        token_ids: ids,
+                    });
+                }
+            }
+            return Ok(Some(RmRequest::Text(Score { sequences })));
+        };
+        let mut images = Vec::new();
+        for group in &rollouts.groups {
+            let prompt = self.bank.get(group.prompt_id)?;
+            let paths = self
+                .image_paths
+                .get(&group.prompt_id)
+                .map_or(&[][..], Vec::as_slice);
+            let (prompt_ids, prompt_images) =
+                encoder.encode_prompt(&prompt.question, paths, &candle_core::Device::Cpu)?;
+            for sample in &group.samples {
+                let ids = encoder.encode_response(&prompt_ids, &sample.text)?;
+                sequences.push(ScoreSequence {
+                    attention_mask: vec![1; ids.len()],
+                    token_ids: ids,
+                });
+                images.push(prompt_images.clone());
+            }
+        }
+        Ok(Some(RmRequest::Images(ScoreWithImages {
+            sequences,
+            images,
+        })))
     }
 
     /// Update + sync: one update on every optimizer shard (each its part of the data), then the new

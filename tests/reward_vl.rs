@@ -1,0 +1,111 @@
+//! A Skywork-VL-Reward-layout reward model (Qwen2.5-VL + value head) in `r1v2 train`: the controller encodes
+//! each prompt again with the reward model's own template and vision runs and sends the images with
+//! `ScoreWithImages`, so the hybrid reward's model half sees the pixels.
+
+use std::path::Path;
+use std::process::Command;
+
+use r1v2::telemetry::read_metrics;
+
+const BIN: &str = env!("CARGO_BIN_EXE_r1v2");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A word-level tokenizer over the tiny fixture's 256 ids, with the chat and vision tokens where the
+/// fixture's config.json names them (250..=253).
+fn tokenizer_json() -> String {
+    let mut vocab = serde_json::Map::new();
+    let specials = [
+        (0, "[UNK]"),
+        (1, "<|im_start|>"),
+        (2, "<|im_end|>"),
+        (250, "<|vision_start|>"),
+        (251, "<|vision_end|>"),
+        (252, "<|image_pad|>"),
+        (253, "<|video_pad|>"),
+    ];
+    for (id, token) in specials {
+        vocab.insert(token.into(), id.into());
+    }
+    let words =
+        "user assistant system the a is what colour color fills image red green blue yellow \
+                 answer think which of these options A B C D ( ) . , : ? \\boxed { } 1 2 3 4";
+    for (i, word) in words.split_whitespace().enumerate() {
+        vocab.insert(word.into(), (10 + i).into());
+    }
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .map(|(id, token)| {
+            serde_json::json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    })
+    .to_string()
+}
+
+#[test]
+fn a_qwen2_5_vl_reward_model_scores_the_pipeline_s_samples_with_their_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let rm = dir.path().join("rm");
+    std::fs::create_dir_all(&rm).unwrap();
+    let fixture = Path::new(ROOT).join("tests/fixtures/qwen2_5_vl/released");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "value_head.safetensors",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(fixture.join(file), rm.join(file)).unwrap();
+    }
+    std::fs::write(rm.join("tokenizer.json"), tokenizer_json()).unwrap();
+
+    // tiny.toml with GRPO only and this reward model in place of the tiny text one.
+    let tiny = std::fs::read_to_string(Path::new(ROOT).join("configs/tiny.toml")).unwrap();
+    let text = tiny
+        .replace("kind = \"sft\"\nsteps = 2", "kind = \"grpo\"\nsteps = 2")
+        .replace(
+            "[[stages]]\nkind = \"mpo\"\nrounds = 1\nsteps_per_round = 2\n\n",
+            "",
+        )
+        .replace(
+            "tiny = { seed = 1, hidden = 64, layers = 2 }",
+            &format!("dir = {:?}", rm.display().to_string()),
+        );
+    assert!(
+        text.contains("dir = ") && !text.contains("kind = \"mpo\""),
+        "{text}"
+    );
+    let config = dir.path().join("vl.toml");
+    std::fs::write(&config, text).unwrap();
+    let run = dir.path().join("run");
+    let output = Command::new(BIN)
+        .arg("train")
+        .arg(&config)
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("reward model reads images (qwen2_5_vl)"),
+        "{stderr}"
+    );
+    let records = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(records.len(), 5);
+    for record in &records {
+        let rm = record.values["reward/rm"];
+        assert!(rm.is_finite(), "step {}: reward/rm {rm}", record.step);
+        assert!(record.values["timing_s/reward"] > 0.0);
+    }
+}
