@@ -224,6 +224,13 @@ pub struct RewardModelSection {
     /// Sequences per forward pass.
     #[serde(default = "default_rm_batch")]
     pub max_batch: usize,
+    /// Train the reward model before the run (`train-rm`'s loop) on preference pairs made from the dataset:
+    /// chosen = a prompt's reference answer, rejected = another prompt's different reference answer. The
+    /// trained model lands in RUN_DIR/reward-model-training (done once; a resumed run reuses it). A text-only
+    /// (Qwen2) reward model learns only what the text tells apart: on the demo task, where the right answer
+    /// depends on the image, it stays at chance; a Qwen2.5-VL reward model sees the images.
+    #[serde(default)]
+    pub train: Option<crate::rm_train::config::RmTrainSection>,
 }
 
 fn default_rm_batch() -> usize {

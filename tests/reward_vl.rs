@@ -109,3 +109,61 @@ fn a_qwen2_5_vl_reward_model_scores_the_pipeline_s_samples_with_their_images() {
         assert!(record.values["timing_s/reward"] > 0.0);
     }
 }
+
+#[test]
+fn reward_model_train_fits_the_reward_model_on_pairs_from_the_task_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = std::fs::read_to_string(Path::new(ROOT).join("configs/tiny.toml")).unwrap();
+    let text = tiny.replace(
+        "tiny = { seed = 1, hidden = 64, layers = 2 }",
+        "tiny = { seed = 1, hidden = 64, layers = 2 }\n\
+         train = { steps = 6, batch_pairs = 8, lr = 0.003, eval_every = 3 }",
+    );
+    assert!(text.contains("train = { steps = 6"));
+    let config = dir.path().join("rm.toml");
+    std::fs::write(&config, text).unwrap();
+    let run = dir.path().join("run");
+    let train = |flag: &str| {
+        Command::new(BIN)
+            .arg("train")
+            .arg(&config)
+            .arg(flag)
+            .arg(&run)
+            .output()
+            .unwrap()
+    };
+    let output = train("--run-dir");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("reward model trained on pairs from the task"),
+        "{stderr}"
+    );
+    // One pair per prompt whose answer some other prompt does not share (the demo task: all of them).
+    let pairs = std::fs::read_to_string(run.join("reward-model-training/pairs.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = pairs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 8, "{} pairs", lines.len());
+    for line in &lines {
+        assert_ne!(line["chosen"], line["rejected"]);
+        for image in line["images"].as_array().unwrap() {
+            assert!(Path::new(image.as_str().unwrap()).is_absolute());
+        }
+    }
+    let metrics = read_metrics(&run.join("reward-model-training/run/metrics.jsonl")).unwrap();
+    assert!(
+        !metrics.is_empty(),
+        "the reward model's training logged its steps"
+    );
+
+    // A resumed run reuses the trained reward model instead of training it again.
+    let output = train("--resume");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("reward model trained on pairs"),
+        "{stderr}"
+    );
+}

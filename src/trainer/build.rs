@@ -2,7 +2,7 @@
 //! resumed from the last complete checkpoint. (A child of `controller.rs`: it fills the private fields.)
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +35,8 @@ use crate::data::{DataLoader, Dataset};
 use crate::model_dir::{parse_device, read_json, ModelKind};
 use crate::placement::local_gpu_count;
 use crate::prompting::PromptEncoder;
-use crate::rm_train::PairEncoder;
+use crate::rm_train::config::{RmDataSection, RmModelSection, RmTrainSection};
+use crate::rm_train::{train_reward_model, PairEncoder, RmConfig};
 use crate::telemetry::{self, MetricsWriter, Progress};
 use crate::trainer::state::{self, LoopState};
 use crate::trainer::watchdog::Watchdog;
@@ -69,10 +70,101 @@ fn dataset_path(config: &TrainConfig, run: &RunDir) -> Result<(PathBuf, Option<P
     Ok((config.data.path.clone(), None))
 }
 
+/// Trains the reward model in `dir` on pairs made from the dataset (see `[reward_model] train`), once:
+/// RUN_DIR/reward-model-training holds the pairs and the `train-rm` run; the trained model's directory
+/// is returned.
+fn train_on_task(
+    dir: &Path,
+    train: &RmTrainSection,
+    samples: &[crate::data::Sample],
+    run: &RunDir,
+    device: &str,
+) -> Result<PathBuf> {
+    let root = run.root().join("reward-model-training");
+    let rm_run = root.join("run");
+    if let Some((_, checkpoint)) = RunDir::open(&rm_run)
+        .ok()
+        .and_then(|r| r.latest_checkpoint().ok().flatten())
+    {
+        return Ok(checkpoint.join("model"));
+    }
+    std::fs::create_dir_all(&root).map_err(|source| Error::Io {
+        path: root.clone(),
+        source,
+    })?;
+    // chosen: the prompt's reference answer; rejected: the next prompt's answer that differs from it.
+    let mut lines = String::new();
+    for (i, sample) in samples.iter().enumerate() {
+        let Some(wrong) = samples[i + 1..]
+            .iter()
+            .chain(&samples[..i])
+            .map(|other| &other.answer)
+            .find(|answer| **answer != sample.answer)
+        else {
+            continue;
+        };
+        // Absolute paths: the pairs file lives elsewhere than the dataset.
+        let images = sample
+            .images
+            .iter()
+            .map(|image| {
+                std::fs::canonicalize(image).map_err(|source| Error::Io {
+                    path: image.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let line = serde_json::json!({
+            "question": sample.question,
+            "images": images,
+            "chosen": sample.answer,
+            "rejected": wrong,
+        });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    if lines.is_empty() {
+        return Err(Error::Msg(
+            "reward_model.train: every sample has the same answer, so no preference pair can be made"
+                .into(),
+        ));
+    }
+    let pairs = root.join("pairs.jsonl");
+    std::fs::write(&pairs, lines).map_err(|source| Error::Io {
+        path: pairs.clone(),
+        source,
+    })?;
+    let rm_config = RmConfig {
+        model: RmModelSection {
+            dir: Some(dir.to_path_buf()),
+            tiny: None,
+            device: device.to_string(),
+        },
+        data: RmDataSection {
+            train: pairs,
+            eval: None,
+            eval_fraction: 0.2,
+        },
+        train: train.clone(),
+    };
+    let text = toml::to_string(&rm_config).unwrap_or_default();
+    let summary = train_reward_model(&rm_config, &text, &rm_run, false)?;
+    tracing::info!(
+        steps = summary.step,
+        before = summary.initial.as_ref().map_or(f64::NAN, |m| m.accuracy),
+        after = summary.last.accuracy,
+        "reward model trained on pairs from the task: held-out pairwise accuracy {:.3} -> {:.3}",
+        summary.initial.as_ref().map_or(f64::NAN, |m| m.accuracy),
+        summary.last.accuracy
+    );
+    Ok(summary.checkpoint.join("model"))
+}
+
 fn start_reward_model(
     config: &TrainConfig,
     run: &RunDir,
     device: &Device,
+    samples: &[crate::data::Sample],
 ) -> Result<Option<(Addr<RewardModel>, Option<PairEncoder>)>> {
     let Some(section) = &config.reward_model else {
         return Ok(None);
@@ -86,6 +178,10 @@ fn start_reward_model(
             }
             dir
         }
+    };
+    let dir = match &section.train {
+        Some(train) => train_on_task(&dir, train, samples, run, &config.model.device)?,
+        None => dir,
     };
     let config_path = dir.join("config.json");
     if ModelKind::from_config(&read_json(&config_path)?, &config_path)? == ModelKind::Qwen25Vl {
@@ -327,11 +423,15 @@ impl Controller {
             Arc::new(verifier_registry(&config)?),
             config.verifiers.parallel,
         );
-        let (reward, rm_encoder) =
-            match start_reward_model(&config, &run, &placement.reward_model.device)? {
-                Some((addr, encoder)) => (Some(addr), encoder),
-                None => (None, None),
-            };
+        let (reward, rm_encoder) = match start_reward_model(
+            &config,
+            &run,
+            &placement.reward_model.device,
+            loader.samples(),
+        )? {
+            Some((addr, encoder)) => (Some(addr), encoder),
+            None => (None, None),
+        };
         let buffer = match trainer_state
             .as_ref()
             .map(|s| s.section::<BufferSnapshot>("ssb"))
