@@ -8,7 +8,7 @@
 //! [[stages]]                  # kind = "sft" | "mpo" | "grpo", with steps / rounds
 //! [rl.grpo] [rl.mpo] [rl.reward] [rl.ssb] [rl.advantage]
 //! [verifiers]                 # rule verifiers and plugins
-//! [reward_model]              # optional: dir = ... or tiny = { seed = 1 }
+//! [reward_model]              # optional: dir = ..., tiny = { seed = 1 } or tiny_vl = { seed = 1 } (+ train = {...})
 //! [monitor]                   # hallucination monitor and calibration (+ probe_set = "probes.jsonl")
 //! [optimizer]                 # AdamW, schedule, clipping, accumulation, trainable modules
 //! [placement]                 # devices of each role: generator / trainer / reward_model (default "all")
@@ -221,6 +221,9 @@ pub struct RewardModelSection {
     /// Or a random tiny reward model sharing the policy's vocabulary.
     #[serde(default)]
     pub tiny: Option<TinySpec>,
+    /// Or a random tiny Qwen2.5-VL reward model (Skywork-VL Reward layout) that reads the images.
+    #[serde(default)]
+    pub tiny_vl: Option<TinySpec>,
     /// Sequences per forward pass.
     #[serde(default = "default_rm_batch")]
     pub max_batch: usize,
@@ -486,11 +489,12 @@ impl TrainConfig {
             .validate()
             .map_err(|e| prefixed("verifiers", e))?;
         if let Some(rm) = &self.reward_model {
-            match (&rm.dir, &rm.tiny) {
-                (Some(_), Some(_)) | (None, None) => {
-                    return Err(invalid("reward_model", "give either `dir` or `tiny`"))
-                }
-                _ => {}
+            let given = [rm.dir.is_some(), rm.tiny.is_some(), rm.tiny_vl.is_some()];
+            if given.iter().filter(|&&g| g).count() != 1 {
+                return Err(invalid(
+                    "reward_model",
+                    "give one of `dir`, `tiny` or `tiny_vl`",
+                ));
             }
             if rm.max_batch == 0 {
                 return Err(invalid("reward_model.max_batch", "must be >= 1"));

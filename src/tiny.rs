@@ -177,6 +177,105 @@ pub fn write_reward_model(dir: &Path, spec: &TinySpec) -> Result<()> {
     write_tokenizer(dir)
 }
 
+/// The vision tokens of a tiny Qwen2.5-VL reward model, appended to [`TOKENIZER_JSON`]'s vocabulary.
+const VL_TOKENS: [&str; 4] = [
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+];
+
+/// A random tiny reward model in the Skywork-VL Reward layout (Qwen2.5-VL + `value_head.safetensors`) that
+/// reads images: the policy's tokenizer plus the four vision tokens (ids 328..=331), a 2-block vision tower
+/// with window attention, a value head. Reproducible from `spec.seed`.
+pub fn write_vl_reward_model(dir: &Path, spec: &TinySpec) -> Result<()> {
+    create_dir(dir)?;
+    let heads = (spec.hidden / 16).max(2);
+    let id = |i: usize| VOCAB_SIZE + i;
+    let config_json = serde_json::json!({
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "vocab_size": VOCAB_SIZE + VL_TOKENS.len(),
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.hidden * 2,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": (heads / 2).max(1),
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "rope_theta": 10000.0,
+        // head_dim / 2 rotary pairs split over (time, height, width).
+        "rope_scaling": {"type": "mrope", "mrope_section": mrope_section(spec.hidden / heads)},
+        "tie_word_embeddings": false,
+        "vision_start_token_id": id(0),
+        "vision_end_token_id": id(1),
+        "image_token_id": id(2),
+        "video_token_id": id(3),
+        "torch_dtype": "float32",
+        "vision_config": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "out_hidden_size": spec.hidden,
+            "fullatt_block_indexes": [1],
+            "hidden_act": "silu",
+            "in_chans": 3
+        }
+    });
+    let config = r1v2_actors::model::qwen2_5_vl::Config::from_value(&config_json)?;
+    let (model, head) = (VarMap::new(), VarMap::new());
+    r1v2_actors::model::qwen2_5_vl::Qwen25Vl::new(
+        &config,
+        VarBuilder::from_varmap(&model, DType::F32, &Device::Cpu),
+        Some(VarBuilder::from_varmap(&head, DType::F32, &Device::Cpu)),
+    )?;
+    write_json(&dir.join("config.json"), &config_json)?;
+    write_weights(dir, &randomise(&model, spec.seed)?)?;
+    let head: std::collections::HashMap<String, Tensor> =
+        randomise(&head, spec.seed + 1)?.into_iter().collect();
+    candle_core::safetensors::save(&head, dir.join("value_head.safetensors"))?;
+    write_json(
+        &dir.join("preprocessor_config.json"),
+        &serde_json::json!({
+            "min_pixels": 56 * 56,
+            "max_pixels": 112 * 112,
+            "patch_size": 14,
+            "merge_size": 2,
+            "temporal_patch_size": 2,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "image_processor_type": "Qwen2VLImageProcessor"
+        }),
+    )?;
+    let mut tokenizer: serde_json::Value = serde_json::from_str(TOKENIZER_JSON)
+        .map_err(|e| Error::Msg(format!("tiny tokenizer: {e}")))?;
+    let added = tokenizer["added_tokens"]
+        .as_array_mut()
+        .ok_or_else(|| Error::Msg("tiny tokenizer: no added_tokens".into()))?;
+    for (i, token) in VL_TOKENS.iter().enumerate() {
+        added.push(serde_json::json!({
+            "id": id(i), "content": token, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    }
+    write_json(&dir.join("tokenizer.json"), &tokenizer)
+}
+
+/// Qwen2.5-VL's split of `head_dim / 2` rotary pairs over (time, height, width): time a quarter, the rest
+/// shared by height and width (Qwen2.5-VL-7B: head_dim 128 -> [16, 24, 24]).
+fn mrope_section(head_dim: usize) -> [usize; 3] {
+    let pairs = head_dim / 2;
+    let time = pairs / 4;
+    let height = (pairs - time) / 2;
+    [time, height, pairs - time - height]
+}
+
 fn write_tokenizer(dir: &Path) -> Result<()> {
     let path = dir.join("tokenizer.json");
     std::fs::write(&path, TOKENIZER_JSON).map_err(|source| Error::Io { path, source })

@@ -167,3 +167,58 @@ fn reward_model_train_fits_the_reward_model_on_pairs_from_the_task_once() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_demo_s_image_reading_reward_model_learns_the_task_and_a_text_only_one_cannot() {
+    // configs/demo.toml's [reward_model] (tiny_vl + train) on tiny.toml's run, against the tiny text-only one.
+    let demo = std::fs::read_to_string(Path::new(ROOT).join("configs/demo.toml")).unwrap();
+    let section = demo
+        .split("[reward_model]")
+        .nth(1)
+        .and_then(|rest| rest.split("\n[").next())
+        .unwrap()
+        .to_string();
+    assert!(
+        section.contains("tiny_vl") && section.contains("train = "),
+        "{section}"
+    );
+    let tiny = std::fs::read_to_string(Path::new(ROOT).join("configs/tiny.toml")).unwrap();
+    let (head, tail) = tiny.split_once("[reward_model]").unwrap();
+    let tail = tail.split_once("\n[").map(|(_, t)| t).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let accuracy_after = |name: &str, rm: &str| -> f64 {
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config, format!("{head}[reward_model]{rm}\n[{tail}")).unwrap();
+        let run = dir.path().join(name);
+        let output = Command::new(BIN)
+            .arg("train")
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let records = read_metrics(&run.join("reward-model-training/run/metrics.jsonl")).unwrap();
+        records
+            .iter()
+            .rev()
+            .find_map(|r| r.values.get("eval/accuracy").copied())
+            .expect("held-out accuracy logged")
+    };
+    let vl = accuracy_after("vl", &section);
+    let text_only = section.replace("tiny_vl", "tiny");
+    let text = accuracy_after("text", &text_only);
+    // Held-out pairs of the same question whose right letter depends on the image.
+    assert!(
+        vl >= 0.8,
+        "the image-reading reward model reached only {vl}"
+    );
+    assert!(
+        text <= 0.6,
+        "a text-only reward model cannot tell the images apart, yet reached {text}"
+    );
+}

@@ -169,9 +169,16 @@ fn start_reward_model(
     let Some(section) = &config.reward_model else {
         return Ok(None);
     };
-    let dir = match (&section.dir, &section.tiny) {
-        (Some(dir), _) => dir.clone(),
-        (None, spec) => {
+    let dir = match (&section.dir, &section.tiny_vl, &section.tiny) {
+        (Some(dir), _, _) => dir.clone(),
+        (None, Some(spec), _) => {
+            let dir = run.root().join("init-reward-model-vl");
+            if !dir.join("model.safetensors").is_file() {
+                tiny::write_vl_reward_model(&dir, spec)?;
+            }
+            dir
+        }
+        (None, None, spec) => {
             let dir = run.root().join("init-reward-model");
             if !dir.join("model.safetensors").is_file() {
                 tiny::write_reward_model(&dir, &spec.unwrap_or_default())?;
