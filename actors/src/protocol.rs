@@ -15,7 +15,7 @@
 //! | [`MonitorSnapshot`] | MonitorActor (actor/monitor.rs) | the monitor's state | controller: checkpoints |
 //! | [`TrainSft`] / [`TrainMpo`] / [`TrainGrpo`] | Optimizer (actor/optimizer.rs) | [`UpdateReport`] | controller: each step |
 //! | [`RefreshReference`] | Optimizer (actor/optimizer.rs) | version | controller: at a stage's start, MPO rounds |
-//! | [`CurrentWeights`] | Optimizer (actor/optimizer.rs) | [`PolicyWeights`] | controller: syncing the generators at start |
+//! | [`CurrentWeights`] | Optimizer (actor/optimizer.rs) | [`PolicyWeights`] | controller: syncing the generators before the first step |
 //! | [`SaveState`] | Optimizer (actor/optimizer.rs) | version written | controller: checkpoints |
 //! | [`Heartbeat`] | every actor | [`HeartbeatReply`] | the watchdog (src/trainer/watchdog.rs) |
 //! | [`Shutdown`] | every actor | `()` | controller: the end of a run, in order |

@@ -167,6 +167,7 @@ pub struct Controller {
 impl Controller {
     /// Runs the schedule from the current step to its end (or a Ctrl-C, or an error).
     pub async fn run(&mut self) -> Result<RunSummary> {
+        self.sync_generators_at_start().await?;
         let total = self.config.total_steps();
         let mut interrupted = false;
         let mut checkpointed_at = self.last_checkpoint.as_ref().map(|_| self.state.step);
@@ -256,6 +257,43 @@ impl Controller {
             interrupted,
             last_metrics: self.last_metrics.clone(),
         })
+    }
+
+    /// Before the first step: every generator gets the trainer's current weights (`CurrentWeights` from the
+    /// first optimizer shard, then `SyncWeights`), and must then hold the trainer's version.
+    async fn sync_generators_at_start(&mut self) -> Result<()> {
+        let weights = self
+            .ask(
+                ActorName::Optimizer,
+                &self.actors.optimizers[0],
+                r1v2_actors::protocol::CurrentWeights,
+            )
+            .await??;
+        let version = weights.version;
+        for (index, generator) in self.actors.generators.iter().enumerate() {
+            let held = self
+                .ask(
+                    ActorName::PolicyGenerator,
+                    generator,
+                    SyncWeights {
+                        weights: weights.clone(),
+                    },
+                )
+                .await??;
+            if held != version || version != self.state.policy_version {
+                return Err(Error::Msg(format!(
+                    "at start: generator {index} holds policy version {held}, the trainer {version}, the \
+                     checkpoint's loop state {}",
+                    self.state.policy_version
+                )));
+            }
+        }
+        tracing::info!(
+            version,
+            generators = self.actors.generators.len(),
+            "generators synced to the trainer's weights"
+        );
+        Ok(())
     }
 
     /// Closes the actors in pipeline order (generator, verifier, reward model, buffer, monitor, optimizer),
