@@ -47,24 +47,34 @@ fn print_summary(summary: &RunSummary) {
     );
 }
 
+/// The run directory and whether to resume it: `--resume DIR`, else `--run-dir DIR`, else
+/// `runs/<config file stem>` (`default_stem` when the path has none).
+pub fn run_dir_of(
+    config: &Path,
+    run_dir: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    default_stem: &str,
+) -> (PathBuf, bool) {
+    match resume {
+        Some(dir) => (dir, true),
+        None => (
+            run_dir.unwrap_or_else(|| {
+                let stem = config
+                    .file_stem()
+                    .map_or(default_stem.into(), |s| s.to_string_lossy().into_owned());
+                Path::new("runs").join(stem)
+            }),
+            false,
+        ),
+    }
+}
+
 /// Runs `r1v2 train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let config = TrainConfig::from_file(&args.config)?;
     let config_text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let (run_dir, resume) = match args.resume {
-        Some(dir) => (dir, true),
-        None => (
-            args.run_dir.unwrap_or_else(|| {
-                let stem = args
-                    .config
-                    .file_stem()
-                    .map_or("run".into(), |s| s.to_string_lossy().into_owned());
-                Path::new("runs").join(stem)
-            }),
-            false,
-        ),
-    };
+    let (run_dir, resume) = run_dir_of(&args.config, args.run_dir, args.resume, "run");
     let summary = train(RunOptions {
         config,
         config_text,

@@ -1,7 +1,7 @@
 //! `r1v2 train-rm CONFIG.toml [--run-dir DIR] [--resume RUN_DIR]`: train a reward model on preference pairs
 //! with the Bradley-Terry loss (see [`crate::rm_train`]); prints the held-out pairwise accuracy at the end.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
@@ -26,19 +26,7 @@ pub fn run(args: TrainRmArgs) -> anyhow::Result<()> {
     let config = RmConfig::from_file(&args.config)?;
     let config_text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let (run_dir, resume) = match args.resume {
-        Some(dir) => (dir, true),
-        None => (
-            args.run_dir.unwrap_or_else(|| {
-                let stem = args
-                    .config
-                    .file_stem()
-                    .map_or("rm".into(), |s| s.to_string_lossy().into_owned());
-                Path::new("runs").join(stem)
-            }),
-            false,
-        ),
-    };
+    let (run_dir, resume) = super::train::run_dir_of(&args.config, args.run_dir, args.resume, "rm");
     let summary = train_reward_model(&config, &config_text, &run_dir, resume)?;
     if let Some(initial) = summary.initial {
         println!(

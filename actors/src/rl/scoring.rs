@@ -117,13 +117,11 @@ pub fn score_groups(
         sample.rm_score = rm_scores.as_mut().and_then(Iterator::next).map(f64::from);
         sample.verdict = verdicts.next();
     }
-    let verdict = |sample: &super::group::Sample| -> Verdict {
-        // Every sample got a verdict just above (the counts were checked).
-        sample
-            .verdict
-            .clone()
-            .unwrap_or_else(|| Verdict::zero("no verdict"))
-    };
+    // Every sample got a verdict just above (the counts were checked); `none` only satisfies the types.
+    let none = Verdict::zero("no verdict");
+    fn or_none<'a>(sample: &'a super::group::Sample, none: &'a Verdict) -> &'a Verdict {
+        sample.verdict.as_ref().unwrap_or(none)
+    }
 
     // The hybrid reward (rule + RM + format) of every sample.
     let inputs: Vec<Vec<RewardInputs>> = groups
@@ -132,7 +130,7 @@ pub fn score_groups(
             g.samples
                 .iter()
                 .map(|s| {
-                    let v = verdict(s);
+                    let v = or_none(s, &none);
                     RewardInputs {
                         rule: f64::from(v.score),
                         rule_correct: Some(v.score >= 1.0),
@@ -193,7 +191,7 @@ pub fn score_groups(
                 g.samples
                     .iter()
                     .map(|s| SampleObservation {
-                        rule_accuracy: f64::from(verdict(s).score),
+                        rule_accuracy: f64::from(or_none(s, &none).score),
                         rm_score: s.rm_score.unwrap_or(0.0),
                         response_len: s.token_ids.len(),
                     })
