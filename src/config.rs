@@ -87,6 +87,13 @@ pub struct TinySpec {
     pub hidden: usize,
     /// LLM layers.
     pub layers: usize,
+    /// Side of the image tile in pixels, a multiple of 28 (14-px patches, pixel-shuffled 2 x 2 into one
+    /// token: 56 px gives 4 vision tokens, 84 px gives 9).
+    pub image_size: usize,
+    /// Vision tower (InternViT) width.
+    pub vision_hidden: usize,
+    /// Vision tower layers.
+    pub vision_layers: usize,
 }
 
 impl Default for TinySpec {
@@ -95,6 +102,9 @@ impl Default for TinySpec {
             seed: 0,
             hidden: 64,
             layers: 2,
+            image_size: 56,
+            vision_hidden: 32,
+            vision_layers: 1,
         }
     }
 }
@@ -123,7 +133,8 @@ fn default_device() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// The JSONL file (relative paths: to the config file). `"demo"` uses the embedded demo task.
+    /// The JSONL file (relative paths: to the config file). `"demo"` uses the embedded demo task,
+    /// `"demo-colour"` the one-colour smoke-test task (configs/tiny.toml).
     pub path: PathBuf,
     /// `skip` or `error`: what a bad line does.
     #[serde(default)]
@@ -363,6 +374,29 @@ pub struct TrainConfig {
     /// `[faults]`.
     #[serde(default)]
     pub faults: FaultSection,
+    /// `[eval]`.
+    #[serde(default)]
+    pub eval: Option<EvalSection>,
+}
+
+/// `[eval]`: held-out evaluation after each stage (and, with `at_start`, before the first step): one greedy
+/// response per prompt (the run's seed), the rule verifiers' accuracy with its standard error, and the
+/// hallucination rate (CHAIR-i) on the probe set. Written to RUN_DIR/eval.jsonl, one line per evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// JSONL in the dataset format (relative paths: to the config file); `"demo"`: the embedded task's
+    /// held-out split.
+    pub path: PathBuf,
+    /// Also evaluate the starting policy (label `start`).
+    #[serde(default)]
+    pub at_start: bool,
+    /// New tokens per response (default: `generation.sampling.max_new_tokens`).
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+    /// Probe prompts for the hallucination rate (default: the monitor's probe set, if any).
+    #[serde(default)]
+    pub probe_set: Option<PathBuf>,
 }
 
 fn invalid(key: &str, msg: impl Into<String>) -> Error {
@@ -397,7 +431,7 @@ impl TrainConfig {
 
     fn resolve_paths(&mut self, base: &Path) {
         let resolve = |p: &mut PathBuf| {
-            if p.is_relative() && p.as_os_str() != "demo" {
+            if p.is_relative() && !matches!(p.to_str(), Some("demo" | "demo-colour")) {
                 *p = base.join(&*p);
             }
         };
@@ -412,6 +446,12 @@ impl TrainConfig {
         }
         if let Some(probe) = self.monitor.as_mut().and_then(|m| m.probe_set.as_mut()) {
             resolve(probe);
+        }
+        if let Some(eval) = &mut self.eval {
+            resolve(&mut eval.path);
+            if let Some(probe) = &mut eval.probe_set {
+                resolve(probe);
+            }
         }
     }
 
@@ -459,6 +499,19 @@ impl TrainConfig {
             }
             (None, None) => return Err(invalid("model", "give `dir` (a checkpoint) or `tiny`")),
             _ => {}
+        }
+        if let Some(tiny) = &self.model.tiny {
+            if tiny.image_size == 0 || !tiny.image_size.is_multiple_of(28) {
+                return Err(invalid(
+                    "model.tiny.image_size",
+                    "must be a positive multiple of 28 (14-px patches, merged 2 x 2)",
+                ));
+            }
+        }
+        if let Some(eval) = &self.eval {
+            if eval.max_new_tokens == Some(0) {
+                return Err(invalid("eval.max_new_tokens", "must be >= 1"));
+            }
         }
         if self.data.prompts_per_step == 0 {
             return Err(invalid("data.prompts_per_step", "must be >= 1"));

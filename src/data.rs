@@ -1,4 +1,4 @@
-//! Prompt datasets: JSONL files of `{"id", "question", "images", "answer", "verifier", "meta"?}` lines (the
+//! Prompt datasets: JSONL files of `{"id", "question", "images", "answer", "verifier", "solution"?, "meta"?}` lines (the
 //! shape MathVista / MMMU-style sets convert to) loaded into typed [`Sample`]s, and a [`DataLoader`] that
 //! shuffles per epoch with a seeded ChaCha RNG and hands out batches. Its [`DataCursor`] (seed, epoch,
 //! position) is all a resumed run needs to continue with exactly the batches an uninterrupted run would see.
@@ -46,6 +46,8 @@ struct RawSample {
     answer: String,
     verifier: String,
     #[serde(default)]
+    solution: Option<String>,
+    #[serde(default)]
     meta: Option<serde_json::Value>,
 }
 
@@ -62,6 +64,9 @@ pub struct Sample {
     pub answer: String,
     /// Name of the verifier in the registry (`"math"`, `"choice"`, a plugin name ...).
     pub verifier: String,
+    /// A worked response (reasoning + final answer): the SFT warm start's target when given, else `answer`.
+    #[serde(default)]
+    pub solution: Option<String>,
     /// Free-form extra fields (source set, difficulty, annotations for hallucination checks ...).
     pub meta: Option<serde_json::Value>,
 }
@@ -177,6 +182,7 @@ fn parse_line(
         images,
         answer: raw.answer,
         verifier: raw.verifier,
+        solution: raw.solution,
         meta: raw.meta,
     })
 }

@@ -79,6 +79,7 @@ fn numbered_samples(n: usize) -> Vec<Sample> {
             images: vec![],
             answer: i.to_string(),
             verifier: "math".into(),
+            solution: None,
             meta: None,
         })
         .collect()

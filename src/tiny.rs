@@ -27,9 +27,6 @@ pub const TOKENIZER_JSON: &str = include_str!("../tests/fixtures/preprocess/toke
 /// Vocabulary size of [`TOKENIZER_JSON`].
 pub const VOCAB_SIZE: usize = 328;
 
-/// Side of a tile in pixels: 56 px / 14 px patches = 16 patches, pixel-shuffled to 4 tokens per tile.
-const IMAGE_SIZE: usize = 56;
-
 fn llm_config(spec: &TinySpec, architecture: &str) -> serde_json::Value {
     let heads = (spec.hidden / 16).max(2);
     serde_json::json!({
@@ -61,7 +58,7 @@ pub fn chat_config_json(spec: &TinySpec) -> serde_json::Value {
         "downsample_ratio": 0.5,
         "select_layer": -1,
         "ps_version": "v2",
-        "force_image_size": IMAGE_SIZE,
+        "force_image_size": spec.image_size,
         "template": "internvl2_5",
         "dynamic_image_size": false,
         "max_dynamic_patch": 1,
@@ -70,11 +67,11 @@ pub fn chat_config_json(spec: &TinySpec) -> serde_json::Value {
         "vision_config": {
             "architectures": ["InternVisionModel"],
             "model_type": "intern_vit_6b",
-            "hidden_size": 32,
-            "num_hidden_layers": 1,
+            "hidden_size": spec.vision_hidden,
+            "num_hidden_layers": spec.vision_layers,
             "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "image_size": IMAGE_SIZE,
+            "intermediate_size": spec.vision_hidden * 2,
+            "image_size": spec.image_size,
             "patch_size": 14,
             "num_channels": 3,
             "qkv_bias": true,
@@ -106,8 +103,11 @@ fn randomise(varmap: &VarMap, seed: u64) -> Result<Vec<(String, Tensor)>> {
         let var = &data[name];
         let shape = var.shape().clone();
         let count = shape.elem_count();
-        // Norm weights and InternViT's layer scales start at one.
+        // Norm weights (also the adapter's `mlp1.0` LayerNorm and Qwen2.5-VL's merger `ln_q`, whose names
+        // do not say so) and InternViT's layer scales start at one.
         let is_one = (name.contains("norm") && name.ends_with("weight"))
+            || name.ends_with("mlp1.0.weight")
+            || name.ends_with("ln_q.weight")
             || name.ends_with("ls1")
             || name.ends_with("ls2");
         let values: Vec<f32> = if name.ends_with(".bias") {

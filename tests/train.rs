@@ -247,7 +247,9 @@ fn a_run_killed_mid_way_and_resumed_ends_with_the_same_weights() {
 fn a_panicking_actor_and_a_hanging_verifier_plugin_do_not_stop_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let dataset = r1v2::demo::write_task(&data_dir).unwrap();
+    let dataset = r1v2::demo::colour::write_colour_task(&data_dir)
+        .unwrap()
+        .train;
     // Half the prompts go to the plugin.
     let text = std::fs::read_to_string(&dataset).unwrap();
     let lines: Vec<String> = text
@@ -265,7 +267,7 @@ fn a_panicking_actor_and_a_hanging_verifier_plugin_do_not_stop_the_run() {
     let plugin = Path::new(ROOT).join("tests/plugins/hang_once_plugin.py");
     let marker = dir.path().join("hung");
     let config = tiny_config()
-        .replace("path = \"demo\"", &format!("path = {:?}", dataset.display().to_string()))
+        .replace("path = \"demo-colour\"", &format!("path = {:?}", dataset.display().to_string()))
         .replace("prompts_per_step = 4", "prompts_per_step = 8")
         + &format!(
             "\n[faults]\npanic_sample_buffer_at_versions = [0, 1, 2, 3, 4, 5, 6, 7, 8]\n\n\
@@ -408,7 +410,9 @@ fn ctrl_c_stops_after_the_current_step_with_a_checkpoint() {
 fn the_watchdog_names_a_stalled_actor_and_stops_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let dataset = r1v2::demo::write_task(&data_dir).unwrap();
+    let dataset = r1v2::demo::colour::write_colour_task(&data_dir)
+        .unwrap()
+        .train;
     let text = std::fs::read_to_string(&dataset)
         .unwrap()
         .replace("\"verifier\":\"choice\"", "\"verifier\":\"slow\"");
@@ -418,7 +422,7 @@ fn the_watchdog_names_a_stalled_actor_and_stops_with_a_checkpoint() {
     // The plugin's own timeout (40 s) is longer than the watchdog's (3 s): the verifier pool stalls.
     let config = tiny_config()
         .replace(
-            "path = \"demo\"",
+            "path = \"demo-colour\"",
             &format!("path = {:?}", dataset.display().to_string()),
         )
         .replace("kind = \"sft\"\nsteps = 2", "kind = \"sft\"\nsteps = 1")

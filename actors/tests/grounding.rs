@@ -223,3 +223,34 @@ fn chair_aggregates_over_verdicts() -> Result<()> {
     assert_eq!(chair_s(&verdicts[3..]), None);
     Ok(())
 }
+
+#[test]
+fn recall_scores_what_a_listing_leaves_out() -> Result<()> {
+    let mut extra = std::collections::BTreeMap::new();
+    for shape in ["circle", "square", "triangle"] {
+        extra.insert(shape.to_string(), vec![]);
+    }
+    let v = GroundingVerifier::new(GroundingConfig {
+        extra_objects: extra,
+        ..GroundingConfig::default()
+    })?;
+    let meta = json!({"objects": ["circle", "square"],
+        "attributes": {"circle": ["red"], "square": ["blue"]}, "recall": true});
+    // Annotated: circle, square, red circle, blue square. All four named: 1.
+    let full = verify(&v, "a red circle and a blue square", meta.clone())?;
+    assert_eq!(full.score, 1.0, "{}", full.reason);
+    // Half of them named, nothing false: precision 1, recall 0.5.
+    let half = verify(&v, "a red circle", meta.clone())?;
+    assert_eq!(half.score, 0.5, "{}", half.reason);
+    assert!(half.reason.contains("recall 0.50"), "{}", half.reason);
+    // Nothing named scores 0 with recall (1 without it).
+    assert_eq!(verify(&v, "nothing here", meta.clone())?.score, 0.0);
+    let mut no_recall = meta.clone();
+    no_recall["recall"] = json!(false);
+    assert_eq!(verify(&v, "nothing here", no_recall)?.score, 1.0);
+    // A false claim costs precision too: claims circle, red circle, square, green square -> 1 of 4 false;
+    // named 3 of 4 annotated: 0.75 * 0.75.
+    let wrong = verify(&v, "a red circle and a green square", meta)?;
+    assert_eq!(wrong.score, 0.5625, "{}", wrong.reason);
+    Ok(())
+}

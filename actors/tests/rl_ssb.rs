@@ -284,3 +284,36 @@ fn offline_prefilter_drops_all_right_and_all_wrong_prompts() {
         (1, 1, 2)
     );
 }
+
+#[test]
+fn a_disabled_buffer_is_plain_grpo() -> Result<()> {
+    let mut ssb = SelectiveSampleBuffer::new(SsbConfig {
+        enabled: false,
+        ..Default::default()
+    })?;
+    // Two informative groups and two zero-advantage ones, twice: all four train each time, none is stored
+    // or replayed, and the non-zero share is the fresh one.
+    for _ in 0..2 {
+        let fresh = vec![
+            group(0, 0, 1.0, true),
+            group(1, 0, 0.0, true),
+            group(2, 0, 0.5, false),
+            group(3, 0, 0.0, false),
+        ];
+        let batch = ssb.fill_batch(fresh, 4, 0)?;
+        let ids: Vec<u64> = batch.groups.iter().map(|g| g.prompt_id.0).collect();
+        assert_eq!(ids, [0, 1, 2, 3]);
+        assert_eq!(batch.replayed, 0);
+        assert_eq!(batch.metrics.effective_share_before, 0.5);
+        assert_eq!(batch.metrics.effective_share_after, 0.5);
+        assert!(ssb.entries().is_empty());
+    }
+    // Enabled, the same input keeps the informative groups and replays a stored one on the second fill.
+    let mut ssb = SelectiveSampleBuffer::new(SsbConfig::default())?;
+    let fresh = || vec![group(0, 0, 1.0, true), group(1, 0, 0.0, true)];
+    assert_eq!(ssb.fill_batch(fresh(), 2, 0)?.groups.len(), 1);
+    let second = ssb.fill_batch(fresh(), 2, 0)?;
+    assert_eq!((second.groups.len(), second.replayed), (2, 1));
+    assert_eq!(second.metrics.effective_share_after, 1.0);
+    Ok(())
+}

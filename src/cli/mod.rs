@@ -33,7 +33,7 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Train a reward model (Qwen2 value head or Qwen2.5-VL + value head) on preference pairs (Bradley-Terry).
     TrainRm(train_rm::TrainRmArgs),
-    /// The main job on the embedded default task with a random tiny model, on the CPU (~20 s).
+    /// The main job on the embedded default task with a random tiny model, on the CPU: stages, ablations, tables.
     Demo(train::DemoArgs),
     /// Draw RUN_DIR/metrics.jsonl to PNG/SVG charts in RUN_DIR/report/ and print a summary table.
     Report(report::ReportArgs),

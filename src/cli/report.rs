@@ -172,16 +172,7 @@ pub fn write_report(run_dir: &Path) -> Result<Report> {
                 }
             })
             .collect();
-        let svg_path = out_dir.join(format!("{stem}.svg"));
-        draw_chart(SVGBackend::new(&svg_path, CHART_SIZE), group, lines).map_err(|msg| {
-            Error::File {
-                path: svg_path.clone(),
-                msg,
-            }
-        })?;
-        let png_path = out_dir.join(format!("{stem}.png"));
-        write_png(&png_path, group, lines)?;
-        files.extend([png_path, svg_path]);
+        files.extend(write_chart(&out_dir.join(stem), group, lines)?);
     }
     Ok(Report {
         summaries: summarize(&records),
@@ -190,7 +181,22 @@ pub fn write_report(run_dir: &Path) -> Result<Report> {
 }
 
 /// One named curve: a metric's name and its (step, value) points.
-type Curve<'a> = (&'a str, &'a [(f64, f64)]);
+pub type Curve<'a> = (&'a str, &'a [(f64, f64)]);
+
+/// Draws `lines` against the step into `stem`.svg and `stem`.png; returns the two paths.
+pub fn write_chart(stem: &Path, title: &str, lines: &[Curve]) -> Result<Vec<std::path::PathBuf>> {
+    register_font()?;
+    let svg_path = stem.with_extension("svg");
+    draw_chart(SVGBackend::new(&svg_path, CHART_SIZE), title, lines).map_err(|msg| {
+        Error::File {
+            path: svg_path.clone(),
+            msg,
+        }
+    })?;
+    let png_path = stem.with_extension("png");
+    write_png(&png_path, title, lines)?;
+    Ok(vec![png_path, svg_path])
+}
 
 const CHART_SIZE: (u32, u32) = (900, 520);
 

@@ -6,7 +6,6 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::config::TrainConfig;
-use crate::demo::DEMO_CONFIG;
 use crate::trainer::{train, RunOptions, RunSummary};
 
 /// Arguments of `r1v2 train`.
@@ -28,6 +27,12 @@ pub struct DemoArgs {
     /// Where the demo run goes (default: the first free runs/demo, runs/demo-2, ...).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// The short run (configs/demo_quick.toml): the same stages, tables and ablations in a few minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Only the staged run and its table.
+    #[arg(long)]
+    pub no_ablations: bool,
 }
 
 fn print_summary(summary: &RunSummary) {
@@ -97,28 +102,22 @@ fn free_demo_dir() -> PathBuf {
         .unwrap_or_else(|| base.join("demo"))
 }
 
-/// Runs `r1v2 demo`: the embedded task with a random tiny model on the CPU, then the report.
+/// Runs `r1v2 demo`: the staged run on the embedded task, the ablations, the tables and charts.
 pub fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let run_dir = args.run_dir.unwrap_or_else(free_demo_dir);
-    let config = TrainConfig::from_toml_str(DEMO_CONFIG, Path::new("."))
-        .context("the embedded demo config (configs/demo.toml)")?;
     println!(
-        "r1v2 demo: a random tiny InternVL-style model learns the embedded colour task on the CPU\n\
-         (SFT warm start -> MPO -> GRPO with the hybrid reward, SSB and the hallucination monitor).\n\
-         Run directory: {}",
+        "r1v2 demo{}: a random tiny InternVL-layout model (InternViT + pixel-shuffle MLP adapter + Qwen2) learns\n\
+         the embedded visual-reasoning task (shape scenes + handwritten digits) on the CPU: SFT warm start on\n\
+         templated traces -> MPO rounds -> GRPO with the hybrid reward (math verifier + a Qwen2.5-VL reward\n\
+         model fitted by train-rm + format), the SSB and the hallucination monitor; held-out evaluation after\n\
+         each stage; then the ablations. Run directory: {}",
+        if args.quick { " --quick" } else { "" },
         run_dir.display()
     );
-    let summary = train(RunOptions {
-        config,
-        config_text: DEMO_CONFIG.to_string(),
-        run_dir: run_dir.clone(),
-        resume: false,
+    crate::demo::run::run(&crate::demo::run::DemoOptions {
+        run_dir,
+        quick: args.quick,
+        no_ablations: args.no_ablations,
     })?;
-    print_summary(&summary);
-    let report = crate::cli::report::write_report(&run_dir)?;
-    print!("{}", crate::cli::report::format_summary(&report.summaries));
-    for file in &report.files {
-        println!("wrote {}", file.display());
-    }
     Ok(())
 }

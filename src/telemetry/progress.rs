@@ -43,6 +43,11 @@ impl Progress {
         }
     }
 
+    /// Replaces the bar's message (what the run is doing between steps).
+    pub fn message(&self, message: &str) {
+        self.bar.set_message(message.to_string());
+    }
+
     /// Prints `line` above the bar without tearing it (use for occasional summaries).
     pub fn println(&self, line: impl AsRef<str>) {
         self.bar.println(line);

@@ -25,9 +25,9 @@ use r1v2_actors::prompt::PromptBank;
 use r1v2_actors::protocol::ActorName;
 use r1v2_actors::protocol::BufferSnapshot;
 use r1v2_actors::train::{Collective, LocalCollective, PolicyTrainer};
-use r1v2_actors::verifiers::grounding::{GroundingConfig, GroundingVerifier};
 use r1v2_actors::verifiers::registry::VerifierRegistry;
 
+use super::eval::EvalSet;
 use super::{Actors, Controller};
 use crate::checkpoint::{RunDir, TrainerState};
 use crate::config::TrainConfig;
@@ -61,13 +61,87 @@ fn initial_model_dir(config: &TrainConfig, run: &RunDir) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn dataset_path(config: &TrainConfig, run: &RunDir) -> Result<(PathBuf, Option<PathBuf>)> {
-    if config.data.path.as_os_str() == "demo" {
-        let dir = run.root().join("demo-data");
-        let path = demo::write_task(&dir)?;
-        return Ok((path, Some(dir.join("probes.jsonl"))));
+/// The embedded task's files in RUN_DIR/demo-data, written once (when any path is `"demo"`).
+fn demo_task(config: &TrainConfig, run: &RunDir) -> Result<Option<demo::TaskFiles>> {
+    if config.data.path.as_os_str() == "demo-colour" {
+        return Ok(Some(demo::colour::write_colour_task(
+            &run.root().join("demo-data"),
+        )?));
     }
-    Ok((config.data.path.clone(), None))
+    let uses_demo = config.data.path.as_os_str() == "demo"
+        || config
+            .eval
+            .as_ref()
+            .is_some_and(|e| e.path.as_os_str() == "demo");
+    if !uses_demo {
+        return Ok(None);
+    }
+    let dir = run.root().join("demo-data");
+    let files = demo::TaskFiles::under(&dir);
+    if !files.heldout.is_file() {
+        demo::write_task(&dir)?;
+    }
+    Ok(Some(files))
+}
+
+/// The training set's path and, for the demo task, its probe set.
+fn dataset_path(
+    config: &TrainConfig,
+    task: Option<&demo::TaskFiles>,
+) -> (PathBuf, Option<PathBuf>) {
+    match task {
+        Some(task) if matches!(config.data.path.to_str(), Some("demo" | "demo-colour")) => {
+            (task.train.clone(), Some(task.probes.clone()))
+        }
+        _ => (config.data.path.clone(), None),
+    }
+}
+
+/// A probe file, its image paths made relative to it.
+fn load_probes(path: &Path) -> Result<ProbeSet> {
+    let mut set = ProbeSet::load(path)?;
+    let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    for item in &mut set.items {
+        for image in &mut item.images {
+            if image.is_relative() {
+                *image = base.join(&*image);
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// `[eval]`'s held-out prompts and probes (the demo task's when its path is `"demo"`).
+fn eval_set(
+    config: &TrainConfig,
+    task: Option<&demo::TaskFiles>,
+    monitor_probes: Option<&ProbeSet>,
+) -> Result<Option<EvalSet>> {
+    let Some(eval) = &config.eval else {
+        return Ok(None);
+    };
+    let (path, demo_probes) = match task {
+        Some(task) if matches!(eval.path.to_str(), Some("demo" | "demo-colour")) => {
+            (task.heldout.clone(), Some(task.probes.clone()))
+        }
+        _ => (eval.path.clone(), None),
+    };
+    let samples = Dataset::from_config(&crate::data::DatasetConfig {
+        path: path.clone(),
+        on_bad_line: crate::data::OnBadLine::Error,
+    })?
+    .samples;
+    if samples.is_empty() {
+        return Err(Error::File {
+            path,
+            msg: "eval: no held-out samples".into(),
+        });
+    }
+    let probes = match eval.probe_set.as_ref().or(demo_probes.as_ref()) {
+        Some(path) => Some(load_probes(path)?),
+        None => monitor_probes.cloned(),
+    };
+    Ok(Some(EvalSet { samples, probes }))
 }
 
 /// Trains the reward model in `dir` on pairs made from the dataset (see `[reward_model] train`), once:
@@ -92,14 +166,17 @@ fn train_on_task(
         path: root.clone(),
         source,
     })?;
-    // chosen: the prompt's reference answer; rejected: the next prompt's answer that differs from it.
+    // chosen: the prompt's worked solution (else its reference answer); rejected: the solution of the next
+    // prompt that asks the same question with another answer (so it reads another image: a wrong answer
+    // and, for a description, hallucinated objects), else of the next one with another answer.
+    let response = |s: &crate::data::Sample| s.solution.clone().unwrap_or_else(|| s.answer.clone());
     let mut lines = String::new();
     for (i, sample) in samples.iter().enumerate() {
-        let Some(wrong) = samples[i + 1..]
-            .iter()
-            .chain(&samples[..i])
-            .map(|other| &other.answer)
-            .find(|answer| **answer != sample.answer)
+        let others = || samples[i + 1..].iter().chain(&samples[..i]);
+        let Some(wrong) = others()
+            .find(|o| o.question == sample.question && o.answer != sample.answer)
+            .or_else(|| others().find(|o| o.answer != sample.answer))
+            .map(response)
         else {
             continue;
         };
@@ -117,7 +194,7 @@ fn train_on_task(
         let line = serde_json::json!({
             "question": sample.question,
             "images": images,
-            "chosen": sample.answer,
+            "chosen": response(sample),
             "rejected": wrong,
         });
         lines.push_str(&line.to_string());
@@ -239,12 +316,8 @@ fn shard_collectives(
 }
 
 fn verifier_registry(config: &TrainConfig) -> Result<VerifierRegistry> {
-    let mut registry = VerifierRegistry::from_config(&config.verifiers)?;
-    // The monitor's probes are judged by the grounding (CHAIR) verifier.
-    registry.register(Arc::new(
-        GroundingVerifier::new(GroundingConfig::default())?,
-    ));
-    Ok(registry)
+    // The monitor's probes are judged by the grounding (CHAIR) verifier, one of the built-ins.
+    Ok(VerifierRegistry::from_config(&config.verifiers)?)
 }
 
 impl Controller {
@@ -288,7 +361,8 @@ impl Controller {
 
         let initial_dir = initial_model_dir(&config, &run)?;
         let encoder = PromptEncoder::from_model_dir(&initial_dir, &device, DType::F32)?;
-        let (data_path, demo_probes) = dataset_path(&config, &run)?;
+        let task = demo_task(&config, &run)?;
+        let (data_path, demo_probes) = dataset_path(&config, task.as_ref());
         let mut dataset_config = config.data.dataset();
         dataset_config.path = data_path;
         let dataset = Dataset::from_config(&dataset_config)?;
@@ -311,21 +385,8 @@ impl Controller {
             .as_ref()
             .and_then(|m| m.probe_set.clone())
             .or(demo_probes);
-        let probes = probe_path
-            .map(|path| -> Result<ProbeSet> {
-                let mut set = ProbeSet::load(&path)?;
-                // Image paths in a probe file are relative to it.
-                let base = path.parent().map(PathBuf::from).unwrap_or_default();
-                for item in &mut set.items {
-                    for image in &mut item.images {
-                        if image.is_relative() {
-                            *image = base.join(&*image);
-                        }
-                    }
-                }
-                Ok(set)
-            })
-            .transpose()?;
+        let probes = probe_path.map(|path| load_probes(&path)).transpose()?;
+        let eval = eval_set(&config, task.as_ref(), probes.as_ref())?;
 
         // Where the weights and the trainer's own state come from.
         let (model_dir, trainer_state) = match &resume_from {
@@ -516,6 +577,7 @@ impl Controller {
             index_of,
             loader,
             probes,
+            eval: eval.map(Arc::new),
             state,
             metrics,
             progress,

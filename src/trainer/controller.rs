@@ -12,6 +12,8 @@
 mod build;
 #[path = "checkpoint.rs"]
 mod checkpoint;
+#[path = "eval.rs"]
+pub mod eval;
 #[path = "grpo.rs"]
 mod grpo;
 #[path = "mpo.rs"]
@@ -148,6 +150,8 @@ pub struct Controller {
     loader: DataLoader,
     /// When the monitor has one.
     probes: Option<ProbeSet>,
+    /// `[eval]`'s held-out prompts and probes.
+    eval: Option<Arc<eval::EvalSet>>,
     /// Step, policy version, calibration, prompt counter ... (checkpointed).
     state: LoopState,
     metrics: MetricsWriter,
@@ -169,6 +173,9 @@ impl Controller {
     pub async fn run(&mut self) -> Result<RunSummary> {
         self.sync_generators_at_start().await?;
         let total = self.config.total_steps();
+        if self.state.step == 0 && self.config.eval.as_ref().is_some_and(|e| e.at_start) {
+            self.evaluate("start").await?;
+        }
         let mut interrupted = false;
         let mut checkpointed_at = self.last_checkpoint.as_ref().map(|_| self.state.step);
         while self.state.step < total {
@@ -233,8 +240,15 @@ impl Controller {
                 started.elapsed().as_secs_f64()
             );
             self.last_metrics = metrics;
+            // A stage's last step: evaluate (with `[eval]`) and checkpoint, so every stage's end is a
+            // starting point (the demo's ablations start from the MPO rounds' end).
+            let stage_ended =
+                stage_at(&self.config.stages, step).is_none_or(|(_, offset)| offset == 0);
+            if stage_ended {
+                self.evaluate(stage.name()).await?;
+            }
             let every = self.config.run.checkpoint_every;
-            if every > 0 && step.is_multiple_of(every) {
+            if (every > 0 && step.is_multiple_of(every)) || stage_ended {
                 self.checkpoint().await?;
                 checkpointed_at = Some(step);
             }
@@ -432,7 +446,16 @@ impl Controller {
     /// `prompts` split across the generators (a response depends only on its prompt's index, its sample
     /// index and the seed, so the split does not change it).
     fn generate_request(&self, prompts: Vec<GroupRequest>, n: usize) -> Prefetched {
-        let params = self.sampling();
+        self.generate_request_with(prompts, n, self.sampling())
+    }
+
+    /// [`Self::generate_request`] with other sampling parameters (evaluation: greedy).
+    fn generate_request_with(
+        &self,
+        prompts: Vec<GroupRequest>,
+        n: usize,
+        params: r1v2_actors::generate::SamplingParams,
+    ) -> Prefetched {
         split_evenly(prompts, self.actors.generators.len())
             .into_iter()
             .zip(&self.actors.generators)

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `controller.rs` | [`Controller`]: private state, the run loop, the actor calls, the phases the steps share, shutdown |
 //! | `grpo.rs`, `mpo.rs`, `sft.rs` | one step of each stage, top to bottom (design.md "One GRPO step") |
+//! | `eval.rs` | held-out evaluation after each stage ([`EvalRecord`], RUN_DIR/eval.jsonl) |
 //! | `build.rs` | building a run: run directory, models, dataset, prompt bank, every actor (fresh or resumed) |
 //! | `checkpoint.rs` | writing checkpoint `step-N` atomically |
 //! | [`metrics`] | a step's metrics as typed families, named for metrics.jsonl |
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use crate::config::{Stage, TrainConfig};
 use crate::Result;
 
+pub use controller::eval::{EvalRecord, EVAL_FILE};
 pub use controller::Controller;
 
 /// What `r1v2 train` was asked to do.

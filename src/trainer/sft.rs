@@ -1,4 +1,5 @@
-//! One SFT step (the warm start), top to bottom: the dataset's reference answers as targets.
+//! One SFT step (the warm start), top to bottom: each line's worked `solution` as the target (its reference
+//! answer when it has none).
 
 use r1v2_actors::protocol::SftExample;
 
@@ -7,18 +8,20 @@ use crate::trainer::metrics::StepMetrics;
 use crate::Result;
 
 impl Controller {
-    /// One supervised step: next prompts -> reference answers tokenised (+ end of turn) -> update -> sync.
+    /// One supervised step: next prompts -> solutions (or answers) tokenised (+ end of turn) -> update -> sync.
     pub(super) async fn sft_step(&mut self) -> Result<StepMetrics> {
         let mut metrics = StepMetrics::default();
 
-        // Prompts and their reference answers.
+        // Prompts and their targets.
         let requests = self.next_requests()?;
         let end_of_turn = self.encoder.stop_token_ids();
         let examples = requests
             .iter()
             .map(|request| {
-                let prompt = self.bank.get(request.prompt_id)?;
-                let mut response = self.encoder.tokenizer().encode(&prompt.answer)?;
+                // A dataset prompt's id is its index in the file.
+                let sample = &self.loader.samples()[request.prompt_id.0 as usize];
+                let target = sample.solution.as_deref().unwrap_or(&sample.answer);
+                let mut response = self.encoder.tokenizer().encode(target)?;
                 response.extend(end_of_turn.first());
                 Ok(SftExample {
                     prompt_id: request.prompt_id,

@@ -93,16 +93,18 @@ impl SampleBuffer {
         }
     }
 
-    /// Keeps the informative groups of `groups`, counting all of them.
+    /// Keeps the informative groups of `groups` (every group with the buffer disabled: plain GRPO),
+    /// counting all of them.
     fn insert(&mut self, groups: Vec<Group>) -> Accepted {
         let zero_tolerance = self.ssb.config().zero_tolerance;
+        let keep_all = !self.ssb.config().enabled;
         let mut accepted = Accepted::default();
         for group in groups {
             let kind = group.kind(zero_tolerance);
             accepted.kinds.add(kind);
             self.pending_kinds.add(kind);
             self.pending_received += 1;
-            if !kind.is_zero_advantage() {
+            if keep_all || !kind.is_zero_advantage() {
                 accepted.kept += 1;
                 self.pending.push(group);
             }

@@ -319,6 +319,9 @@ pub enum Eviction {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SsbConfig {
+    /// `false`: no buffer (plain GRPO, the ablation): every fresh group trains, zero-advantage groups
+    /// included, and nothing is replayed (default true).
+    pub enabled: bool,
     /// Priority exponent: priority = (mean |A| of the group)^alpha (paper: 1).
     pub alpha: f64,
     /// Maximum number of stored groups (VL-Rethinker: half a batch; 64 for a 128-group batch).
@@ -340,6 +343,7 @@ pub struct SsbConfig {
 impl Default for SsbConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             alpha: 1.0,
             capacity: 64,
             eviction: Eviction::LowestPriority,

@@ -49,11 +49,13 @@ pub struct RewardMetrics {
     pub rm_threshold: f64,
     /// Verdicts that stand for a failed verifier (scored 0), not a judgement.
     pub verify_failures: usize,
+    /// The share of groups with a non-zero advantage (before the sample buffer).
+    pub nonzero_share: f64,
 }
 
 impl RewardMetrics {
     /// `(name, value)` pairs by design.md name.
-    pub fn entries(&self) -> [(&'static str, f64); 8] {
+    pub fn entries(&self) -> [(&'static str, f64); 9] {
         [
             ("reward/mean", self.mean),
             ("reward/std", self.std),
@@ -63,6 +65,7 @@ impl RewardMetrics {
             ("reward/accuracy", self.accuracy),
             ("calibration/rm_threshold", self.rm_threshold),
             ("verify/failures", self.verify_failures as f64),
+            ("reward/nonzero_share", self.nonzero_share),
         ]
     }
 }
@@ -171,6 +174,12 @@ pub fn score_groups(
             .flat_map(|g| &g.samples)
             .filter(|s| s.verdict.as_ref().is_some_and(|v| v.failure.is_some()))
             .count(),
+        nonzero_share: advantages
+            .advantages
+            .iter()
+            .filter(|group| group.iter().any(|a| a.abs() > 1e-6))
+            .count() as f64
+            / advantages.advantages.len().max(1) as f64,
     };
     for (g, group) in groups.iter_mut().enumerate() {
         for (i, sample) in group.samples.iter_mut().enumerate() {

@@ -248,6 +248,24 @@ impl SelectiveSampleBuffer {
             fresh_groups: fresh.len(),
             ..Default::default()
         };
+        if !self.config.enabled {
+            // Plain GRPO (the ablation): every fresh group trains, zero-advantage ones included; nothing is
+            // stored or replayed.
+            let informative = fresh
+                .iter()
+                .map(|g| g.kind(self.config.zero_tolerance))
+                .inspect(|&kind| metrics.kinds.add(kind))
+                .filter(|kind| !kind.is_zero_advantage())
+                .count();
+            let share = informative as f64 / fresh.len().max(1) as f64;
+            metrics.effective_share_before = share;
+            metrics.effective_share_after = share;
+            return Ok(SsbBatch {
+                groups: fresh,
+                replayed: 0,
+                metrics,
+            });
+        }
         let mut informative = Vec::with_capacity(fresh.len());
         for group in fresh {
             let kind = group.kind(self.config.zero_tolerance);

@@ -23,12 +23,13 @@ use serde::Deserialize;
 use super::choice::ChoiceConfig;
 use super::code::CodeConfig;
 use super::format::FormatConfig;
+use super::grounding::GroundingConfig;
 use super::math::MathConfig;
 use super::plugin::PluginConfig;
 use crate::{Error, Result};
 
 /// Names the built-in verifiers take; plugins may not reuse them.
-pub const BUILTIN_VERIFIERS: [&str; 4] = ["math", "choice", "code", "format"];
+pub const BUILTIN_VERIFIERS: [&str; 5] = ["math", "choice", "code", "format", "grounding"];
 
 /// Every verifier's settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +49,9 @@ pub struct VerifiersConfig {
     pub format: FormatConfig,
     /// The code verifier (`"verifier": "code"`).
     pub code: CodeConfig,
+    /// The grounding (CHAIR) verifier (`"verifier": "grounding"`, and the monitor's probes): extra object
+    /// and attribute words.
+    pub grounding: GroundingConfig,
     /// External-process verifiers, one `[[plugins]]` entry each.
     pub plugins: Vec<PluginConfig>,
 }
@@ -61,6 +65,7 @@ impl Default for VerifiersConfig {
             choice: ChoiceConfig::default(),
             format: FormatConfig::default(),
             code: CodeConfig::default(),
+            grounding: GroundingConfig::default(),
             plugins: Vec::new(),
         }
     }

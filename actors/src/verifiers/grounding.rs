@@ -13,6 +13,9 @@
 //! placed just before an object whose annotated attributes do not include it (checked only for objects that
 //! have an `attributes` entry). Mentions preceded by a negation in the same sentence ("there is no cat")
 //! are not claims. Per response: CHAIR-i = unsupported / claims, CHAIR-s = 1 if any is unsupported;
+//! the score is 1 - CHAIR-i, times the recall (annotated objects and attribute-object pairs named / all
+//! annotated) when `meta.recall` is true (for "list what you see" questions, where saying nothing is not
+//! grounded but empty);
 //! [`chair_i`] and [`chair_s`] aggregate a set of verdicts.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -362,18 +365,35 @@ impl Verifier for GroundingVerifier {
         }
         let claims_checked = claims.len() as u32;
         let unsupported: Vec<String> = unsupported.into_iter().collect();
-        let score = if claims.is_empty() {
+        let precision = if claims.is_empty() {
             1.0
         } else {
             1.0 - unsupported.len() as f32 / claims.len() as f32
         };
+        // `meta.recall = true` ("list what you see" questions): also the share of the annotation named.
+        let recall = match input.meta.get("recall").and_then(|r| r.as_bool()) {
+            Some(true) => {
+                let annotated: BTreeSet<String> = objects
+                    .iter()
+                    .cloned()
+                    .chain(attributes.iter().flat_map(|(object, values)| {
+                        values.iter().map(move |v| format!("{v} {object}"))
+                    }))
+                    .collect();
+                let named = annotated.iter().filter(|a| claims.contains(*a)).count();
+                Some(named as f32 / annotated.len().max(1) as f32)
+            }
+            _ => None,
+        };
+        let score = precision * recall.unwrap_or(1.0);
+        let recall_note = recall.map_or(String::new(), |r| format!("; recall {r:.2}"));
         let reason = if claims.is_empty() {
-            "no checkable object mentions".to_string()
+            format!("no checkable object mentions{recall_note}")
         } else if unsupported.is_empty() {
-            format!("all {claims_checked} claims supported by the annotation")
+            format!("all {claims_checked} claims supported by the annotation{recall_note}")
         } else {
             format!(
-                "{} of {claims_checked} claims unsupported: {}",
+                "{} of {claims_checked} claims unsupported: {}{recall_note}",
                 unsupported.len(),
                 unsupported.join(", ")
             )

@@ -17,6 +17,7 @@ use super::choice::ChoiceVerifier;
 use super::code::CodeVerifier;
 use super::config::VerifiersConfig;
 use super::format::FormatVerifier;
+use super::grounding::GroundingVerifier;
 use super::math::MathVerifier;
 use super::plugin::PluginVerifier;
 pub use super::VerifyFailure;
@@ -77,6 +78,7 @@ impl VerifierRegistry {
         registry.register(Arc::new(ChoiceVerifier::new(config.choice.clone())));
         registry.register(Arc::new(FormatVerifier::new(config.format.clone())));
         registry.register(Arc::new(CodeVerifier::new(config.code.clone())?));
+        registry.register(Arc::new(GroundingVerifier::new(config.grounding.clone())?));
         for plugin in &config.plugins {
             registry.register(Arc::new(PluginVerifier::new(plugin.clone())?));
         }
