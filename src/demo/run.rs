@@ -1,10 +1,10 @@
 //! `r1v2 demo`: the staged run on the embedded task (SFT warm start -> MPO rounds -> GRPO, held-out
 //! evaluation after each stage), then the ablations, each GRPO from the same MPO checkpoint for the same
-//! steps, then the tables (printed and written to RUN_DIR/summary.md) and the charts.
+//! steps at the staged run's GRPO learning rate (a fresh AdamW), then the tables (printed and written to RUN_DIR/summary.md) and the charts.
 //!
 //! | arm | what differs from the full method |
 //! |---|---|
-//! | `full` | nothing: hybrid reward, SSB, vision + adapter + LLM trained, RM calibration on |
+//! | `full` | nothing: hybrid reward, SSB, adapter + LLM trained (as the config says), RM calibration on |
 //! | `no_ssb` | `rl.ssb.enabled = false`: zero-advantage groups train, nothing is replayed |
 //! | `adapter_only` | `optimizer.trainable` = adapter only: the vision tower and the LLM stay frozen |
 //! | `no_calibration` | `monitor.calibration.enabled = false`: the RM thresholds never move |
@@ -50,7 +50,7 @@ struct Arm {
 const ARMS: [Arm; 4] = [
     Arm {
         name: "full",
-        change: "none (SSB, vision + adapter + LLM, calibration on)",
+        change: "none (SSB, adapter + LLM trained, calibration on)",
         apply: |_| {},
     },
     Arm {
@@ -106,6 +106,7 @@ fn arm_config(
     start: &Path,
     reward_model: Option<&Path>,
     task: &TaskFiles,
+    start_step: u64,
     grpo_steps: u64,
 ) -> TrainConfig {
     let mut config = base.clone();
@@ -113,7 +114,12 @@ fn arm_config(
     config.model.tiny = None;
     config.data.path = task.train.clone();
     config.stages = vec![Stage::Grpo { steps: grpo_steps }];
-    config.optimizer.total_steps = grpo_steps;
+    // The staged run's GRPO learning rate, held constant (a fresh optimizer starts where it left off, without
+    // a warmup or a second decay).
+    let rate = r1v2_actors::train::schedule::learning_rate(&base.optimizer, start_step);
+    config.optimizer.lr = rate;
+    config.optimizer.warmup_steps = 0;
+    config.optimizer.total_steps = 0;
     if let (Some(rm), Some(dir)) = (&mut config.reward_model, reward_model) {
         rm.dir = Some(dir.to_path_buf());
         rm.tiny = None;
@@ -199,7 +205,7 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         for (i, arm) in ARMS.iter().enumerate() {
             let arm_started = Instant::now();
             let mut arm_config =
-                arm_config(&config, &start, reward_model.as_deref(), &task, grpo_steps);
+                arm_config(&config, &start, reward_model.as_deref(), &task, before_grpo, grpo_steps);
             (arm.apply)(&mut arm_config);
             arm_config.validate()?;
             let dir = root.join("ablations").join(arm.name);
