@@ -204,8 +204,14 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         let task = TaskFiles::under(&root.join("demo-data"));
         for (i, arm) in ARMS.iter().enumerate() {
             let arm_started = Instant::now();
-            let mut arm_config =
-                arm_config(&config, &start, reward_model.as_deref(), &task, before_grpo, grpo_steps);
+            let mut arm_config = arm_config(
+                &config,
+                &start,
+                reward_model.as_deref(),
+                &task,
+                before_grpo,
+                grpo_steps,
+            );
             (arm.apply)(&mut arm_config);
             arm_config.validate()?;
             let dir = root.join("ablations").join(arm.name);
