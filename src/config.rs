@@ -5,7 +5,7 @@
 //! [model]                     # dir = "path/to/internvl_chat" (or tiny = { seed = 0 } for a random tiny model)
 //! [data]                      # path = "train.jsonl", prompts_per_step = 8
 //! [generation]                # group_size = 8 + the sampling parameters (temperature, top_p, ...)
-//! [[stages]]                  # kind = "sft" | "mpo" | "grpo", with steps / rounds
+//! [[stages]]                  # kind = "sft" | "mpo" | "grpo", with steps / rounds (+ prompts_per_step, lr_scale)
 //! [rl.grpo] [rl.mpo] [rl.reward] [rl.ssb] [rl.advantage]
 //! [verifiers]                 # rule verifiers and plugins
 //! [reward_model]              # optional: dir = ..., tiny = { seed = 1 } or tiny_vl = { seed = 1 } (+ train = {...})
@@ -177,7 +177,9 @@ impl Default for GenerationSection {
     }
 }
 
-/// One stage of the schedule (`[[stages]]`), run in order.
+/// One stage of the schedule (`[[stages]]`), run in order. Each may set its own `prompts_per_step` (else
+/// `data.prompts_per_step`: supervised steps are cheap, RL steps want more prompts for a steadier gradient)
+/// and an `lr_scale` on the `[optimizer]` schedule (preference and RL steps usually want a smaller rate).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Stage {
@@ -185,18 +187,36 @@ pub enum Stage {
     Sft {
         /// Optimizer steps.
         steps: u64,
+        /// Prompts per step in this stage (default `data.prompts_per_step`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prompts_per_step: Option<usize>,
+        /// Multiplies the `[optimizer]` schedule's rate during this stage (default 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lr_scale: Option<f64>,
     },
     /// Iterative MPO: each round samples groups, scores them, mines pairs and trains on them.
     Mpo {
         /// Rounds.
         rounds: u64,
-        /// Optimizer steps per round (each on `data.prompts_per_step` prompts' pairs).
+        /// Optimizer steps per round (each on the stage's prompts per step's pairs).
         steps_per_round: u64,
+        /// Prompts per step in this stage (default `data.prompts_per_step`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prompts_per_step: Option<usize>,
+        /// Multiplies the `[optimizer]` schedule's rate during this stage (default 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lr_scale: Option<f64>,
     },
     /// GRPO with the hybrid reward and the Selective Sample Buffer.
     Grpo {
         /// Optimizer steps.
         steps: u64,
+        /// Prompts per step in this stage (default `data.prompts_per_step`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prompts_per_step: Option<usize>,
+        /// Multiplies the `[optimizer]` schedule's rate during this stage (default 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lr_scale: Option<f64>,
     },
 }
 
@@ -204,11 +224,36 @@ impl Stage {
     /// Optimizer steps this stage takes.
     pub fn steps(&self) -> u64 {
         match *self {
-            Stage::Sft { steps } | Stage::Grpo { steps } => steps,
+            Stage::Sft { steps, .. } | Stage::Grpo { steps, .. } => steps,
             Stage::Mpo {
                 rounds,
                 steps_per_round,
+                ..
             } => rounds * steps_per_round,
+        }
+    }
+
+    /// The stage's factor on the schedule's learning rate, if it sets one.
+    pub fn lr_scale(&self) -> Option<f64> {
+        match *self {
+            Stage::Sft { lr_scale, .. }
+            | Stage::Mpo { lr_scale, .. }
+            | Stage::Grpo { lr_scale, .. } => lr_scale,
+        }
+    }
+
+    /// The stage's own prompts per step, if it sets one.
+    pub fn prompts_per_step(&self) -> Option<usize> {
+        match *self {
+            Stage::Sft {
+                prompts_per_step, ..
+            }
+            | Stage::Mpo {
+                prompts_per_step, ..
+            }
+            | Stage::Grpo {
+                prompts_per_step, ..
+            } => prompts_per_step,
         }
     }
 
@@ -460,6 +505,20 @@ impl TrainConfig {
         self.stages.iter().map(Stage::steps).sum()
     }
 
+    /// The factor on the `[optimizer]` schedule's rate at `step` (0-based): its stage's `lr_scale`, else 1.
+    pub fn lr_scale_at(&self, step: u64) -> f64 {
+        crate::trainer::stage_at(&self.stages, step)
+            .and_then(|(stage, _)| stage.lr_scale())
+            .unwrap_or(1.0)
+    }
+
+    /// Prompts per step at `step` (0-based): its stage's `prompts_per_step`, else `data.prompts_per_step`.
+    pub fn prompts_at(&self, step: u64) -> usize {
+        crate::trainer::stage_at(&self.stages, step)
+            .and_then(|(stage, _)| stage.prompts_per_step())
+            .unwrap_or(self.data.prompts_per_step)
+    }
+
     /// Checks every section; the error names the key.
     pub fn validate(&self) -> Result<()> {
         let run = &self.run;
@@ -534,6 +593,21 @@ impl TrainConfig {
                 return Err(invalid(
                     &format!("stages[{index}]"),
                     format!("a {} stage with no steps", stage.name()),
+                ));
+            }
+            if stage
+                .lr_scale()
+                .is_some_and(|scale| !(scale.is_finite() && scale > 0.0))
+            {
+                return Err(invalid(
+                    &format!("stages[{index}].lr_scale"),
+                    "must be finite and > 0",
+                ));
+            }
+            if stage.prompts_per_step() == Some(0) {
+                return Err(invalid(
+                    &format!("stages[{index}].prompts_per_step"),
+                    "must be at least 1",
                 ));
             }
         }

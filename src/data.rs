@@ -267,8 +267,13 @@ impl DataLoader {
 
     /// The next `batch_size` samples.
     pub fn next_batch(&mut self) -> Vec<Sample> {
-        let mut batch = Vec::with_capacity(self.batch_size);
-        while batch.len() < self.batch_size {
+        self.next_batch_of(self.batch_size)
+    }
+
+    /// The next `n` samples (a stage with its own batch size); the stream is the same whatever the sizes.
+    pub fn next_batch_of(&mut self, n: usize) -> Vec<Sample> {
+        let mut batch = Vec::with_capacity(n);
+        while batch.len() < n {
             if self.cursor.position == self.order.len() {
                 self.cursor.epoch += 1;
                 self.cursor.position = 0;

@@ -43,20 +43,24 @@ fn the_quick_demo_measures_every_stage_and_every_ablation() {
     assert_eq!(labels, ["sft", "mpo", "grpo"]);
     let steps: Vec<u64> = evals.iter().map(|e| e.step).collect();
     assert_eq!(steps, [60, 68, 84]);
+    let heldout = r1v2::demo::HELDOUT_SHAPES + r1v2::demo::HELDOUT_DIGITS;
     for eval in &evals {
-        assert_eq!(eval.n, 180, "{eval:?}");
-        assert_eq!(eval.by_set["shapes"].n + eval.by_set["digits"].n, 180);
-        let se = (eval.accuracy * (1.0 - eval.accuracy) / 180.0).sqrt();
+        assert_eq!(eval.n, heldout, "{eval:?}");
+        assert_eq!(
+            (eval.by_set["shapes"].n, eval.by_set["digits"].n),
+            (r1v2::demo::HELDOUT_SHAPES, r1v2::demo::HELDOUT_DIGITS)
+        );
+        let se = (eval.accuracy * (1.0 - eval.accuracy) / heldout as f64).sqrt();
         assert!((eval.stderr - se).abs() < 1e-12, "{eval:?}");
         assert!(eval.claims > 0, "the probes made no claims: {eval:?}");
         assert!(eval.hallucination_rate.is_some());
-        // Every response was kept with its verdict: 180 held-out + 24 probes.
+        // Every response was kept with its verdict: the held-out lines + the probes.
         let responses = std::fs::read_to_string(
             run.join("eval")
                 .join(format!("{}-step-{}.jsonl", eval.label, eval.step)),
         )
         .unwrap();
-        assert_eq!(responses.lines().count(), 204);
+        assert_eq!(responses.lines().count(), heldout + r1v2::demo::PROBES);
     }
 
     // The tables, printed and written.

@@ -454,3 +454,87 @@ fn the_watchdog_names_a_stalled_actor_and_stops_with_a_checkpoint() {
     let (step, _) = final_weights(&run);
     assert_eq!(step, 1);
 }
+
+#[test]
+fn stages_set_their_own_prompts_per_step_and_learning_rate_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let text = tiny_config()
+        .replace(
+            "kind = \"sft\"\nsteps = 2\n",
+            "kind = \"sft\"\nsteps = 2\nprompts_per_step = 2\n",
+        )
+        .replace(
+            "steps_per_round = 2\n",
+            "steps_per_round = 2\nlr_scale = 0.5\n",
+        )
+        .replace(
+            "kind = \"grpo\"\nsteps = 3\n",
+            "kind = \"grpo\"\nsteps = 3\nprompts_per_step = 6\nlr_scale = 0.25\n",
+        );
+    let config = write_config(dir.path(), "stages.toml", &text);
+    assert_ok(&train(&config, &run, false));
+
+    // Prompts drawn: SFT 2 x 2, MPO 2 x data.prompts_per_step (4), GRPO 3 x 6.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("checkpoints/step-7/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        state["sections"]["loop"]["prompts_drawn"],
+        2 * 2 + 2 * 4 + 3 * 6
+    );
+
+    // Each update's rate: [optimizer]'s warmup + cosine (lr 0.003, warmup 2, over 7 updates, indexed by the
+    // updates done: a step with nothing to train on skips one) times its stage's scale.
+    let records = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let scales = [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.25];
+    let mut updates = 0;
+    let mut scaled = std::collections::BTreeSet::new();
+    for (k, (record, scale)) in records.iter().zip(scales).enumerate() {
+        let Some(&got) = record.values.get("actor/lr") else {
+            continue;
+        };
+        let want = 0.003 * r1v2_actors::train::schedule::lr_multiplier(updates, 2, 7, 0.0) * scale;
+        assert!(
+            (got - want).abs() < 1e-12,
+            "step {}: lr {got}, want {want}",
+            k + 1
+        );
+        if got > 0.0 {
+            scaled.insert(scale.to_string());
+        }
+        updates += 1;
+    }
+    assert_eq!(
+        scaled.len(),
+        3,
+        "updates at every stage's scale, saw {scaled:?}"
+    );
+
+    // A scale that is not positive is an error naming the stage's key.
+    let bad = write_config(
+        dir.path(),
+        "bad.toml",
+        &text.replace("lr_scale = 0.25", "lr_scale = 0.0"),
+    );
+    let output = train(&bad, &dir.path().join("bad-run"), false);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("stages[2].lr_scale"),
+        "{stderr}"
+    );
+    let empty = write_config(
+        dir.path(),
+        "empty.toml",
+        &text.replace("prompts_per_step = 2\n", "prompts_per_step = 0\n"),
+    );
+    let output = train(&empty, &dir.path().join("empty-run"), false);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("empty.toml") && stderr.contains("stages[0].prompts_per_step"),
+        "{stderr}"
+    );
+}

@@ -309,6 +309,8 @@ pub struct CalibrationChange {
 pub struct TrainSft {
     /// The examples.
     pub examples: Vec<SftExample>,
+    /// Multiplies the schedule's learning rate for this update (the stage's `lr_scale`; 1 = as scheduled).
+    pub lr_scale: f64,
 }
 
 /// Run one GRPO update (with gradient accumulation over micro-batches) on this batch.
@@ -317,6 +319,8 @@ pub struct TrainSft {
 pub struct TrainGrpo {
     /// The batch from the sample buffer.
     pub batch: TrainBatch,
+    /// Multiplies the schedule's learning rate for this update (the stage's `lr_scale`; 1 = as scheduled).
+    pub lr_scale: f64,
 }
 
 /// Run one MPO update on these pairs.
@@ -325,6 +329,8 @@ pub struct TrainGrpo {
 pub struct TrainMpo {
     /// The pairs.
     pub pairs: Vec<MpoPair>,
+    /// Multiplies the schedule's learning rate for this update (the stage's `lr_scale`; 1 = as scheduled).
+    pub lr_scale: f64,
 }
 
 /// Make the current policy the frozen reference. Replies the policy version it now is.

@@ -1,4 +1,5 @@
-//! MPO pair mining (chosen = best eligible, rejected = worst, margin threshold) and the reference cache.
+//! MPO pair mining (chosen = best eligible, rejected = worst not verified correct, margin threshold) and the
+//! reference cache.
 
 use anyhow::Result;
 use r1v2_actors::rl::mpo::{
@@ -56,12 +57,13 @@ fn pairs_are_best_eligible_against_worst_with_drop_counts() -> Result<()> {
             0,
             vec![r(9.0, Fail, true), r(-12.0, Fail, true), r(6.0, Pass, true)],
         ),
-        // The best passing one has a bad format: the chosen is index 1 (no verifier applies).
+        // The best passing one has a bad format: the chosen is index 1 (no verifier applies); the verified
+        // index 2 scores lowest but is never rejected: the rejected is the bad format (index 0).
         group(
             1,
             vec![
                 r(8.0, Pass, false),
-                r(4.0, NotApplicable, true),
+                r(24.0, NotApplicable, true),
                 r(-14.0, Pass, true),
             ],
         ),
@@ -71,6 +73,17 @@ fn pairs_are_best_eligible_against_worst_with_drop_counts() -> Result<()> {
         group(3, vec![r(5.0, Fail, true), r(-15.0, Pass, false)]),
         // One response.
         group(4, vec![r(5.0, Pass, true)]),
+        // Every response verified correct: however far apart the RM puts them, nothing is rejected.
+        group(5, vec![r(40.0, Pass, true), r(-40.0, Pass, true)]),
+        // A correct response the RM scores lowest is passed over for the wrong one.
+        group(
+            6,
+            vec![
+                r(30.0, Pass, true),
+                r(-30.0, Pass, true),
+                r(0.0, Fail, true),
+            ],
+        ),
     ];
     let mined = mine_pairs(&groups, 15.0)?;
     let ids: Vec<(u64, usize, usize)> = mined
@@ -78,19 +91,21 @@ fn pairs_are_best_eligible_against_worst_with_drop_counts() -> Result<()> {
         .iter()
         .map(|p| (p.id.prompt_id.0, p.id.chosen, p.id.rejected))
         .collect();
-    assert_eq!(ids, vec![(0, 2, 1), (1, 1, 2)]);
+    assert_eq!(ids, vec![(0, 2, 1), (1, 1, 0), (6, 0, 2)]);
     assert_eq!(mined.pairs[0].margin, 18.0);
-    assert_eq!(mined.pairs[1].margin, 18.0);
+    assert_eq!(mined.pairs[1].margin, 16.0);
+    assert_eq!(mined.pairs[2].margin, 30.0);
     assert_eq!(
         (
             mined.dropped.below_margin,
             mined.dropped.no_eligible_chosen,
+            mined.dropped.no_eligible_rejected,
             mined.dropped.too_few_responses
         ),
-        (1, 1, 1)
+        (1, 1, 1, 1)
     );
     // A lower threshold keeps the third group.
-    assert_eq!(mine_pairs(&groups, 10.0)?.pairs.len(), 3);
+    assert_eq!(mine_pairs(&groups, 10.0)?.pairs.len(), 4);
     let bad = vec![group(7, vec![r(f64::NAN, Pass, true)])];
     assert!(mine_pairs(&bad, 0.0)
         .unwrap_err()

@@ -41,6 +41,7 @@ async fn optimizer_actor_trains_saves_and_resumes() -> Result<()> {
     let grpo = optimizer
         .send(TrainGrpo {
             batch: batch.clone(),
+            lr_scale: 1.0,
         })
         .await??;
     ensure!(
@@ -63,6 +64,7 @@ async fn optimizer_actor_trains_saves_and_resumes() -> Result<()> {
     let mpo = optimizer
         .send(TrainMpo {
             pairs: mpo_pairs(3),
+            lr_scale: 1.0,
         })
         .await??;
     ensure!(mpo.weights.version == 2);
@@ -82,7 +84,10 @@ async fn optimizer_actor_trains_saves_and_resumes() -> Result<()> {
     let mut bad = batch.clone();
     bad.groups[0].prompt_id = PromptId(42);
     let err = optimizer
-        .send(TrainGrpo { batch: bad })
+        .send(TrainGrpo {
+            batch: bad,
+            lr_scale: 1.0,
+        })
         .await?
         .expect_err("unknown prompt");
     ensure!(err.to_string().contains("42"), "{err}");
@@ -137,7 +142,12 @@ async fn optimizer_actor_trains_saves_and_resumes() -> Result<()> {
         resumed.bco_reward_mean()
     );
     let resumed = resumed.start_dedicated();
-    let next = resumed.send(TrainGrpo { batch }).await??;
+    let next = resumed
+        .send(TrainGrpo {
+            batch,
+            lr_scale: 1.0,
+        })
+        .await??;
     ensure!(next.weights.version == 3);
     Ok(())
 }

@@ -113,10 +113,20 @@ fn arm_config(
     config.model.dir = Some(start.to_path_buf());
     config.model.tiny = None;
     config.data.path = task.train.clone();
-    config.stages = vec![Stage::Grpo { steps: grpo_steps }];
-    // The staged run's GRPO learning rate, held constant (a fresh optimizer starts where it left off, without
-    // a warmup or a second decay).
-    let rate = r1v2_actors::train::schedule::learning_rate(&base.optimizer, start_step);
+    let prompts_per_step = base
+        .stages
+        .iter()
+        .find(|s| matches!(s, Stage::Grpo { .. }))
+        .and_then(Stage::prompts_per_step);
+    config.stages = vec![Stage::Grpo {
+        steps: grpo_steps,
+        prompts_per_step,
+        lr_scale: None,
+    }];
+    // The staged run's GRPO learning rate (with its stage's lr_scale), held constant (a fresh optimizer starts
+    // where it left off, without a warmup or a second decay).
+    let rate = r1v2_actors::train::schedule::learning_rate(&base.optimizer, start_step)
+        * base.lr_scale_at(start_step);
     config.optimizer.lr = rate;
     config.optimizer.warmup_steps = 0;
     config.optimizer.total_steps = 0;

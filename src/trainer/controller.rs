@@ -407,9 +407,10 @@ impl Controller {
         Ok(())
     }
 
-    /// The next batch of prompts, encoded into the prompt bank, each with its place in the prompt stream.
-    fn next_requests(&mut self) -> Result<Vec<GroupRequest>> {
-        let batch = self.loader.next_batch();
+    /// The prompts of step `step` (0-based; its stage's batch size), encoded into the prompt bank, each with
+    /// its place in the prompt stream.
+    fn next_requests(&mut self, step: u64) -> Result<Vec<GroupRequest>> {
+        let batch = self.loader.next_batch_of(self.config.prompts_at(step));
         let mut requests = Vec::with_capacity(batch.len());
         for sample in batch {
             // Every sample handed out by the loader came from `samples`, which `index_of` indexes.
@@ -515,7 +516,7 @@ impl Controller {
         let request = match self.prefetched.take() {
             Some(request) => request,
             None => {
-                let requests = self.next_requests()?;
+                let requests = self.next_requests(self.state.step)?;
                 self.generate_request(requests, self.config.generation.group_size)
             }
         };
@@ -523,7 +524,7 @@ impl Controller {
         if self.config.run.mode == ScheduleMode::Async
             && self.state.step + 1 < self.config.total_steps()
         {
-            let next = self.next_requests()?;
+            let next = self.next_requests(self.state.step + 1)?;
             self.prefetched = Some(self.generate_request(next, self.config.generation.group_size));
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -665,6 +666,7 @@ impl Controller {
     async fn update_and_sync(&mut self, update: Update) -> Result<UpdateMetrics> {
         let started = Instant::now();
         let shards = &self.actors.optimizers;
+        let lr_scale = self.config.lr_scale_at(self.state.step);
         let parts = update.split(shards.len());
         let requests = parts.into_iter().zip(shards).map(|(part, shard)| {
             let watchdog = &self.watchdog;
@@ -672,15 +674,15 @@ impl Controller {
                 let actor = ActorName::Optimizer;
                 match part {
                     Update::Sft(examples) => {
-                        let request = shard.send(TrainSft { examples });
+                        let request = shard.send(TrainSft { examples, lr_scale });
                         watchdog.call(actor, TrainSft::NAME, request).await
                     }
                     Update::Mpo(pairs) => {
-                        let request = shard.send(TrainMpo { pairs });
+                        let request = shard.send(TrainMpo { pairs, lr_scale });
                         watchdog.call(actor, TrainMpo::NAME, request).await
                     }
                     Update::Grpo(batch) => {
-                        let request = shard.send(TrainGrpo { batch });
+                        let request = shard.send(TrainGrpo { batch, lr_scale });
                         watchdog.call(actor, TrainGrpo::NAME, request).await
                     }
                 }

@@ -59,7 +59,7 @@ impl Controller {
     /// state rolled back) is sent again.
     async fn next_batch(&self) -> Result<TrainBatch> {
         let request = NextBatch {
-            target: self.config.data.prompts_per_step,
+            target: self.config.prompts_at(self.state.step),
             policy_version: self.state.policy_version,
         };
         let buffer = &self.actors.buffer;

@@ -20,7 +20,8 @@ impl Controller {
         let rollouts = self.sample(&mut metrics).await?;
         let scoring = self.score(rollouts, &mut metrics).await?;
 
-        // Pairs: chosen = best eligible response, rejected = the worst other (rl::mpo::mine_pairs).
+        // Pairs: chosen = best eligible response, rejected = the worst other one not verified correct
+        // (rl::mpo::mine_pairs).
         let mined = mine_pairs(&scoring.groups, self.config.rl.mpo.min_margin)?;
         metrics.mpo_pairs = Some(mined.pairs.len());
         let pairs: Vec<MpoPair> = mined

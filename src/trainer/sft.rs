@@ -13,7 +13,7 @@ impl Controller {
         let mut metrics = StepMetrics::default();
 
         // Prompts and their targets.
-        let requests = self.next_requests()?;
+        let requests = self.next_requests(self.state.step)?;
         let end_of_turn = self.encoder.stop_token_ids();
         let examples = requests
             .iter()

@@ -159,6 +159,7 @@ impl Handler<TrainGrpo> for Optimizer {
 
     fn handle(&mut self, msg: TrainGrpo, _ctx: &mut Context<Self>) -> Result<UpdateReport> {
         self.guarded("TrainGrpo", |this| {
+            this.trainer.set_lr_scale(msg.lr_scale)?;
             if msg.batch.policy_version != this.trainer.version() {
                 tracing::warn!(
                     batch = msg.batch.policy_version,
@@ -192,6 +193,7 @@ impl Handler<TrainMpo> for Optimizer {
 
     fn handle(&mut self, msg: TrainMpo, _ctx: &mut Context<Self>) -> Result<UpdateReport> {
         self.guarded("TrainMpo", |this| {
+            this.trainer.set_lr_scale(msg.lr_scale)?;
             let mut delta = this.bco_reward_mean;
             let report = match &this.collective {
                 Some(collective) => this.trainer.mpo_update_shard(
@@ -217,12 +219,15 @@ impl Handler<TrainSft> for Optimizer {
     type Result = Result<UpdateReport>;
 
     fn handle(&mut self, msg: TrainSft, _ctx: &mut Context<Self>) -> Result<UpdateReport> {
-        self.guarded("TrainSft", |this| match &this.collective {
-            Some(collective) => {
-                this.trainer
-                    .sft_update_shard(&msg.examples, &this.prompts, collective.as_ref())
+        self.guarded("TrainSft", |this| {
+            this.trainer.set_lr_scale(msg.lr_scale)?;
+            match &this.collective {
+                Some(collective) => {
+                    this.trainer
+                        .sft_update_shard(&msg.examples, &this.prompts, collective.as_ref())
+                }
+                None => this.trainer.sft_update(&msg.examples, &this.prompts),
             }
-            None => this.trainer.sft_update(&msg.examples, &this.prompts),
         })
     }
 }

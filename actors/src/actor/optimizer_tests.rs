@@ -81,7 +81,12 @@ async fn a_panicking_handler_is_an_error_and_the_actor_carries_on() -> anyhow::R
     let beat = actor.send(Heartbeat).await?;
     assert_eq!(beat.restarts, 1);
     // The trainer was not touched: the next update works.
-    let report = actor.send(TrainMpo { pairs: pairs() }).await??;
+    let report = actor
+        .send(TrainMpo {
+            pairs: pairs(),
+            lr_scale: 1.0,
+        })
+        .await??;
     assert_eq!(report.weights.version, 1);
     Ok(())
 }
@@ -96,7 +101,10 @@ async fn a_trainer_left_mid_step_refuses_updates_and_saves() -> anyhow::Result<(
         .await?
         .is_err());
     let error = actor
-        .send(TrainMpo { pairs: pairs() })
+        .send(TrainMpo {
+            pairs: pairs(),
+            lr_scale: 1.0,
+        })
         .await?
         .expect_err("a half-updated trainer must not train on");
     assert!(

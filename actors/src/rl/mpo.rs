@@ -261,6 +261,8 @@ pub struct DroppedPairs {
     pub too_few_responses: usize,
     /// No response passed both its verifier and the format check.
     pub no_eligible_chosen: usize,
+    /// Every other response passed its verifier and the format check: nothing to reject.
+    pub no_eligible_rejected: usize,
     /// Best eligible minus worst below the margin.
     pub below_margin: usize,
 }
@@ -275,8 +277,10 @@ pub struct MinedPairs {
 }
 
 /// Mines one (chosen, rejected) pair per group: chosen = the highest score among responses that pass their
-/// verifier (or have none) and the format check, rejected = the lowest score of the other responses; kept when
-/// the margin is at least `min_margin`. Ties go to the lower index.
+/// verifier (or have none) and the format check, rejected = the lowest score of the other responses that a
+/// verifier did not pass (failed answers, bad formats, open-ended ones), so a verified-correct response is
+/// never pushed down, however the reward model ranks it; kept when the margin is at least `min_margin`. Ties
+/// go to the lower index.
 pub fn mine_pairs(groups: &[Group], min_margin: f64) -> Result<MinedPairs> {
     let mut out = MinedPairs::default();
     for (g, group) in groups.iter().enumerate() {
@@ -304,16 +308,17 @@ pub fn mine_pairs(groups: &[Group], min_margin: f64) -> Result<MinedPairs> {
             out.dropped.no_eligible_chosen += 1;
             continue;
         };
+        let verified = |r: &ScoredResponse| r.format_ok && r.verifier == VerifierOutcome::Pass;
         let worst = responses
             .iter()
             .enumerate()
-            .filter(|(i, _)| *i != chosen)
+            .filter(|(i, r)| *i != chosen && !verified(r))
             .fold(None::<(usize, f64)>, |acc, (i, r)| match acc {
                 Some((_, s)) if s <= r.score => acc,
                 _ => Some((i, r.score)),
             });
-        // len >= 2 so some response other than `chosen` exists.
         let Some((rejected, rejected_score)) = worst else {
+            out.dropped.no_eligible_rejected += 1;
             continue;
         };
         let margin = chosen_score - rejected_score;

@@ -76,6 +76,8 @@ pub struct PolicyTrainer {
     in_step: bool,
     /// Fault drill: the data-parallel gradient of the update at this policy version panics (once).
     panic_at_version: Option<u64>,
+    /// Factor on the schedule's rate (the running stage's `lr_scale`).
+    lr_scale: f64,
 }
 
 fn adamw_params(config: &OptimConfig) -> AdamWParams {
@@ -153,6 +155,7 @@ impl PolicyTrainer {
             version: 0,
             in_step: false,
             panic_at_version: None,
+            lr_scale: 1.0,
         })
     }
 
@@ -213,6 +216,7 @@ impl PolicyTrainer {
             version: file.version,
             in_step: false,
             panic_at_version: None,
+            lr_scale: 1.0,
         })
     }
 
@@ -269,9 +273,20 @@ impl PolicyTrainer {
         self.reference.model()
     }
 
-    /// The learning rate the next update will use.
+    /// The learning rate the next update will use: the schedule's times the stage's factor.
     pub fn next_lr(&self) -> f64 {
-        learning_rate(&self.config, self.optimizer.step_count())
+        learning_rate(&self.config, self.optimizer.step_count()) * self.lr_scale
+    }
+
+    /// Sets the factor on the schedule's rate for the next updates (a stage's `lr_scale`).
+    pub fn set_lr_scale(&mut self, scale: f64) -> Result<()> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::msg(format!(
+                "lr_scale must be finite and > 0, got {scale}"
+            )));
+        }
+        self.lr_scale = scale;
+        Ok(())
     }
 
     /// A snapshot of the trainable tensors at the current version (copies: later updates do not change it).
