@@ -399,6 +399,7 @@ impl Controller {
             id,
             token_ids: encoded.token_ids,
             pixel_values: encoded.pixel_values,
+            image_grids: encoded.image_grids,
             answer: answer.to_string(),
             verifier: verifier.to_string(),
             question: question.to_string(),

@@ -95,6 +95,7 @@ impl Snapshot {
                     token_ids: prompt.token_ids.clone(),
                     prompt_index: request.prompt_index,
                     pixel_values: prompt.pixel_values.clone(),
+                    image_grids: prompt.image_grids.clone(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;

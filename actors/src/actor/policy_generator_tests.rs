@@ -50,6 +50,7 @@ fn generation_after_sync_samples_from_the_new_weights() -> Result<()> {
         id: PromptId(0),
         token_ids: vec![5, 6, 7, 8],
         pixel_values: None,
+        image_grids: Vec::new(),
         answer: String::new(),
         verifier: "math".into(),
         question: String::new(),
@@ -110,6 +111,7 @@ fn generation_after_sync_samples_from_the_new_weights() -> Result<()> {
         token_ids: vec![5, 6, 7, 8],
         prompt_index: 0,
         pixel_values: None,
+        image_grids: Vec::new(),
     };
     let expected = generate::generate_groups(&generator, &[input], 2, &greedy(), None)?;
     let expected: Vec<Vec<u32>> = expected[0].iter().map(|r| r.token_ids.clone()).collect();
