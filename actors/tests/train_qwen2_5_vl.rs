@@ -1,8 +1,8 @@
 //! Qwen2.5-VL as a policy (tests/fixtures/qwen2_5_vl/released: the tiny random model whose forward matches
 //! transformers): the response scorer's log-probs equal the full forward's (positions as the generator's decode
 //! steps: the prompt's `get_rope_index`, then `max + 1 + j`) with gradients reaching the vision tower, the
-//! merger and the LLM; GRPO updates change only the trainable groups, and save -> load -> step equals an
-//! uninterrupted step bit for bit.
+//! merger and the LLM; GRPO updates change only the trainable groups, save -> load -> step equals an
+//! uninterrupted step bit for bit, and MPO / SFT updates lower their losses.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,8 +13,9 @@ use r1v2_actors::model::chat::Trainable;
 use r1v2_actors::model::policy::{load_policy, LoadedPolicy};
 use r1v2_actors::model::qwen2_5_vl::{Images, Qwen25Vl};
 use r1v2_actors::prompt::{EncodedPrompt, PromptBank};
-use r1v2_actors::protocol::TrainBatch;
-use r1v2_actors::rl::config::GrpoConfig;
+use r1v2_actors::protocol::{MpoPair, SftExample, TrainBatch};
+use r1v2_actors::rl::config::{GrpoConfig, MpoConfig};
+use r1v2_actors::rl::mpo::BcoRewardMean;
 use r1v2_actors::rl::{Group, PromptId, Sample};
 use r1v2_actors::train::{OptimConfig, PolicyTrainer, ResponseRow, ResponseScorer};
 
@@ -318,5 +319,68 @@ fn qwen2_5_vl_grpo_trains_the_chosen_groups_and_resumes_bit_for_bit() -> Result<
             "{key} differs after resume"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn qwen2_5_vl_mpo_and_sft_updates_lower_their_losses() -> Result<()> {
+    let trainable = Trainable {
+        vision: false,
+        adapter: true,
+        llm: true,
+    };
+    let config = OptimConfig {
+        lr: 1e-2,
+        micro_batch: 4,
+        warmup_steps: 1,
+        total_steps: 20,
+        trainable,
+        ..Default::default()
+    };
+    let mut trainer = PolicyTrainer::new(load(trainable)?, config)?;
+    let prompts = prompts(trainer.policy().model.as_qwen2_5_vl().expect("Qwen2.5-VL"))?;
+    let bank = PromptBank::new();
+    for p in &prompts {
+        bank.insert((**p).clone());
+    }
+    let pairs: Vec<MpoPair> = (0..3)
+        .map(|i| MpoPair {
+            prompt_id: PromptId(i as u64),
+            chosen: vec![10 + i, 20, 30],
+            rejected: vec![90, 80 + i, 70, 60],
+        })
+        .collect();
+    let mut delta = BcoRewardMean::default();
+    let cfg = MpoConfig::default();
+    let first = trainer.mpo_update(&pairs, &bank, &cfg, &mut delta)?;
+    let mut last = first.clone();
+    for _ in 0..4 {
+        last = trainer.mpo_update(&pairs, &bank, &cfg, &mut delta)?;
+    }
+    for key in ["mpo/dpo", "mpo/sft"] {
+        ensure!(
+            last.metrics[key] < first.metrics[key],
+            "{key} did not fall: {} -> {}",
+            first.metrics[key],
+            last.metrics[key]
+        );
+    }
+    let examples: Vec<SftExample> = (0..3)
+        .map(|i| SftExample {
+            prompt_id: PromptId(i as u64),
+            response: vec![3 + i, 4, 5, 6],
+        })
+        .collect();
+    let first = trainer.sft_update(&examples, &bank)?;
+    let mut last = first.clone();
+    for _ in 0..4 {
+        last = trainer.sft_update(&examples, &bank)?;
+    }
+    ensure!(
+        last.metrics["sft/nll"] < first.metrics["sft/nll"],
+        "sft/nll did not fall: {} -> {}",
+        first.metrics["sft/nll"],
+        last.metrics["sft/nll"]
+    );
     Ok(())
 }
