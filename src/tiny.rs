@@ -1,6 +1,7 @@
 //! Random tiny models in the real checkpoint layouts, for CI, the demo and tests: an InternVL-chat policy
 //! (InternViT + `mlp1` + Qwen2), a Qwen2ForSequenceClassification reward model, and Qwen2.5-VL as a reward
-//! model (value head) or a policy (LM head), all with the shipped 328-id byte-level BPE tokenizer (`tests/fixtures/preprocess/tokenizer.json`, embedded).
+//! model (value head) or a policy (LM head), all with the shipped 328-id byte-level BPE tokenizer
+//! (`tests/fixtures/preprocess/tokenizer.json`, embedded; Qwen2.5-VL adds its four vision tokens).
 //!
 //! The weights are drawn once from a seeded ChaCha stream in sorted-name order (normal(0, 0.02) for
 //! matrices, ones for norm weights, zeros for biases), so a seed always gives the same model. The directories

@@ -1,6 +1,6 @@
-//! Log-probs of responses under the policy (InternVL-chat or Qwen2.5-VL), for a micro-batch of (prompt, response) rows, at
-//! temperature 1 (`log_softmax(logits)[token]`, no logits processors: what the generator records as the
-//! behaviour log-probs, so the importance ratio compares like with like).
+//! Log-probs of responses under the policy (InternVL-chat or Qwen2.5-VL), for a micro-batch of (prompt,
+//! response) rows, at temperature 1 (`log_softmax(logits)[token]`, no logits processors: what the generator
+//! records as the behaviour log-probs, so the importance ratio compares like with like).
 //!
 //! Rows are `prompt ++ response`, right-padded. Each distinct prompt's image tiles go through the vision
 //! tower and adapter once, however many rows (the G responses of a group) share the prompt; the adapter's
