@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [run]                       # seed, schedule mode, checkpoints, determinism
-//! [model]                     # dir = "path/to/internvl_chat" (or tiny = { seed = 0 } for a random tiny model)
+//! [model]                     # dir = "path/to/internvl_chat" or a Qwen2.5-VL dir (or tiny = { seed = 0 })
 //! [data]                      # path = "train.jsonl", prompts_per_step = 8
 //! [generation]                # group_size = 8 + the sampling parameters (temperature, top_p, ...)
 //! [[stages]]                  # kind = "sft" | "mpo" | "grpo", with steps / rounds (+ prompts_per_step, lr_scale)
@@ -113,7 +113,8 @@ impl Default for TinySpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// An InternVL-chat / Skywork-R1V checkpoint directory (relative paths: to the config file).
+    /// An InternVL-chat / Skywork-R1V or a Qwen2.5-VL (with its LM head) checkpoint directory (relative
+    /// paths: to the config file).
     #[serde(default)]
     pub dir: Option<PathBuf>,
     /// Or a random tiny model.

@@ -1,27 +1,56 @@
-//! From a question and image files to what the chat model takes: token ids with the chat template applied
+//! From a question and image files to what the policy model takes: token ids with the chat template applied
 //! and each image's `<IMG_CONTEXT>` run, plus the image tiles.
 //!
 //! [`PromptEncoder`] ties together the pieces of [`crate::text`] (tokenizer, [`ChatTemplate`],
 //! `<image>` expansion) and [`crate::images`] (InternVL tiling and Pillow-exact preprocessing), read from
 //! a model directory, as InternVL's `chat` does: one `<image>` placeholder per image (a single image
 //! without one gets `<image>\n` in front), each replaced by `<img>` + `<IMG_CONTEXT>` x (tokens per tile
-//! x tiles) + `</img>`. It also knows the model's stop tokens and decodes responses.
+//! x tiles) + `</img>`. For Qwen2.5-VL each image becomes `<|vision_start|>` + `<|image_pad|>` x (merged
+//! patches: the processor's smart-resized grid / merge size²) + `<|vision_end|>`, at its `<image>` placeholder
+//! or, without placeholders, all in front of the question (transformers' chat template with the image items
+//! first, as `train-rm` encodes them), and the pixels are the processor's flattened patches. It also knows the
+//! model's stop tokens and decodes responses.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use r1v2_actors::model::qwen2_5_vl::Config as VlConfig;
+
+use crate::images::qwen2_vl::{load_images, ProcessorConfig};
 use crate::images::{load_image, TilingConfig};
 use crate::model_dir::{read_json, ModelKind};
+use crate::text::chat::IMAGE_PLACEHOLDER;
 use crate::text::tokenizer::{END_OF_TEXT, IMG_CONTEXT, IM_END};
 use crate::text::{encode_prompt, ChatTemplate, Tokenizer};
 use crate::{Error, Result};
 
-/// How a model that takes images cuts them, read from its config.json.
+/// How an InternVL-chat model cuts images, read from its config.json.
 #[derive(Debug, Clone, Copy)]
 struct ImageSetup {
     tiling: TilingConfig,
     tokens_per_tile: usize,
+}
+
+/// How Qwen2.5-VL takes images: its processor (preprocessor_config.json) and vision tokens (config.json).
+#[derive(Debug, Clone)]
+struct VlSetup {
+    processor: ProcessorConfig,
+    config: VlConfig,
+    start: String,
+    pad: String,
+    end: String,
+}
+
+/// The image side of an encoder.
+#[derive(Debug, Clone)]
+enum Vision {
+    /// A plain Qwen2: no images.
+    None,
+    /// InternVL-chat tiles.
+    Tiles(ImageSetup),
+    /// Qwen2.5-VL patches.
+    Patches(Box<VlSetup>),
 }
 
 /// A prompt ready for the generation engine (`r1v2_actors::generate::PromptInput`).
@@ -29,8 +58,11 @@ struct ImageSetup {
 pub struct EncodedText {
     /// The prompt's token ids: chat template applied, every image's `<IMG_CONTEXT>` run in place.
     pub token_ids: Vec<u32>,
-    /// The tiles of all images, in order: `(tiles, 3, S, S)` in the encoder's dtype; none without images.
+    /// The images, in order, in the encoder's dtype; none without images: InternVL-chat tiles
+    /// `(tiles, 3, S, S)`, or Qwen2.5-VL's flattened patches `(patches, 3 * T * P * P)`.
     pub pixel_values: Option<Tensor>,
+    /// Qwen2.5-VL: each image's `(t, h, w)` patch grid; empty otherwise.
+    pub image_grids: Vec<[usize; 3]>,
 }
 
 /// Turns (question, image files) into prompts for a chat or Qwen2 model, and responses back into text.
@@ -38,8 +70,8 @@ pub struct EncodedText {
 pub struct PromptEncoder {
     tokenizer: Tokenizer,
     template: ChatTemplate,
-    /// None for a model that takes no images (a plain Qwen2).
-    images: Option<ImageSetup>,
+    /// How the model takes images, if it does.
+    vision: Vision,
     stop_token_ids: Vec<u32>,
     /// The model directory's config.json (named in errors).
     config_path: PathBuf,
@@ -48,8 +80,8 @@ pub struct PromptEncoder {
 }
 
 impl PromptEncoder {
-    /// Reads tokenizer.json and config.json (image size, max tiles, thumbnail, tokens per tile) of a chat or
-    /// Qwen2 model dir.
+    /// Reads tokenizer.json and config.json (image size, max tiles, thumbnail, tokens per tile) of a chat,
+    /// Qwen2 or Qwen2.5-VL model dir (for Qwen2.5-VL also preprocessor_config.json).
     ///
     /// Tiles come out in `dtype` on `device`. The template has no system message (set one with
     /// [`Self::with_template`]). Stop tokens: generation_config.json's `eos_token_id` (a number or a list)
@@ -57,21 +89,36 @@ impl PromptEncoder {
     pub fn from_model_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
-        let images =
-            match ModelKind::from_config(&config, &config_path)? {
-                ModelKind::Chat => Some(ImageSetup {
-                    tiling: TilingConfig::from_model_config(&config, &config_path)?,
-                    tokens_per_tile: TilingConfig::tokens_per_tile(&config, &config_path)?,
-                }),
-                ModelKind::Qwen2CausalLm | ModelKind::Qwen2ValueHead => None,
-                ModelKind::Qwen25Vl => return Err(Error::File {
-                    path: config_path,
-                    msg:
-                        "qwen2_5_vl: the prompt encoder does not place Qwen2.5-VL image tokens yet"
-                            .into(),
-                }),
-            };
         let tokenizer = Tokenizer::from_model_dir(dir)?;
+        let vision = match ModelKind::from_config(&config, &config_path)? {
+            ModelKind::Chat => Vision::Tiles(ImageSetup {
+                tiling: TilingConfig::from_model_config(&config, &config_path)?,
+                tokens_per_tile: TilingConfig::tokens_per_tile(&config, &config_path)?,
+            }),
+            ModelKind::Qwen2CausalLm | ModelKind::Qwen2ValueHead => Vision::None,
+            ModelKind::Qwen25Vl => {
+                let config = VlConfig::from_value(&config).map_err(|err| Error::File {
+                    path: config_path.clone(),
+                    msg: err.to_string(),
+                })?;
+                let token = |id: u32| -> Result<String> {
+                    tokenizer
+                        .inner()
+                        .id_to_token(id)
+                        .ok_or_else(|| Error::File {
+                            path: tokenizer.path().to_path_buf(),
+                            msg: format!("no token with id {id} (named by config.json)"),
+                        })
+                };
+                Vision::Patches(Box::new(VlSetup {
+                    processor: ProcessorConfig::from_dir(dir)?,
+                    start: token(config.vision_start_token_id)?,
+                    pad: token(config.image_token_id)?,
+                    end: token(config.vision_end_token_id)?,
+                    config,
+                }))
+            }
+        };
         let mut stop_token_ids = generation_config_eos(&dir.join("generation_config.json"))?;
         for token in [IM_END, END_OF_TEXT] {
             if let Ok(id) = tokenizer.token_id(token) {
@@ -83,7 +130,7 @@ impl PromptEncoder {
         Ok(Self {
             tokenizer,
             template: ChatTemplate::default(),
-            images,
+            vision,
             stop_token_ids,
             config_path,
             device: device.clone(),
@@ -102,18 +149,21 @@ impl PromptEncoder {
         &self.template
     }
 
-    /// Whether the model takes images (a chat model).
+    /// Whether the model takes images (a chat or Qwen2.5-VL model).
     pub fn takes_images(&self) -> bool {
-        self.images.is_some()
+        !matches!(self.vision, Vision::None)
     }
 
-    /// `<IMG_CONTEXT>` tokens per image tile, for a model that takes images.
+    /// `<IMG_CONTEXT>` tokens per image tile, for an InternVL-chat model.
     pub fn tokens_per_tile(&self) -> Option<usize> {
-        self.images.map(|setup| setup.tokens_per_tile)
+        match &self.vision {
+            Vision::Tiles(setup) => Some(setup.tokens_per_tile),
+            _ => None,
+        }
     }
 
-    /// Chat template applied, one `<image>` placeholder per image expanded to its IMG_CONTEXT run, tiles
-    /// preprocessed.
+    /// Chat template applied, one `<image>` placeholder per image expanded to its IMG_CONTEXT run (Qwen2.5-VL:
+    /// its vision run), images preprocessed.
     ///
     /// Errors: an empty question; images for a model that takes none (naming its config.json); an image
     /// file that cannot be read or decoded (naming it); placeholders that do not match the images; a
@@ -127,16 +177,21 @@ impl PromptEncoder {
             return Ok(EncodedText {
                 token_ids,
                 pixel_values: None,
+                image_grids: Vec::new(),
             });
         }
-        let Some(setup) = self.images else {
-            return Err(Error::File {
-                path: self.config_path.clone(),
-                msg: format!(
-                    "{} image(s) given, but this model (a Qwen2 LLM) takes no images",
-                    images.len()
-                ),
-            });
+        let setup = match &self.vision {
+            Vision::Tiles(setup) => *setup,
+            Vision::Patches(setup) => return self.encode_patches(setup, question, images),
+            Vision::None => {
+                return Err(Error::File {
+                    path: self.config_path.clone(),
+                    msg: format!(
+                        "{} image(s) given, but this model (a Qwen2 LLM) takes no images",
+                        images.len()
+                    ),
+                })
+            }
         };
         let context_id = self.tokenizer.image_token_ids()?.context;
         let mut tiles = Vec::with_capacity(images.len());
@@ -170,6 +225,67 @@ impl PromptEncoder {
         Ok(EncodedText {
             token_ids,
             pixel_values: Some(pixel_values),
+            image_grids: Vec::new(),
+        })
+    }
+
+    /// Qwen2.5-VL: each image's vision run at its `<image>` placeholder (or all in front of the question
+    /// when it has none), patches preprocessed as transformers' `Qwen2VLImageProcessor`.
+    fn encode_patches(
+        &self,
+        setup: &VlSetup,
+        question: &str,
+        paths: &[PathBuf],
+    ) -> Result<EncodedText> {
+        let images = load_images(paths, &setup.processor, &self.device)?;
+        let runs: Vec<String> = images
+            .grids
+            .iter()
+            .map(|&grid| {
+                let pads = setup.pad.repeat(setup.config.image_tokens(grid));
+                format!("{}{pads}{}", setup.start, setup.end)
+            })
+            .collect();
+        let pieces: Vec<&str> = question.split(IMAGE_PLACEHOLDER).collect();
+        let text = if pieces.len() == 1 {
+            format!("{}{question}", runs.concat())
+        } else if pieces.len() - 1 == runs.len() {
+            let mut text = pieces[0].to_string();
+            for (run, piece) in runs.iter().zip(&pieces[1..]) {
+                text.push_str(run);
+                text.push_str(piece);
+            }
+            text
+        } else {
+            return Err(Error::Msg(format!(
+                "the text has {} `{IMAGE_PLACEHOLDER}` placeholders but {} images were given",
+                pieces.len() - 1,
+                runs.len()
+            )));
+        };
+        let token_ids = self.tokenizer.encode(&self.template.prompt(&text))?;
+        // The tokenizer must keep every `<|image_pad|>` whole (an added token of Qwen2.5-VL's vocab).
+        let pad_id = setup.config.image_token_id;
+        let found = token_ids.iter().filter(|&&id| id == pad_id).count();
+        let needed: usize = images
+            .grids
+            .iter()
+            .map(|&g| setup.config.image_tokens(g))
+            .sum();
+        if found != needed {
+            return Err(Error::File {
+                path: self.tokenizer.path().to_path_buf(),
+                msg: format!(
+                    "the prompt encodes to {found} `{}` tokens (id {pad_id}), its images (grids {:?}) need \
+                     {needed}: the question may hold `{}` itself",
+                    setup.pad, images.grids, setup.pad
+                ),
+            });
+        }
+        Ok(EncodedText {
+            token_ids,
+            pixel_values: Some(images.pixel_values.to_dtype(self.dtype)?),
+            image_grids: images.grids,
         })
     }
 

@@ -226,3 +226,73 @@ fn bad_input_is_an_error_naming_the_file() {
     let err = chat.encode("  \n", &[]).unwrap_err().to_string();
     assert!(err.contains("empty"), "{err}");
 }
+
+/// A tiny Qwen2.5-VL policy directory (config, preprocessor config, tokenizer with the vision tokens).
+fn vl_encoder() -> (tempfile::TempDir, PromptEncoder) {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let spec = crate::config::TinySpec::default();
+    crate::tiny::write_vl_policy_model(dir.path(), &spec).expect("a tiny Qwen2.5-VL");
+    let encoder = PromptEncoder::from_model_dir(dir.path(), &Device::Cpu, DType::F32)
+        .expect("a qwen2_5_vl dir");
+    (dir, encoder)
+}
+
+#[test]
+fn qwen2_5_vl_images_become_pad_runs_and_patches() -> Result<()> {
+    let (dir, encoder) = vl_encoder();
+    assert!(encoder.takes_images() && encoder.tokens_per_tile().is_none());
+    let config = VlConfig::from_file(&dir.path().join("config.json"))?;
+    let processor = ProcessorConfig::from_dir(dir.path())?;
+    let images = [
+        fixture("preprocess/img_wide.png"),
+        fixture("preprocess/img_tall.png"),
+    ];
+    let encoded = encoder.encode("Compare <image> with <image>.", &images)?;
+    // Pixels and grids are the processor's (exact against transformers, tested in images/qwen2_vl.rs).
+    let want = load_images(&images, &processor, &Device::Cpu)?;
+    assert_eq!(encoded.image_grids, want.grids);
+    let pixels = encoded.pixel_values.as_ref().expect("patches");
+    assert_eq!(max_abs_diff(pixels, &want.pixel_values), 0.0);
+    // Each image's run sits at its placeholder: start, N pads (N = t * h * w / merge²), end.
+    let ids = &encoded.token_ids;
+    let starts: Vec<usize> = (0..ids.len())
+        .filter(|&i| ids[i] == config.vision_start_token_id)
+        .collect();
+    assert_eq!(starts.len(), 2, "{ids:?}");
+    for (&start, &grid) in starts.iter().zip(&want.grids) {
+        let n = grid[0] * grid[1] * grid[2] / 4;
+        assert_eq!(config.image_tokens(grid), n);
+        assert!(ids[start + 1..=start + n]
+            .iter()
+            .all(|&id| id == config.image_token_id));
+        assert_eq!(ids[start + n + 1], config.vision_end_token_id);
+    }
+    let tokenizer = encoder.tokenizer();
+    let text = tokenizer.inner().decode(ids, false).expect("decodes");
+    assert!(
+        text.starts_with("<|im_start|>user\nCompare <|vision_start|><|image_pad|>")
+            && text.contains("<|vision_end|> with <|vision_start|>")
+            && text.ends_with("<|vision_end|>.<|im_end|>\n<|im_start|>assistant\n"),
+        "{text}"
+    );
+    // Without placeholders the runs go in front, as train-rm (and the Qwen2.5-VL reward model) encode them.
+    let plain = encoder.encode("What is this?", &images[..1])?;
+    let pairs = crate::rm_train::data::PairEncoder::from_model_dir(dir.path(), true)?;
+    let (rm_ids, _) = pairs.encode_prompt("What is this?", &images[..1], &Device::Cpu)?;
+    assert_eq!(plain.token_ids, rm_ids);
+    // Mismatched placeholders and a question that writes a pad token itself are errors.
+    let err = encoder
+        .encode("<image> <image> <image>", &images)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("3 `<image>` placeholders but 2 images"),
+        "{err}"
+    );
+    let err = encoder
+        .encode("<|image_pad|> what?", &images[..1])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
+    Ok(())
+}

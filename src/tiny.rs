@@ -1,6 +1,7 @@
 //! Random tiny models in the real checkpoint layouts, for CI, the demo and tests: an InternVL-chat policy
-//! (InternViT + `mlp1` + Qwen2) and a Qwen2ForSequenceClassification reward model, both with the shipped
-//! 328-id byte-level BPE tokenizer (`tests/fixtures/preprocess/tokenizer.json`, embedded).
+//! (InternViT + `mlp1` + Qwen2), a Qwen2ForSequenceClassification reward model, and Qwen2.5-VL as a reward
+//! model (value head) or a policy (LM head), all with the shipped 328-id byte-level BPE tokenizer
+//! (`tests/fixtures/preprocess/tokenizer.json`, embedded; Qwen2.5-VL adds its four vision tokens).
 //!
 //! The weights are drawn once from a seeded ChaCha stream in sorted-name order (normal(0, 0.02) for
 //! matrices, ones for norm weights, zeros for biases), so a seed always gives the same model. The directories
@@ -189,6 +190,25 @@ const VL_TOKENS: [&str; 4] = [
 /// reads images: the policy's tokenizer plus the four vision tokens (ids 328..=331), a 2-block vision tower
 /// with window attention, a value head. Reproducible from `spec.seed`.
 pub fn write_vl_reward_model(dir: &Path, spec: &TinySpec) -> Result<()> {
+    write_vl_model(dir, spec, VlHead::Value)
+}
+
+/// A random tiny Qwen2.5-VL policy (`Qwen2_5_VLForConditionalGeneration` with `lm_head.weight`, no value
+/// head), otherwise as [`write_vl_reward_model`]. Reproducible from `spec.seed`.
+pub fn write_vl_policy_model(dir: &Path, spec: &TinySpec) -> Result<()> {
+    write_vl_model(dir, spec, VlHead::Lm)
+}
+
+/// Which head a tiny Qwen2.5-VL gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VlHead {
+    /// TRL's value head in `value_head.safetensors` (a reward model).
+    Value,
+    /// The LM head `lm_head.weight` (a policy).
+    Lm,
+}
+
+fn write_vl_model(dir: &Path, spec: &TinySpec, head_kind: VlHead) -> Result<()> {
     create_dir(dir)?;
     let heads = (spec.hidden / 16).max(2);
     let id = |i: usize| VOCAB_SIZE + i;
@@ -230,16 +250,27 @@ pub fn write_vl_reward_model(dir: &Path, spec: &TinySpec) -> Result<()> {
     });
     let config = r1v2_actors::model::qwen2_5_vl::Config::from_value(&config_json)?;
     let (model, head) = (VarMap::new(), VarMap::new());
+    let model_vb = VarBuilder::from_varmap(&model, DType::F32, &Device::Cpu);
+    if head_kind == VlHead::Lm {
+        candle_nn::linear_no_bias(
+            spec.hidden,
+            VOCAB_SIZE + VL_TOKENS.len(),
+            model_vb.pp("lm_head"),
+        )?;
+    }
     r1v2_actors::model::qwen2_5_vl::Qwen25Vl::new(
         &config,
-        VarBuilder::from_varmap(&model, DType::F32, &Device::Cpu),
-        Some(VarBuilder::from_varmap(&head, DType::F32, &Device::Cpu)),
+        model_vb,
+        (head_kind == VlHead::Value)
+            .then(|| VarBuilder::from_varmap(&head, DType::F32, &Device::Cpu)),
     )?;
     write_json(&dir.join("config.json"), &config_json)?;
     write_weights(dir, &randomise(&model, spec.seed)?)?;
-    let head: std::collections::HashMap<String, Tensor> =
-        randomise(&head, spec.seed + 1)?.into_iter().collect();
-    candle_core::safetensors::save(&head, dir.join("value_head.safetensors"))?;
+    if head_kind == VlHead::Value {
+        let head: std::collections::HashMap<String, Tensor> =
+            randomise(&head, spec.seed + 1)?.into_iter().collect();
+        candle_core::safetensors::save(&head, dir.join("value_head.safetensors"))?;
+    }
     write_json(
         &dir.join("preprocessor_config.json"),
         &serde_json::json!({

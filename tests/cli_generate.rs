@@ -1,5 +1,5 @@
 //! `r1v2 generate` end to end: its output for a fixed seed equals the library's `generate_groups` on the same
-//! prompt, for a chat model with an image and a plain Qwen2; bad input is an error, never a panic.
+//! prompt, for a chat model with an image, a tiny Qwen2.5-VL with images and a plain Qwen2; bad input is an error, never a panic.
 //!
 //! Model directories are built in a temp dir from the tiny fixtures (tests/fixtures/internvl/vit300m and
 //! tests/fixtures/qwen2/untied) with the tokenizer of tests/fixtures/preprocess (328 ids): the fixtures'
@@ -16,10 +16,11 @@ use r1v2::cli::generate::describe_finish;
 use r1v2::prompting::PromptEncoder;
 use r1v2_actors::generate::chat::ChatGenerator;
 use r1v2_actors::generate::qwen2::Qwen2Generator;
+use r1v2_actors::generate::qwen2_5_vl::Qwen25VlGenerator;
 use r1v2_actors::generate::{generate_groups, PromptInput, Rollout, SamplingParams};
 use r1v2_actors::model::chat::{ChatModel, Trainable};
-use r1v2_actors::model::qwen2;
 use r1v2_actors::model::weights::WeightStore;
+use r1v2_actors::model::{qwen2, qwen2_5_vl};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 const VOCAB: usize = 328;
@@ -148,6 +149,7 @@ fn library_group(
         token_ids: encoded.token_ids,
         prompt_index: 0,
         pixel_values: encoded.pixel_values,
+        image_grids: encoded.image_grids,
     };
     let params = params(&encoder, seed, max_new_tokens);
     let decode = |ids: &[u32]| {
@@ -163,6 +165,12 @@ fn library_group(
         let mut model = qwen2::ForCausalLM::new(&cfg, store.frozen_var_builder())?;
         model.pack_weights()?; // as the CLI does
         let generator = Qwen2Generator::new(&model, &Device::Cpu);
+        generate_groups(&generator, &[prompt], n, &params, Some(&decode))?
+    } else if config["model_type"] == "qwen2_5_vl" {
+        let model = qwen2_5_vl::load_dir(dir, DType::F32, &Device::Cpu, |_| false)?.model;
+        let mut decoder = model.causal_lm()?;
+        decoder.pack_weights()?; // as the CLI does
+        let generator = Qwen25VlGenerator::new(&model, &decoder, &Device::Cpu);
         generate_groups(&generator, &[prompt], n, &params, Some(&decode))?
     } else {
         let mut loaded = ChatModel::load(dir, DType::F32, &Device::Cpu, Trainable::frozen())?;
@@ -280,6 +288,35 @@ fn qwen2_model_matches_the_library() -> Result<()> {
     // Another seed gives other responses (the seed reaches the sampler).
     let other = library_group(dir.path(), "Tell me a story.", &[], 2, 6, 15)?;
     ensure!(other != group);
+    Ok(())
+}
+
+#[test]
+fn qwen2_5_vl_model_with_images_matches_the_library() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    r1v2::tiny::write_vl_policy_model(dir.path(), &r1v2::config::TinySpec::default())?;
+    let images = [
+        fixture("preprocess/img_wide.png"),
+        fixture("preprocess/img_tall.png"),
+    ];
+    let question = "Compare <image> and <image>.";
+    let group = library_group(dir.path(), question, &images, 2, 7, 10)?;
+    let mut args = cli_args(dir.path(), question, "7", "10");
+    for image in &images {
+        args.extend(["--image", path_str(image)]);
+    }
+    args.extend(["-n", "2", "--json"]);
+    check_json_output(&r1v2(&args), &group)?;
+    // The images reach the model: other images give other responses.
+    let other = library_group(
+        dir.path(),
+        question,
+        &[images[1].clone(), images[0].clone()],
+        2,
+        7,
+        10,
+    )?;
+    ensure!(other != group, "swapping the images changed nothing");
     Ok(())
 }
 

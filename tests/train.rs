@@ -538,3 +538,93 @@ fn stages_set_their_own_prompts_per_step_and_learning_rate_scale() {
         "{stderr}"
     );
 }
+
+/// The tiny config (SFT, MPO and GRPO stages, a Qwen2 reward model) with a tiny Qwen2.5-VL policy (LM head, no
+/// value head), `grpo_steps` GRPO steps and a checkpoint after each step.
+fn vl_policy_config(model_dir: &Path, grpo_steps: usize) -> String {
+    let config = tiny_config().replace("checkpoint_every = 2", "checkpoint_every = 1");
+    let model_line = config
+        .lines()
+        .find(|l| l.starts_with("tiny = { seed = 0"))
+        .expect("tiny.toml's [model] line");
+    let grpo = "kind = \"grpo\"\nsteps = 3";
+    assert!(config.contains(grpo), "tiny.toml's GRPO stage");
+    config
+        .replace(
+            model_line,
+            &format!("dir = {:?}", model_dir.to_str().expect("UTF-8 temp path")),
+        )
+        .replace(grpo, &format!("kind = \"grpo\"\nsteps = {grpo_steps}"))
+}
+
+#[test]
+fn a_qwen2_5_vl_policy_trains_with_grpo_checkpoints_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("vl-policy");
+    let spec = r1v2::config::TinySpec {
+        hidden: 64,
+        layers: 2,
+        ..Default::default()
+    };
+    r1v2::tiny::write_vl_policy_model(&model, &spec).unwrap();
+    let initial = std::fs::read(model.join("model.safetensors")).unwrap();
+    let run = dir.path().join("run");
+    // SFT 2 + MPO 2 + GRPO 2 steps.
+    let config = write_config(dir.path(), "vl.toml", &vl_policy_config(&model, 2));
+    assert_ok(&train(&config, &run, false));
+    let (step, weights) = final_weights(&run);
+    assert_eq!(step, 6);
+    assert_ne!(weights, initial, "training left the weights as they were");
+    let metrics = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.len(), 6);
+    // Every logged value is finite; the SFT and GRPO steps updated the policy (a GRPO update is skipped only
+    // when no group is informative).
+    for record in &metrics {
+        for (key, value) in &record.values {
+            assert!(value.is_finite(), "step {} `{key}` = {value}", record.step);
+        }
+    }
+    // (The random policy never answers right, so MPO mines no pair here: actors/tests/train_qwen2_5_vl.rs
+    // runs MPO and SFT updates on Qwen2.5-VL.)
+    assert!(metrics[..2]
+        .iter()
+        .all(|r| r.values.contains_key("sft/nll")));
+    assert!(metrics[4..]
+        .iter()
+        .any(|r| r.values.contains_key("actor/pg_loss")));
+    for record in &metrics[4..] {
+        let value = |key: &str| record.values.get(key).copied().unwrap_or(f64::NAN);
+        println!(
+            "GRPO step {}: actor/pg_loss {:.4e}, actor/kl {:.3e}, actor/grad_norm {:.4}, reward/mean {:.3}",
+            record.step,
+            value("actor/pg_loss"),
+            value("actor/kl"),
+            value("actor/grad_norm"),
+            value("reward/mean")
+        );
+    }
+    // The checkpoint is a Qwen2.5-VL policy directory again, trained tensors included.
+    let checkpoint = run.join("checkpoints/step-6/model");
+    let loaded = r1v2_actors::model::policy::load_policy(
+        &checkpoint,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        r1v2_actors::model::chat::Trainable::frozen(),
+    )
+    .unwrap();
+    assert!(loaded.model.as_qwen2_5_vl().is_some() && loaded.unexpected.is_empty());
+    assert!(checkpoint.join("preprocessor_config.json").is_file());
+
+    // Resumed with two more GRPO steps, the run continues from step 6.
+    let config = write_config(dir.path(), "vl4.toml", &vl_policy_config(&model, 4));
+    assert_ok(&train(&config, &run, true));
+    let (step, resumed) = final_weights(&run);
+    assert_eq!(step, 8);
+    assert_ne!(resumed, weights, "the resumed steps did not train");
+    let metrics = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics.iter().map(|r| r.step).collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<u64>>());
+    assert!(metrics[6..]
+        .iter()
+        .any(|r| r.values.contains_key("actor/pg_loss")));
+}

@@ -2,7 +2,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`model`] | the R1V model family: Qwen2 LLM, InternViT, the `mlp1` adapter, the chat model, value head, HF checkpoint I/O |
+//! | [`model`] | the R1V model family: Qwen2 LLM, InternViT, the `mlp1` adapter, the chat model, Qwen2.5-VL, the policy of either family, value head, HF checkpoint I/O |
 //! | [`verifiers`] | rule-based verifiers (math, choice, format, code, external plugins) behind the [`verifiers::Verifier`] trait |
 //! | [`generate`] | batched grouped sampling for the policy generator: logits processors, stop strings, the engine |
 //! | [`monitor`] | the hallucination monitor and reward calibration as pure state |

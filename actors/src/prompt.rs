@@ -12,15 +12,18 @@ use dashmap::DashMap;
 
 use crate::rl::PromptId;
 
-/// One prompt, ready for the chat model.
+/// One prompt, ready for the policy model.
 #[derive(Debug, Clone)]
 pub struct EncodedPrompt {
     /// Which prompt of the pool.
     pub id: PromptId,
     /// Prompt token ids, chat template applied, every image's `<IMG_CONTEXT>` run expanded.
     pub token_ids: Vec<u32>,
-    /// The image tiles `(tiles, 3, S, S)` in the model's dtype and device, or none for a text-only prompt.
+    /// The images in the model's dtype and device, or none for a text-only prompt: InternVL-chat tiles
+    /// `(tiles, 3, S, S)`, or Qwen2.5-VL's flattened patches `(patches, C * T * P * P)`.
     pub pixel_values: Option<Tensor>,
+    /// Qwen2.5-VL: each image's `(t, h, w)` patch grid, in prompt order; empty otherwise.
+    pub image_grids: Vec<[usize; 3]>,
     /// The reference answer (for the verifiers).
     pub answer: String,
     /// Which verifier judges the responses.

@@ -61,11 +61,13 @@ impl Fixture {
                 token_ids: self.input_ids[0].clone(),
                 prompt_index: 0,
                 pixel_values: Some(self.pixel_values.narrow(0, 0, 2)?),
+                image_grids: Vec::new(),
             },
             PromptInput {
                 token_ids: self.input_ids[1].clone(),
                 prompt_index: 1,
                 pixel_values: Some(self.pixel_values.narrow(0, 2, 1)?),
+                image_grids: Vec::new(),
             },
             PromptInput::text(vec![38, 14, 84, 68, 66], 2),
         ])

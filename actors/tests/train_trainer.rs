@@ -134,8 +134,8 @@ fn mpo_gradient_accumulation_equals_single_batch() -> Result<()> {
 #[test]
 fn adapter_only_update_changes_only_mlp1_and_reference_shares_frozen_tensors() -> Result<()> {
     let mut trainer = trainer(4)?;
-    let policy = &trainer.policy().model;
-    let reference = trainer.reference();
+    let policy = trainer.policy().model.as_chat().expect("a chat policy");
+    let reference = trainer.reference().as_chat().expect("a chat reference");
     // The frozen modules are the same tensors (same storage), not copies.
     ensure!(
         policy.llm.model.embedding_weight().id() == reference.llm.model.embedding_weight().id(),
@@ -152,7 +152,7 @@ fn adapter_only_update_changes_only_mlp1_and_reference_shares_frozen_tensors() -
     let bank = bank()?;
     let batch = grpo_batch(&[(0, &[1.0, -1.0]), (1, &[0.5, -0.5])], None)?;
     let prompts = prompts()?;
-    let reference_before = trainer.reference().forward(
+    let reference_before = trainer.reference().as_chat().expect("chat").forward(
         &Tensor::new(prompts[0].token_ids.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?,
         prompts[0].pixel_values.as_ref(),
         None,
@@ -176,7 +176,7 @@ fn adapter_only_update_changes_only_mlp1_and_reference_shares_frozen_tensors() -
         "changed: {changed:?}"
     );
     // The reference did not move with the policy.
-    let reference_after = trainer.reference().forward(
+    let reference_after = trainer.reference().as_chat().expect("chat").forward(
         &Tensor::new(prompts[0].token_ids.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?,
         prompts[0].pixel_values.as_ref(),
         None,
@@ -230,7 +230,8 @@ fn grpo_updates_raise_positive_advantage_logprobs() -> Result<()> {
     let bank = bank()?;
     // The policy's model shares its Vars, so this scorer follows the updates.
     let policy = trainer.policy();
-    let scorer = ResponseScorer::new(policy.model.clone(), &policy.store.frozen_var_builder())?;
+    let scorer =
+        ResponseScorer::for_policy(policy.model.clone(), &policy.store.frozen_var_builder())?;
     let batch = grpo_batch(
         &[(0, &[1.0, -1.0, 1.0, -1.0]), (1, &[-1.0, 1.0])],
         Some(&scorer),
@@ -298,8 +299,23 @@ fn save_load_step_equals_uninterrupted_step() -> Result<()> {
     )?;
     ensure!(resumed.version() == 2 && resumed.optimizer_steps() == 2);
     ensure!(
-        resumed.policy().model.llm.model.embedding_weight().id()
-            == resumed.reference().llm.model.embedding_weight().id(),
+        resumed
+            .policy()
+            .model
+            .as_chat()
+            .expect("chat")
+            .llm
+            .model
+            .embedding_weight()
+            .id()
+            == resumed
+                .reference()
+                .as_chat()
+                .expect("chat")
+                .llm
+                .model
+                .embedding_weight()
+                .id(),
         "the resumed reference copied the frozen tensors"
     );
     let got = resumed.grpo_update(&batch, &bank, &grpo)?;

@@ -2,8 +2,9 @@
 //! to one question with the generation engine.
 //!
 //! Chat-model directories (`internvl_chat` / `skywork_chat`) run on `ChatGenerator` (images allowed),
-//! plain Qwen2 directories on `Qwen2Generator`. The prompt is the question in the chat template with each
-//! image's `<IMG_CONTEXT>` run ([`PromptEncoder`]); generation stops at the model's stop tokens
+//! Qwen2.5-VL directories (with an LM head) on `Qwen25VlGenerator` (images allowed), plain Qwen2 directories on
+//! `Qwen2Generator`. The prompt is the question in the chat template with each
+//! image's `<IMG_CONTEXT>` run, or Qwen2.5-VL's `<|image_pad|>` run ([`PromptEncoder`]); generation stops at the model's stop tokens
 //! (generation_config.json's EOS, `<|im_end|>`, `<|endoftext|>`). With `-n 1` the text streams to stdout as
 //! tokens arrive and the finish reason goes to stderr; with `-n N` every response is printed with its finish
 //! reason; `--json` prints one JSON object per response instead (sample index, text, token ids, behaviour
@@ -17,13 +18,14 @@ use clap::Args;
 
 use r1v2_actors::generate::chat::ChatGenerator;
 use r1v2_actors::generate::qwen2::Qwen2Generator;
+use r1v2_actors::generate::qwen2_5_vl::Qwen25VlGenerator;
 use r1v2_actors::generate::{
     generate_groups_streaming, validate_group_size, FinishReason, PromptInput, Rollout,
     SamplingParams, StepModel,
 };
 use r1v2_actors::model::chat::{ChatModel, Trainable};
-use r1v2_actors::model::qwen2;
 use r1v2_actors::model::weights::WeightStore;
+use r1v2_actors::model::{qwen2, qwen2_5_vl};
 
 use crate::model_dir::{parse_device, read_json, ModelKind};
 use crate::prompting::{EncodedText, PromptEncoder};
@@ -32,13 +34,13 @@ use crate::{Error, Result};
 /// Arguments of `r1v2 generate`. Sampling options left out take `SamplingParams`' defaults.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model directory (config.json, tokenizer.json, *.safetensors): a chat model or a Qwen2 LLM.
+    /// Model directory (config.json, tokenizer.json, *.safetensors): a chat model, Qwen2.5-VL or a Qwen2 LLM.
     #[arg(long)]
     pub model: PathBuf,
     /// The question (rendered in the chat template; `<image>` marks where each image goes).
     #[arg(long)]
     pub prompt: String,
-    /// An image file (repeat for several; chat models only).
+    /// An image file (repeat for several; chat and Qwen2.5-VL models only).
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
     /// Number of responses.
@@ -183,6 +185,7 @@ fn generate_and_print<M: StepModel>(
         token_ids: encoded.token_ids,
         prompt_index: 0,
         pixel_values: encoded.pixel_values,
+        image_grids: encoded.image_grids,
     };
     let decode = |ids: &[u32]| {
         encoder
@@ -280,10 +283,21 @@ fn run_model(
             let generator = Qwen2Generator::new(&model, device);
             generate_and_print(&generator, encoder, encoded, args, params)
         }
-        ModelKind::Qwen25Vl => Err(Error::File {
-            path: dir.join("config.json"),
-            msg: format!("generate does not support {} yet", kind.describe()),
-        }),
+        ModelKind::Qwen25Vl => {
+            let model = qwen2_5_vl::load_dir(dir, DType::F32, device, |_| false)?.model;
+            if !model.has_lm_head() {
+                return Err(Error::File {
+                    path: dir.join("config.json"),
+                    msg: "this Qwen2.5-VL checkpoint has no lm_head.weight (a reward model?): it \
+                          cannot generate"
+                        .into(),
+                });
+            }
+            let mut decoder = model.causal_lm()?;
+            decoder.pack_weights()?; // inference only: the packed CPU kernel
+            let generator = Qwen25VlGenerator::new(&model, &decoder, device);
+            generate_and_print(&generator, encoder, encoded, args, params)
+        }
         ModelKind::Qwen2ValueHead => Err(Error::File {
             path: dir.join("config.json"),
             msg: format!(

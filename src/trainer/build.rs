@@ -15,7 +15,7 @@ use r1v2_actors::actor::policy_generator::{Decoder, PolicyGenerator};
 use r1v2_actors::actor::reward_model::RewardModel;
 use r1v2_actors::actor::rule_verifier::RuleVerifier;
 use r1v2_actors::actor::sample_buffer::SampleBuffer;
-use r1v2_actors::model::chat::ChatModel;
+use r1v2_actors::model::policy::load_policy;
 use r1v2_actors::model::qwen2;
 use r1v2_actors::model::reward::load_reward_dir;
 use r1v2_actors::model::value_head::ValueModel;
@@ -237,11 +237,15 @@ fn train_on_task(
     Ok(summary.checkpoint.join("model"))
 }
 
+/// Starts the reward model and, when it cannot read the policy's prompt ids, the encoder that re-encodes
+/// each prompt for it: a Qwen2.5-VL reward model reads images with its own vision runs; a text Qwen2 value
+/// head of a Qwen2.5-VL policy gets the question text alone (the policy's vision tokens are no ids of its).
 fn start_reward_model(
     config: &TrainConfig,
     run: &RunDir,
     device: &Device,
     samples: &[crate::data::Sample],
+    policy_kind: ModelKind,
 ) -> Result<Option<(Addr<RewardModel>, Option<PairEncoder>)>> {
     let Some(section) = &config.reward_model else {
         return Ok(None);
@@ -285,9 +289,18 @@ fn start_reward_model(
     let rm_config = qwen2::Config::from_file(&config_path)?;
     let weights = WeightStore::load(&dir, DType::F32, device)?;
     let model = ValueModel::new(&rm_config, weights.frozen_var_builder())?;
+    let encoder = if policy_kind == ModelKind::Qwen25Vl {
+        tracing::info!(
+            dir = %dir.display(),
+            "text reward model of a qwen2_5_vl policy: prompts encoded again as text, images left out"
+        );
+        Some(PairEncoder::from_model_dir(&dir, false)?)
+    } else {
+        None
+    };
     Ok(Some((
         RewardModel::start(model, device.clone(), section.max_batch),
-        None,
+        encoder,
     )))
 }
 
@@ -360,6 +373,8 @@ impl Controller {
             .resolve(local_gpu_count(), &config.model.device)?;
 
         let initial_dir = initial_model_dir(&config, &run)?;
+        let initial_config = initial_dir.join("config.json");
+        let policy_kind = ModelKind::from_config(&read_json(&initial_config)?, &initial_config)?;
         let encoder = PromptEncoder::from_model_dir(&initial_dir, &device, DType::F32)?;
         let task = demo_task(&config, &run)?;
         let (data_path, demo_probes) = dataset_path(&config, task.as_ref());
@@ -433,7 +448,7 @@ impl Controller {
                     None,
                 )?,
                 None => {
-                    let policy = ChatModel::load(
+                    let policy = load_policy(
                         &initial_dir,
                         DType::F32,
                         &placed.device,
@@ -471,7 +486,7 @@ impl Controller {
         });
         let mut generators = Vec::with_capacity(placement.generator.len());
         for placed in &placement.generator {
-            let model = ChatModel::load(
+            let model = load_policy(
                 &model_dir,
                 DType::F32,
                 &placed.device,
@@ -496,6 +511,7 @@ impl Controller {
             &run,
             &placement.reward_model.device,
             loader.samples(),
+            policy_kind,
         )? {
             Some((addr, encoder)) => (Some(addr), encoder),
             None => (None, None),

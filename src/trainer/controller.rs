@@ -399,6 +399,7 @@ impl Controller {
             id,
             token_ids: encoded.token_ids,
             pixel_values: encoded.pixel_values,
+            image_grids: encoded.image_grids,
             answer: answer.to_string(),
             verifier: verifier.to_string(),
             question: question.to_string(),
@@ -617,7 +618,8 @@ impl Controller {
 
     /// What the reward model is asked: prompt + response ids from the policy's own encoding, or, for a model
     /// that reads images, each prompt encoded again with the reward model's template and vision runs (once
-    /// per group) and the response re-tokenised with its tokenizer.
+    /// per group) and the response re-tokenised with its tokenizer (a text reward model of a Qwen2.5-VL
+    /// policy: the same with the question text alone).
     fn rm_request(&self, rollouts: &Rollouts) -> Result<Option<RmRequest>> {
         if self.actors.reward.is_none() {
             return Ok(None);

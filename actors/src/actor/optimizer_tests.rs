@@ -46,6 +46,7 @@ fn optimizer() -> Result<Optimizer> {
         id: PromptId(0),
         token_ids: vec![5, 6, 7, 8],
         pixel_values: None,
+        image_grids: Vec::new(),
         answer: String::new(),
         verifier: "math".into(),
         question: String::new(),

@@ -1,5 +1,5 @@
-//! PolicyGenerator: owns a snapshot of the policy (the chat model, its trainable tensors as `Var`s) and its
-//! version.
+//! PolicyGenerator: owns a snapshot of the policy (InternVL-chat or Qwen2.5-VL, its trainable tensors as
+//! `Var`s) and its version.
 //!
 //! - [`GenerateGroups`]: samples G responses per prompt with the generation engine (prompt and image encoded
 //!   once per group, finished rows leave the batch); prompts come from the shared [`PromptBank`]. Every
@@ -9,7 +9,7 @@
 //!
 //! The forward passes run on the actor's own thread (`SyncArbiter` of one). The snapshot lives in an `Arc`
 //! shared with the arbiter's factory, so a worker restarted after a panic keeps the synced weights.
-//! On the CPU the LLM's weights are packed for the decode loop (`ForCausalLM::pack_weights`) before the first
+//! On the CPU the LLM's weights are packed for the decode loop (`PolicyNet::pack_weights`) before the first
 //! generation after each sync; the snapshot is never trained, so the packed path (no backward) is safe here.
 
 use std::collections::HashMap;
@@ -21,9 +21,8 @@ use candle_core::{Device, Var};
 use parking_lot::RwLock;
 
 use super::{handle_guarded, Closed, Liveness};
-use crate::generate::chat::ChatGenerator;
-use crate::generate::{self, PromptInput};
-use crate::model::chat::ChatModel;
+use crate::generate::PromptInput;
+use crate::model::policy::PolicyNet;
 use crate::prompt::PromptBank;
 use crate::protocol::{
     ActorName, GenerateGroups, Group, Heartbeat, HeartbeatReply, Rollouts, Sample, Shutdown,
@@ -39,7 +38,7 @@ pub type Decoder = Arc<dyn Fn(&[u32]) -> Result<String> + Send + Sync>;
 /// What the generator's workers share.
 struct Snapshot {
     /// Written only to (re)pack the LLM's weights.
-    model: RwLock<ChatModel>,
+    model: RwLock<PolicyNet>,
     /// The trainable tensors, by checkpoint name: what [`SyncWeights`] overwrites.
     vars: HashMap<String, Var>,
     device: Device,
@@ -59,7 +58,7 @@ impl PolicyGenerator {
     /// Starts the generator on its own thread with `model` (its trainable tensors as `vars`) at policy
     /// `version`. Needs a running actix `System`.
     pub fn start(
-        model: ChatModel,
+        model: impl Into<PolicyNet>,
         vars: Vec<(String, Var)>,
         device: Device,
         prompts: PromptBank,
@@ -67,7 +66,7 @@ impl PolicyGenerator {
         version: u64,
     ) -> Addr<Self> {
         let snapshot = Arc::new(Snapshot {
-            model: RwLock::new(model),
+            model: RwLock::new(model.into()),
             vars: vars.into_iter().collect(),
             device,
             prompts,
@@ -95,17 +94,17 @@ impl Snapshot {
                     token_ids: prompt.token_ids.clone(),
                     prompt_index: request.prompt_index,
                     pixel_values: prompt.pixel_values.clone(),
+                    image_grids: prompt.image_grids.clone(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        if !self.model.read().llm.is_packed() {
-            self.model.write().llm.pack_weights()?;
+        if !self.model.read().is_packed() {
+            self.model.write().pack_weights()?;
         }
         let model = self.model.read();
-        let generator = ChatGenerator::new(&model, &self.device);
         let decode = |ids: &[u32]| (self.decode)(ids);
         let groups =
-            generate::generate_groups(&generator, &inputs, msg.n, &msg.params, Some(&decode))?;
+            model.generate_groups(&inputs, msg.n, &msg.params, Some(&decode), &self.device)?;
         let mut tokens = 0;
         let groups = groups
             .into_iter()
@@ -139,7 +138,7 @@ impl Snapshot {
             )));
         }
         // The packed copies would keep the old weights: the next generation packs again.
-        self.model.write().llm.unpack_weights();
+        self.model.write().unpack_weights();
         for (name, tensor) in weights.tensors.iter() {
             let var = self.vars.get(name).ok_or_else(|| {
                 Error::msg(format!(

@@ -1,5 +1,5 @@
 //! The generator's snapshot packs its LLM for the CPU decode loop: after a `SyncWeights` it must sample from the
-//! new weights, not from the packed copies of the old ones.
+//! new weights, not from the packed copies of the old ones (an InternVL-chat and a Qwen2.5-VL policy).
 
 use std::path::Path;
 
@@ -8,15 +8,16 @@ use candle_core::{DType, Device, Tensor};
 use super::*;
 use crate::generate::SamplingParams;
 use crate::model::chat::Trainable;
+use crate::model::policy::load_policy;
 use crate::prompt::EncodedPrompt;
 use crate::protocol::{GroupRequest, PolicyWeights};
 use crate::rl::PromptId;
 
-fn fixture() -> &'static Path {
-    Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/internvl/vit300m"
-    ))
+fn fixture(family: &str) -> std::path::PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures")).join(match family {
+        "chat" => "internvl/vit300m",
+        _ => "qwen2_5_vl/released",
+    })
 }
 
 const TRAINABLE: Trainable = Trainable {
@@ -44,12 +45,23 @@ fn tokens(rollouts: &Rollouts) -> Vec<Vec<u32>> {
 
 #[test]
 fn generation_after_sync_samples_from_the_new_weights() -> Result<()> {
-    let loaded = ChatModel::load(fixture(), DType::F32, &Device::Cpu, TRAINABLE)?;
+    check_generation_after_sync("chat")
+}
+
+#[test]
+fn qwen2_5_vl_generation_after_sync_samples_from_the_new_weights() -> Result<()> {
+    check_generation_after_sync("qwen2_5_vl")
+}
+
+fn check_generation_after_sync(family: &str) -> Result<()> {
+    let loaded = load_policy(&fixture(family), DType::F32, &Device::Cpu, TRAINABLE)?;
+    assert!(!loaded.trainable_vars.is_empty());
     let prompts = PromptBank::new();
     prompts.insert(EncodedPrompt {
         id: PromptId(0),
         token_ids: vec![5, 6, 7, 8],
         pixel_values: None,
+        image_grids: Vec::new(),
         answer: String::new(),
         verifier: "math".into(),
         question: String::new(),
@@ -72,7 +84,7 @@ fn generation_after_sync_samples_from_the_new_weights() -> Result<()> {
         params: greedy(),
     };
     let before = snapshot.generate(&request)?;
-    assert!(snapshot.model.read().llm.is_packed());
+    assert!(snapshot.model.read().is_packed());
 
     // New weights: every LLM tensor moved by noise of its own scale.
     let mut names: Vec<&String> = snapshot.vars.keys().collect();
@@ -95,7 +107,7 @@ fn generation_after_sync_samples_from_the_new_weights() -> Result<()> {
     assert_eq!(after.policy_version, 1);
 
     // Reference: a fresh, unpacked model holding the new weights.
-    let mut reference = ChatModel::load(fixture(), DType::F32, &Device::Cpu, TRAINABLE)?;
+    let reference = load_policy(&fixture(family), DType::F32, &Device::Cpu, TRAINABLE)?;
     for (name, var) in &reference.trainable_vars {
         let tensor = &new
             .iter()
@@ -104,14 +116,16 @@ fn generation_after_sync_samples_from_the_new_weights() -> Result<()> {
             .1;
         var.set(tensor)?;
     }
-    reference.model.llm.unpack_weights();
-    let generator = ChatGenerator::new(&reference.model, &Device::Cpu);
+    assert!(!reference.model.is_packed());
     let input = PromptInput {
         token_ids: vec![5, 6, 7, 8],
         prompt_index: 0,
         pixel_values: None,
+        image_grids: Vec::new(),
     };
-    let expected = generate::generate_groups(&generator, &[input], 2, &greedy(), None)?;
+    let expected = reference
+        .model
+        .generate_groups(&[input], 2, &greedy(), None, &Device::Cpu)?;
     let expected: Vec<Vec<u32>> = expected[0].iter().map(|r| r.token_ids.clone()).collect();
     assert_eq!(tokens(&after), expected);
     assert_ne!(

@@ -10,11 +10,13 @@
 //! | [`qwen2`] | [`StepModel`] for the Qwen2 LLM and its KV cache |
 //! | [`shards`] | [`shards::ShardedCache`]: the running rows' KV cache in shards that decode concurrently |
 //! | [`chat`] | [`StepModel`] for the InternVL-chat model: images encoded once per group, then the LLM |
+//! | [`qwen2_5_vl`] | [`StepModel`] for Qwen2.5-VL: images once per group, multimodal RoPE prefill, Qwen2 decode steps |
 
 pub mod chat;
 pub mod engine;
 pub mod processors;
 pub mod qwen2;
+pub mod qwen2_5_vl;
 pub mod rollout;
 pub mod sampling;
 pub mod shards;

@@ -12,9 +12,13 @@ pub struct PromptInput {
     /// (with the seed and the sample index), so give a prompt the same index to get the same responses
     /// whatever else is generated beside it.
     pub prompt_index: u64,
-    /// The image tiles `(tiles, 3, S, S)` whose features replace the prompt's `<IMG_CONTEXT>` tokens, for a
-    /// model that takes images; none for a text-only prompt.
+    /// The images of the prompt, for a model that takes them: InternVL-chat tiles `(tiles, 3, S, S)` whose
+    /// features replace its `<IMG_CONTEXT>` tokens, or Qwen2.5-VL's flattened patches
+    /// `(patches, C * T * P * P)` of the images in `image_grids`; none for a text-only prompt.
     pub pixel_values: Option<candle_core::Tensor>,
+    /// Qwen2.5-VL: the `(t, h, w)` patch grid of each image in `pixel_values`, in prompt order; empty for
+    /// InternVL tiles and text-only prompts.
+    pub image_grids: Vec<[usize; 3]>,
 }
 
 impl PromptInput {
@@ -24,6 +28,7 @@ impl PromptInput {
             token_ids,
             prompt_index,
             pixel_values: None,
+            image_grids: Vec::new(),
         }
     }
 }

@@ -34,11 +34,12 @@ pub const IMG_CONTEXT_TOKEN: &str = "<IMG_CONTEXT>";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Trainable {
-    /// The InternViT tower (`vision_model.*`).
+    /// The InternViT tower (`vision_model.*`); Qwen2.5-VL's vision tower (`visual.*` but the merger).
     pub vision: bool,
-    /// The `mlp1` adapter.
+    /// The `mlp1` adapter; Qwen2.5-VL's patch merger (`visual.merger.*`).
     pub adapter: bool,
-    /// The LLM (`language_model.*`).
+    /// The LLM (`language_model.*`); Qwen2.5-VL's LLM and LM head (`model.*` but `model.visual.*`,
+    /// `lm_head.*`).
     pub llm: bool,
 }
 
@@ -63,11 +64,21 @@ impl Trainable {
         }
     }
 
-    /// Whether the checkpoint tensor `name` is trainable under this setting.
+    /// Whether the checkpoint tensor `name` is trainable under this setting, in the InternVL-chat layout
+    /// or either Qwen2.5-VL layout (released: `visual.*`, `model.*`; transformers 5: `model.visual.*`,
+    /// `model.language_model.*`; both `lm_head.*`). The families' names do not overlap.
     pub fn contains(&self, name: &str) -> bool {
-        (self.vision && name.starts_with("vision_model."))
-            || (self.adapter && name.starts_with("mlp1."))
-            || (self.llm && name.starts_with("language_model."))
+        let visual = name
+            .strip_prefix("model.")
+            .unwrap_or(name)
+            .strip_prefix("visual.");
+        let merger = visual.is_some_and(|rest| rest.starts_with("merger."));
+        let vision = name.starts_with("vision_model.") || (visual.is_some() && !merger);
+        let adapter = name.starts_with("mlp1.") || merger;
+        let llm = name.starts_with("language_model.")
+            || name.starts_with("lm_head.")
+            || (name.starts_with("model.") && visual.is_none());
+        (self.vision && vision) || (self.adapter && adapter) || (self.llm && llm)
     }
 }
 
@@ -93,6 +104,8 @@ const SIDE_FILES: &[&str] = &[
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
+    "preprocessor_config.json",
+    "chat_template.json",
 ];
 
 impl LoadedChat {
@@ -114,25 +127,36 @@ impl LoadedChat {
     /// sharded like `save_pretrained` above `max_shard_bytes`, with the source's config.json and
     /// tokenizer files.
     pub fn save(&self, dir: &Path, max_shard_bytes: usize) -> Result<()> {
-        self.store.save(dir, self.store.dtype(), max_shard_bytes)?;
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Io { path, source }
-        };
-        for name in SIDE_FILES {
-            let (source, target) = (self.store.dir().join(name), dir.join(name));
-            // Saving over the source directory: the file is already there (and copying a file onto
-            // itself would truncate it).
-            let same = match (source.canonicalize(), target.canonicalize()) {
-                (Ok(a), Ok(b)) => a == b,
-                _ => false,
-            };
-            if source.is_file() && !same {
-                std::fs::copy(&source, &target).map_err(io(&target))?;
-            }
-        }
-        Ok(())
+        save_model_dir(&self.store, dir, max_shard_bytes)
     }
+}
+
+/// Writes every tensor of `store` (trained Vars included) in its layout and dtype to `dir`, sharded like
+/// `save_pretrained` above `max_shard_bytes`, with the source directory's config, tokenizer and processor
+/// files.
+pub(crate) fn save_model_dir(
+    store: &WeightStore,
+    dir: &Path,
+    max_shard_bytes: usize,
+) -> Result<()> {
+    store.save(dir, store.dtype(), max_shard_bytes)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    for name in SIDE_FILES {
+        let (source, target) = (store.dir().join(name), dir.join(name));
+        // Saving over the source directory: the file is already there (and copying a file onto
+        // itself would truncate it).
+        let same = match (source.canonicalize(), target.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if source.is_file() && !same {
+            std::fs::copy(&source, &target).map_err(io(&target))?;
+        }
+    }
+    Ok(())
 }
 
 /// InternVL-chat: InternViT, `mlp1`, Qwen2.
@@ -359,5 +383,42 @@ mod tests {
         assert!(t.contains("mlp1.1.weight"));
         assert!(!t.contains("vision_model.embeddings.class_embedding"));
         assert!(!t.contains("language_model.model.embed_tokens.weight"));
+    }
+
+    #[test]
+    fn trainable_groups_name_both_qwen2_5_vl_layouts() {
+        let only = |vision, adapter, llm| Trainable {
+            vision,
+            adapter,
+            llm,
+        };
+        let cases = [
+            ("visual.blocks.0.attn.qkv.weight", only(true, false, false)),
+            (
+                "model.visual.patch_embed.proj.weight",
+                only(true, false, false),
+            ),
+            ("visual.merger.mlp.0.weight", only(false, true, false)),
+            ("model.visual.merger.ln_q.weight", only(false, true, false)),
+            (
+                "model.layers.0.mlp.up_proj.weight",
+                only(false, false, true),
+            ),
+            ("model.language_model.norm.weight", only(false, false, true)),
+            ("lm_head.weight", only(false, false, true)),
+        ];
+        for (name, group) in cases {
+            for setting in [
+                only(true, false, false),
+                only(false, true, false),
+                only(false, false, true),
+            ] {
+                assert_eq!(
+                    setting.contains(name),
+                    setting == group,
+                    "{name} {setting:?}"
+                );
+            }
+        }
     }
 }

@@ -140,6 +140,20 @@ impl KvCache {
         &self.next_position
     }
 
+    /// Sets the position each row's next real token gets (one per row). A model whose prompt positions are
+    /// not the real-token count (Qwen2.5-VL's multimodal RoPE) continues its decode steps from there.
+    pub fn set_next_positions(&mut self, next: &[u32]) -> Result<()> {
+        if next.len() != self.batch_size() {
+            return Err(Error::msg(format!(
+                "KV cache holds {} rows, {} next positions were given",
+                self.batch_size(),
+                next.len()
+            )));
+        }
+        self.next_position = next.to_vec();
+        Ok(())
+    }
+
     /// Per row: whether each cached slot holds a real token (`false`: padding).
     pub fn real_slots(&self) -> &[Vec<bool>] {
         &self.real

@@ -5,6 +5,7 @@ pub mod chat;
 pub mod chat_config;
 pub mod kv_cache;
 pub mod linear;
+pub mod policy;
 pub mod qwen2;
 pub mod qwen2_5_vl;
 pub mod qwen2_config;

@@ -371,6 +371,11 @@ impl ForCausalLM {
         Ok(Self { model, lm_head })
     }
 
+    /// A decoder and its head, as built elsewhere (Qwen2.5-VL's LLM: the same tensors, shared).
+    pub fn from_parts(model: Model, lm_head: Linear) -> Self {
+        Self { model, lm_head }
+    }
+
     /// The configuration the model was built from.
     pub fn config(&self) -> &Config {
         self.model.config()

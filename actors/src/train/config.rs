@@ -30,7 +30,8 @@ pub struct OptimConfig {
     pub max_grad_norm: f64,
     /// Sequences per forward pass; a batch is split into micro-batches whose gradients are accumulated.
     pub micro_batch: usize,
-    /// Which modules receive gradients (adapter only by default: the paper's Table 4).
+    /// Which modules receive gradients (adapter only by default: the paper's Table 4; for Qwen2.5-VL the
+    /// adapter is the patch merger).
     pub trainable: Trainable,
 }
 

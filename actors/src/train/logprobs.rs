@@ -1,12 +1,15 @@
-//! Log-probs of responses under the chat model, for a micro-batch of (prompt, response) rows, at
-//! temperature 1 (`log_softmax(logits)[token]`, no logits processors: what the generator records as the
-//! behaviour log-probs, so the importance ratio compares like with like).
+//! Log-probs of responses under the policy (InternVL-chat or Qwen2.5-VL), for a micro-batch of (prompt,
+//! response) rows, at temperature 1 (`log_softmax(logits)[token]`, no logits processors: what the generator
+//! records as the behaviour log-probs, so the importance ratio compares like with like).
 //!
 //! Rows are `prompt ++ response`, right-padded. Each distinct prompt's image tiles go through the vision
 //! tower and adapter once, however many rows (the G responses of a group) share the prompt; the adapter's
 //! tokens replace the `<IMG_CONTEXT>` embeddings with a differentiable gather, as
-//! [`ChatModel::embed`](crate::model::chat::ChatModel::embed) does. The LM head runs only at the positions
-//! that predict response tokens: with hundreds of image tokens per prompt, most positions of a row are prompt.
+//! [`ChatModel::embed`](crate::model::chat::ChatModel::embed) does. Qwen2.5-VL: the merged patch tokens
+//! replace the prompt's `<|image_pad|>` embeddings the same way, and the positions are `get_rope_index` on
+//! the prompt, then `max + 1 + j` for response token j on all three axes (what the generator's decode steps
+//! use; a generated `<|image_pad|>` is an ordinary token). The LM head runs only at the positions that predict
+//! response tokens: with hundreds of image tokens per prompt, most positions of a row are prompt.
 
 use std::sync::Arc;
 
@@ -14,6 +17,9 @@ use candle_core::{DType, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
 use crate::model::chat::ChatModel;
+use crate::model::policy::PolicyNet;
+use crate::model::qwen2_5_vl::text::{rope_index, MropePositions};
+use crate::model::qwen2_5_vl::Qwen25Vl;
 use crate::prompt::EncodedPrompt;
 use crate::{Error, Result};
 
@@ -37,11 +43,12 @@ pub struct ResponseLogprobs {
     pub entropy: Option<Tensor>,
 }
 
-/// A chat model with its LM head weight at hand, to score responses.
+/// A policy model with its LM head at hand, to score responses.
 #[derive(Debug, Clone)]
 pub struct ResponseScorer {
-    model: ChatModel,
-    lm_head: Linear,
+    model: PolicyNet,
+    /// The chat model's LM head (Qwen2.5-VL's is the model's own).
+    lm_head: Option<Linear>,
 }
 
 /// Name of the untied LM head in the InternVL-chat checkpoint layout.
@@ -58,14 +65,34 @@ impl ResponseScorer {
             vb.get_unchecked(LM_HEAD)?
         };
         Ok(Self {
-            model,
-            lm_head: Linear::new(weight, None),
+            model: model.into(),
+            lm_head: Some(Linear::new(weight, None)),
         })
     }
 
+    /// Wraps a policy of either family; `vb` as [`Self::new`] for a chat model (Qwen2.5-VL reads none).
+    pub fn for_policy(model: PolicyNet, vb: &VarBuilder) -> Result<Self> {
+        match model {
+            PolicyNet::Chat(model) => Self::new(*model, vb),
+            model @ PolicyNet::Qwen25Vl(_) => Ok(Self {
+                model,
+                lm_head: None,
+            }),
+        }
+    }
+
     /// The model.
-    pub fn model(&self) -> &ChatModel {
+    pub fn model(&self) -> &PolicyNet {
         &self.model
+    }
+
+    /// The LM head on (N, D) hidden states -> (N, V) logits.
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        match (&self.model, &self.lm_head) {
+            (PolicyNet::Chat(_), Some(head)) => Ok(head.forward(hidden)?),
+            (PolicyNet::Qwen25Vl(policy), _) => policy.model.logits(hidden),
+            (PolicyNet::Chat(_), None) => Err(Error::msg("response scorer: no LM head")),
+        }
     }
 
     /// Log-probs (with grad), mask and, when `with_entropy`, entropies of every row's response tokens.
@@ -77,7 +104,12 @@ impl ResponseScorer {
         if rows.is_empty() {
             return Err(Error::msg("response log-probs: no rows"));
         }
-        let device = self.lm_head.weight().device().clone();
+        let device = match &self.model {
+            PolicyNet::Chat(model) => model.llm.model.embedding_weight().device().clone(),
+            PolicyNet::Qwen25Vl(policy) => {
+                policy.model.llm.model.embedding_weight().device().clone()
+            }
+        };
         let batch = rows.len();
         let mut seq_len = 0;
         let mut resp_len = 1;
@@ -91,9 +123,12 @@ impl ResponseScorer {
             seq_len = seq_len.max(row.prompt.token_ids.len() + row.response.len());
             resp_len = resp_len.max(row.response.len());
         }
-        let ctx = self.model.img_context_token_id();
+        let image_token = match &self.model {
+            PolicyNet::Chat(model) => model.img_context_token_id(),
+            PolicyNet::Qwen25Vl(policy) => Some(policy.model.config().image_token_id),
+        };
         // Padding must not be read as an image token.
-        let pad = if ctx == Some(0) { 1 } else { 0 };
+        let pad = if image_token == Some(0) { 1 } else { 0 };
 
         // Right-padded ids and attention mask.
         let mut ids = vec![pad; batch * seq_len];
@@ -108,12 +143,20 @@ impl ResponseScorer {
         }
         let input_ids = Tensor::from_vec(ids.clone(), (batch, seq_len), &device)?;
         let attention = Tensor::from_vec(attention, (batch, seq_len), &device)?;
-        let embeds = self.embed(rows, &ids, &input_ids, seq_len)?; // (B, L, D)
-        let hidden = self
-            .model
-            .llm
-            .model
-            .forward_embeds(&embeds, Some(&attention))?; // (B, L, D)
+        let hidden = match &self.model {
+            PolicyNet::Chat(model) => {
+                let embeds = embed_chat(model, rows, &ids, &input_ids, seq_len)?; // (B, L, D)
+                model.llm.model.forward_embeds(&embeds, Some(&attention))? // (B, L, D)
+            }
+            PolicyNet::Qwen25Vl(policy) => {
+                let (embeds, positions) =
+                    embed_qwen2_5_vl(&policy.model, rows, &input_ids, seq_len)?; // (B, L, D)
+                policy
+                    .model
+                    .llm
+                    .forward_embeds(&embeds, Some(&attention), &positions)? // (B, L, D)
+            }
+        };
         let width = hidden.dim(2)?;
 
         // Positions that predict response tokens: row r's token j comes from position P_r - 1 + j.
@@ -135,7 +178,7 @@ impl ResponseScorer {
         let selected = hidden
             .reshape((batch * seq_len, width))? // (B*L, D)
             .index_select(&positions, 0)?; // (B*T, D)
-        let logits = self.lm_head.forward(&selected)?; // (B*T, V)
+        let logits = self.head(&selected)?; // (B*T, V)
         let logprobs = r1v2_kernels::token_logprobs(&logits, &targets)?
             .reshape((batch, resp_len))? // (B, T)
             .mul(&mask)?;
@@ -153,83 +196,174 @@ impl ResponseScorer {
             entropy,
         })
     }
+}
 
-    /// Token embeddings (B, L, D) with every IMG_CONTEXT position replaced by its prompt's image tokens;
-    /// each distinct prompt's tiles are encoded once.
-    fn embed(
-        &self,
-        rows: &[ResponseRow],
-        ids: &[u32],
-        input_ids: &Tensor,
-        seq_len: usize,
-    ) -> Result<Tensor> {
-        let embeds = self.model.llm.model.embed_tokens(input_ids)?; // (B, L, D)
-        let (batch, _, width) = embeds.dims3()?;
-        let ctx = self.model.img_context_token_id();
-        let mut source_rows: Vec<u32> = (0..(batch * seq_len) as u32).collect();
-        let mut pool = vec![embeds.reshape((batch * seq_len, width))?]; // (B*L, D) then image tokens
-        let mut pool_len = batch * seq_len;
-        // (prompt id, offset of its image tokens in the pool)
-        let mut encoded: Vec<(u64, usize)> = Vec::new();
-        for (r, row) in rows.iter().enumerate() {
-            let prompt = &row.prompt;
-            let context: Vec<usize> = match ctx {
-                Some(ctx) => (0..prompt.token_ids.len())
-                    .filter(|&p| ids[r * seq_len + p] == ctx)
-                    .collect(),
-                None => Vec::new(),
-            };
-            let Some(pixels) = &prompt.pixel_values else {
-                if context.is_empty() {
-                    continue;
-                }
-                return Err(Error::msg(format!(
-                    "prompt {} holds {} IMG_CONTEXT tokens but no pixel values",
-                    prompt.id.0,
-                    context.len()
-                )));
-            };
-            if ctx.is_none() {
-                return Err(Error::msg(format!(
-                    "prompt {} has pixel values but the model's IMG_CONTEXT token id is unknown",
-                    prompt.id.0
-                )));
+/// Token embeddings (B, L, D) with every IMG_CONTEXT position replaced by its prompt's image tokens; each
+/// distinct prompt's tiles are encoded once.
+fn embed_chat(
+    model: &ChatModel,
+    rows: &[ResponseRow],
+    ids: &[u32],
+    input_ids: &Tensor,
+    seq_len: usize,
+) -> Result<Tensor> {
+    let embeds = model.llm.model.embed_tokens(input_ids)?; // (B, L, D)
+    let (batch, _, width) = embeds.dims3()?;
+    let ctx = model.img_context_token_id();
+    let mut source_rows: Vec<u32> = (0..(batch * seq_len) as u32).collect();
+    let mut pool = vec![embeds.reshape((batch * seq_len, width))?]; // (B*L, D) then image tokens
+    let mut pool_len = batch * seq_len;
+    // (prompt id, offset of its image tokens in the pool)
+    let mut encoded: Vec<(u64, usize)> = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        let prompt = &row.prompt;
+        let context: Vec<usize> = match ctx {
+            Some(ctx) => (0..prompt.token_ids.len())
+                .filter(|&p| ids[r * seq_len + p] == ctx)
+                .collect(),
+            None => Vec::new(),
+        };
+        let Some(pixels) = &prompt.pixel_values else {
+            if context.is_empty() {
+                continue;
             }
-            let offset = match encoded.iter().find(|(id, _)| *id == prompt.id.0) {
-                Some(&(_, offset)) => offset,
-                None => {
-                    let expected = pixels.dim(0)? * self.model.tokens_per_tile();
-                    if context.len() != expected {
-                        return Err(Error::msg(format!(
-                            "prompt {} holds {} IMG_CONTEXT tokens but its {} tiles give {expected} image tokens",
-                            prompt.id.0,
-                            context.len(),
-                            pixels.dim(0)?
-                        )));
-                    }
-                    let features = self
-                        .model
-                        .image_features(pixels)? // (tiles, n, D)
-                        .reshape((expected, width))? // (tiles*n, D)
-                        .to_dtype(embeds.dtype())?;
-                    let offset = pool_len;
+            return Err(Error::msg(format!(
+                "prompt {} holds {} IMG_CONTEXT tokens but no pixel values",
+                prompt.id.0,
+                context.len()
+            )));
+        };
+        if ctx.is_none() {
+            return Err(Error::msg(format!(
+                "prompt {} has pixel values but the model's IMG_CONTEXT token id is unknown",
+                prompt.id.0
+            )));
+        }
+        let offset = match encoded.iter().find(|(id, _)| *id == prompt.id.0) {
+            Some(&(_, offset)) => offset,
+            None => {
+                let expected = pixels.dim(0)? * model.tokens_per_tile();
+                if context.len() != expected {
+                    return Err(Error::msg(format!(
+                        "prompt {} holds {} IMG_CONTEXT tokens but its {} tiles give {expected} image tokens",
+                        prompt.id.0,
+                        context.len(),
+                        pixels.dim(0)?
+                    )));
+                }
+                let features = model
+                    .image_features(pixels)? // (tiles, n, D)
+                    .reshape((expected, width))? // (tiles*n, D)
+                    .to_dtype(embeds.dtype())?;
+                let offset = pool_len;
+                pool_len += expected;
+                pool.push(features);
+                encoded.push((prompt.id.0, offset));
+                offset
+            }
+        };
+        for (k, &p) in context.iter().enumerate() {
+            source_rows[r * seq_len + p] = (offset + k) as u32;
+        }
+    }
+    if pool.len() == 1 {
+        return Ok(embeds);
+    }
+    let index = Tensor::from_vec(source_rows, batch * seq_len, embeds.device())?;
+    let pool = Tensor::cat(&pool, 0)?; // (B*L + image tokens, D)
+    Ok(pool
+        .index_select(&index, 0)?
+        .reshape((batch, seq_len, width))?) // (B, L, D)
+}
+
+/// Qwen2.5-VL: token embeddings (B, L, D) with each prompt's `<|image_pad|>` slots replaced by its merged
+/// patch tokens (each distinct prompt's images encoded once), and the rows' three-axis positions: the
+/// prompt's `get_rope_index`, then `max + 1 + j` for response token j, 0 at padding.
+fn embed_qwen2_5_vl(
+    model: &Qwen25Vl,
+    rows: &[ResponseRow],
+    input_ids: &Tensor,
+    seq_len: usize,
+) -> Result<(Tensor, MropePositions)> {
+    let cfg = model.config();
+    let embeds = model.llm.model.embed_tokens(input_ids)?; // (B, L, D)
+    let (batch, _, width) = embeds.dims3()?;
+    let mut source_rows: Vec<u32> = (0..(batch * seq_len) as u32).collect();
+    let mut pool = vec![embeds.reshape((batch * seq_len, width))?]; // (B*L, D) then image tokens
+    let mut pool_len = batch * seq_len;
+    let mut positions: MropePositions = std::array::from_fn(|_| vec![vec![0u32; seq_len]; batch]);
+    // Per distinct prompt: its id, the offset of its image tokens in the pool, its positions.
+    let mut encoded: Vec<(u64, usize, MropePositions)> = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        let prompt = &row.prompt;
+        let p = prompt.token_ids.len();
+        let pads: Vec<usize> = (0..p)
+            .filter(|&i| prompt.token_ids[i] == cfg.image_token_id)
+            .collect();
+        let at = match encoded.iter().position(|(id, _, _)| *id == prompt.id.0) {
+            Some(at) => at,
+            None => {
+                let name = format!("prompt {}", prompt.id.0);
+                let expected: usize = prompt
+                    .image_grids
+                    .iter()
+                    .map(|&g| cfg.image_tokens(g))
+                    .sum();
+                if pads.len() != expected || prompt.pixel_values.is_none() != (expected == 0) {
+                    return Err(Error::msg(format!(
+                        "{name} holds {} <|image_pad|> tokens (id {}), its image grids {:?} give {expected} \
+                         image tokens{}",
+                        pads.len(),
+                        cfg.image_token_id,
+                        prompt.image_grids,
+                        if prompt.pixel_values.is_some() { "" } else { " (and it has no pixel values)" }
+                    )));
+                }
+                let prompt_positions = rope_index(
+                    cfg,
+                    std::slice::from_ref(&prompt.token_ids),
+                    &[vec![true; p]],
+                    &prompt.image_grids,
+                )
+                .map_err(|err| Error::msg(format!("{name}: {err}")))?;
+                let offset = pool_len;
+                if let Some(pixels) = prompt.pixel_values.as_ref().filter(|_| expected > 0) {
+                    let features = model
+                        .visual
+                        .forward(pixels, &prompt.image_grids)
+                        .map_err(|err| Error::msg(format!("{name}: {err}")))?
+                        .to_dtype(embeds.dtype())?; // (n, D)
                     pool_len += expected;
                     pool.push(features);
-                    encoded.push((prompt.id.0, offset));
-                    offset
                 }
-            };
-            for (k, &p) in context.iter().enumerate() {
-                source_rows[r * seq_len + p] = (offset + k) as u32;
+                encoded.push((prompt.id.0, offset, prompt_positions));
+                encoded.len() - 1
+            }
+        };
+        let (_, offset, prompt_positions) = &encoded[at];
+        for (k, &slot) in pads.iter().enumerate() {
+            source_rows[r * seq_len + slot] = (offset + k) as u32;
+        }
+        let next = prompt_positions
+            .iter()
+            .flat_map(|axis| axis[0].iter())
+            .max()
+            .map_or(0, |&m| m + 1);
+        for (axis, prompt_axis) in positions.iter_mut().zip(prompt_positions) {
+            let slots = &mut axis[r];
+            slots[..p].copy_from_slice(&prompt_axis[0]);
+            for (j, slot) in slots[p..p + row.response.len()].iter_mut().enumerate() {
+                *slot = next + j as u32;
             }
         }
-        if pool.len() == 1 {
-            return Ok(embeds);
-        }
-        let index = Tensor::from_vec(source_rows, batch * seq_len, embeds.device())?;
-        let pool = Tensor::cat(&pool, 0)?; // (B*L + image tokens, D)
-        Ok(pool
-            .index_select(&index, 0)?
-            .reshape((batch, seq_len, width))?) // (B, L, D)
     }
+    if pool.len() == 1 {
+        return Ok((embeds, positions));
+    }
+    let index = Tensor::from_vec(source_rows, batch * seq_len, embeds.device())?;
+    let pool = Tensor::cat(&pool, 0)?; // (B*L + image tokens, D)
+    let embeds = pool
+        .index_select(&index, 0)?
+        .reshape((batch, seq_len, width))?; // (B, L, D)
+    Ok((embeds, positions))
 }

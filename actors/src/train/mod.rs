@@ -8,7 +8,7 @@
 //! | `config.rs` | [`OptimConfig`], the `[optimizer]` section |
 //! | `adamw.rs` | [`AdamW`] with torch semantics and a checkpointable state |
 //! | `schedule.rs` | warmup + cosine learning rate, global-norm clipping |
-//! | `logprobs.rs` | [`ResponseScorer`]: per-token log-probs of (prompt, response) rows on the chat model |
+//! | `logprobs.rs` | [`ResponseScorer`]: per-token log-probs of (prompt, response) rows on the policy (InternVL-chat or Qwen2.5-VL) |
 //! | `trainer.rs` | [`PolicyTrainer`]: policy, shared frozen reference, AdamW, version, checkpoints |
 //! | `grpo_step.rs`, `mpo_step.rs`, `sft_step.rs` | its GRPO, MPO and SFT updates with gradient accumulation (GRPO also data-parallel) |
 //! | `collective.rs` | [`Collective`] all-reduce for data-parallel replicas; [`LocalCollective`] between threads |

@@ -28,7 +28,7 @@ use super::batch::{PolicyWeights, UpdateReport};
 use super::config::OptimConfig;
 use super::logprobs::ResponseScorer;
 use super::schedule::{clip_grad_norm, learning_rate};
-use crate::model::chat::{ChatModel, LoadedChat};
+use crate::model::policy::{load_policy, LoadedPolicy, PolicyNet};
 use crate::model::weights::{WeightStore, DEFAULT_MAX_SHARD_BYTES};
 use crate::{Error, Result};
 
@@ -63,7 +63,7 @@ struct TrainerFile {
 
 /// The policy being trained and everything its updates need.
 pub struct PolicyTrainer {
-    pub(super) policy: LoadedChat,
+    pub(super) policy: LoadedPolicy,
     pub(super) policy_scorer: ResponseScorer,
     pub(super) reference: ResponseScorer,
     /// The reference's values of the trainable tensors (what a checkpoint stores to rebuild it).
@@ -94,7 +94,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// Checks that `policy`'s trainable Vars are exactly those `config.trainable` selects.
-fn check_trainable(policy: &LoadedChat, config: &OptimConfig) -> Result<()> {
+fn check_trainable(policy: &LoadedPolicy, config: &OptimConfig) -> Result<()> {
     if policy.trainable_vars.is_empty() {
         return Err(Error::msg(
             "the policy has no trainable parameters: load it with the optimizer's `trainable` setting",
@@ -125,19 +125,16 @@ fn check_trainable(policy: &LoadedChat, config: &OptimConfig) -> Result<()> {
 }
 
 impl PolicyTrainer {
-    /// A trainer at version 0 over `policy` (loaded with `config.trainable`); the reference is the policy
-    /// as loaded.
-    pub fn new(policy: LoadedChat, config: OptimConfig) -> Result<Self> {
+    /// A trainer at version 0 over `policy` (an InternVL-chat or Qwen2.5-VL policy loaded with
+    /// `config.trainable`); the reference is the policy as loaded.
+    pub fn new(policy: impl Into<LoadedPolicy>, config: OptimConfig) -> Result<Self> {
+        let policy = policy.into();
         config.validate()?;
         check_trainable(&policy, &config)?;
         // Nothing trainable: every tensor comes back as the store's loaded value, shared with the policy.
-        let mut reference_model =
-            ChatModel::new(policy.model.config(), policy.store.frozen_var_builder())?;
-        if let Some(id) = policy.model.img_context_token_id() {
-            reference_model.set_img_context_token_id(id);
-        }
+        let reference_model = policy.model.rebuild(policy.store.frozen_var_builder())?;
         let frozen_vb = policy.store.frozen_var_builder();
-        let reference = ResponseScorer::new(reference_model, &frozen_vb)?;
+        let reference = ResponseScorer::for_policy(reference_model, &frozen_vb)?;
         let reference_trainable = policy
             .trainable_vars
             .iter()
@@ -161,7 +158,12 @@ impl PolicyTrainer {
 
     /// Continues from a checkpoint: `policy` loaded from `dir/model` (with `config.trainable`), the optimizer
     /// state, reference and version from `state_dir` (= `dir/optimizer`, as [`Self::save_state`] wrote it).
-    pub fn resume(policy: LoadedChat, state_dir: &Path, config: OptimConfig) -> Result<Self> {
+    pub fn resume(
+        policy: impl Into<LoadedPolicy>,
+        state_dir: &Path,
+        config: OptimConfig,
+    ) -> Result<Self> {
+        let policy = policy.into();
         config.validate()?;
         check_trainable(&policy, &config)?;
         let trainer_path = state_dir.join(TRAINER_FILE);
@@ -221,7 +223,8 @@ impl PolicyTrainer {
     }
 
     /// Loads a checkpoint directory written by [`Self::save_state`]: `dir/model` in `dtype` on `device`, then
-    /// [`Self::resume`]. `img_context_token_id` is needed when the checkpoint has no tokenizer.json.
+    /// [`Self::resume`]; either family (see [`load_policy`]). `img_context_token_id` is needed for an
+    /// InternVL-chat checkpoint without tokenizer.json.
     pub fn load_checkpoint(
         dir: &Path,
         dtype: DType,
@@ -229,9 +232,9 @@ impl PolicyTrainer {
         config: OptimConfig,
         img_context_token_id: Option<u32>,
     ) -> Result<Self> {
-        let mut policy = ChatModel::load(&dir.join(MODEL_DIR), dtype, device, config.trainable)?;
-        if let Some(id) = img_context_token_id {
-            policy.model.set_img_context_token_id(id);
+        let mut policy = load_policy(&dir.join(MODEL_DIR), dtype, device, config.trainable)?;
+        if let (Some(id), PolicyNet::Chat(model)) = (img_context_token_id, &mut policy.model) {
+            model.set_img_context_token_id(id);
         }
         Self::resume(policy, &dir.join(OPTIMIZER_DIR), config)
     }
@@ -264,12 +267,12 @@ impl PolicyTrainer {
     }
 
     /// The policy (model, trainable Vars, store).
-    pub fn policy(&self) -> &LoadedChat {
+    pub fn policy(&self) -> &LoadedPolicy {
         &self.policy
     }
 
     /// The frozen reference model.
-    pub fn reference(&self) -> &ChatModel {
+    pub fn reference(&self) -> &PolicyNet {
         self.reference.model()
     }
 
@@ -417,16 +420,19 @@ impl PolicyTrainer {
 
 /// The policy's scorer: its LM head read back through a builder that hands out the policy's own tensors
 /// (the existing Var when the LLM trains).
-fn policy_scorer(policy: &LoadedChat, config: &OptimConfig) -> Result<ResponseScorer> {
+fn policy_scorer(policy: &LoadedPolicy, config: &OptimConfig) -> Result<ResponseScorer> {
     let trainable = config.trainable;
     let vb = policy
         .store
         .var_builder(move |name| trainable.contains(name));
-    ResponseScorer::new(policy.model.clone(), &vb)
+    ResponseScorer::for_policy(policy.model.clone(), &vb)
 }
 
 /// A frozen reference: the policy's frozen tensors (shared) with `trainable` in place of its Vars.
-fn build_reference(policy: &LoadedChat, trainable: &[(String, Tensor)]) -> Result<ResponseScorer> {
+fn build_reference(
+    policy: &LoadedPolicy,
+    trainable: &[(String, Tensor)],
+) -> Result<ResponseScorer> {
     let replaced: BTreeMap<&str, &Tensor> =
         trainable.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let tensors = policy.store.tensors()?.into_iter().map(|(name, tensor)| {
@@ -442,11 +448,8 @@ fn build_reference(policy: &LoadedChat, trainable: &[(String, Tensor)]) -> Resul
         policy.store.dtype(),
         policy.store.device(),
     )?;
-    let mut model = ChatModel::new(policy.model.config(), store.frozen_var_builder())?;
-    if let Some(id) = policy.model.img_context_token_id() {
-        model.set_img_context_token_id(id);
-    }
-    ResponseScorer::new(model, &store.frozen_var_builder())
+    let model = policy.model.rebuild(store.frozen_var_builder())?;
+    ResponseScorer::for_policy(model, &store.frozen_var_builder())
 }
 
 /// Adds `grads` (from one micro-batch's backward) into `sums`, per trainable Var; a Var no gradient reached

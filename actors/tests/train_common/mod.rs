@@ -50,6 +50,7 @@ fn prompt(id: u64, token_ids: Vec<u32>, pixel_values: Option<Tensor>) -> Encoded
         id: PromptId(id),
         token_ids,
         pixel_values,
+        image_grids: Vec::new(),
         answer: String::new(),
         verifier: "math".into(),
         question: format!("prompt {id}"),

@@ -182,11 +182,50 @@ impl Qwen25Vl {
         images: Option<&Images>,
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let head = self
-            .lm_head
-            .as_ref()
-            .ok_or_else(|| Error::msg("this Qwen2.5-VL checkpoint has no lm_head.weight"))?;
+        let head = self.head()?;
         head.forward(&self.hidden_states(input_ids, images, attention_mask)?)
+    }
+
+    /// The LLM with its LM head as a Qwen2 causal LM sharing every tensor (a cheap clone): decode steps after
+    /// [`Self::prefill_last`] are Qwen2 steps (see [`TextModel::prefill`]). An error without an LM head.
+    pub fn causal_lm(&self) -> Result<qwen2::ForCausalLM> {
+        Ok(qwen2::ForCausalLM::from_parts(
+            self.llm.model.clone(),
+            self.head()?.clone(),
+        ))
+    }
+
+    /// The LM head on hidden states (..., D) -> logits (..., V); an error without an LM head.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.head()?.forward(hidden)
+    }
+
+    fn head(&self) -> Result<&Linear> {
+        self.lm_head
+            .as_ref()
+            .ok_or_else(|| Error::msg("this Qwen2.5-VL checkpoint has no lm_head.weight"))
+    }
+
+    /// Prefill of one batch into an empty `cache` (see [`TextModel::prefill`]): input_ids (B, T), images, mask
+    /// -> the logits after each row's last slot (B, V).
+    pub fn prefill_last(
+        &self,
+        input_ids: &Tensor,
+        images: Option<&Images>,
+        attention_mask: Option<&Tensor>,
+        cache: &mut super::kv_cache::KvCache,
+    ) -> Result<Tensor> {
+        let head = self.head()?;
+        let t = input_ids.dim(1)?;
+        if t == 0 {
+            return Err(Error::msg("Qwen2.5-VL prefill: a prompt of 0 tokens"));
+        }
+        let positions = self.positions(input_ids, images, attention_mask)?;
+        let embeds = self.embed(input_ids, images)?;
+        let hidden = self
+            .llm
+            .prefill(&embeds, attention_mask, &positions, cache)?;
+        head.forward(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?) // (B, V)
     }
 
     /// Scores (B) f32: the value head on each row's last real token. An error without a value head or

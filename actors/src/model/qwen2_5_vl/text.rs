@@ -144,14 +144,7 @@ impl TextModel {
         positions: &MropePositions,
     ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
-        if positions
-            .iter()
-            .any(|axis| axis.len() != b || axis.iter().any(|r| r.len() != t))
-        {
-            return Err(Error::msg(format!(
-                "mrope positions do not match the input ({b}, {t})"
-            )));
-        }
+        check_positions(positions, b, t)?;
         let real = mask_rows(attention_mask, b, t)?;
         let layout = KvCache::new(0).begin_step(&real, embeds.device())?;
         let (cos, sin) = self.cos_sin(positions, embeds.device())?;
@@ -162,6 +155,65 @@ impl TextModel {
         }
         self.model.norm.forward(&x)
     }
+}
+
+impl TextModel {
+    /// Cached forward of a prompt (a prefill): embeds (B, T, D) and mask (B, T) into an empty `cache`, with
+    /// the three-axis `positions`; returns the final-normed hidden states (B, T, D). Afterwards each row's
+    /// next position is its largest position + 1, so decode steps run as plain 1D steps of the Qwen2 decoder:
+    /// transformers continues at `cache length + rope delta` (`rope_deltas = max position + 1 - length`) on
+    /// all three axes, and a rotary angle whose three axes agree is the 1D angle. After an error the cache
+    /// is unusable: clear it.
+    pub fn prefill(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        positions: &MropePositions,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t, _) = embeds.dims3()?;
+        check_positions(positions, b, t)?;
+        if cache.seq_len() != 0 || cache.num_layers() != self.model.layers.len() {
+            return Err(Error::msg(format!(
+                "Qwen2.5-VL prefill needs an empty KV cache for {} layers (it holds {} slots for {} layers)",
+                self.model.layers.len(),
+                cache.seq_len(),
+                cache.num_layers()
+            )));
+        }
+        let real = mask_rows(attention_mask, b, t)?;
+        let layout = cache.begin_step(&real, embeds.device())?;
+        let (cos, sin) = self.cos_sin(positions, embeds.device())?;
+        let (cos, sin) = (cos.to_dtype(embeds.dtype())?, sin.to_dtype(embeds.dtype())?);
+        let mut x = embeds.clone();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            x = layer.forward(&x, &cos, &sin, &layout.mask, i, Some(cache))?;
+        }
+        let next: Vec<u32> = (0..b)
+            .map(|row| {
+                (0..t)
+                    .filter(|&slot| real[row][slot])
+                    .flat_map(|slot| positions.iter().map(move |axis| axis[row][slot] + 1))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        cache.set_next_positions(&next)?;
+        self.model.norm.forward(&x)
+    }
+}
+
+/// An error unless `positions` hold (B, T) values on each axis.
+fn check_positions(positions: &MropePositions, b: usize, t: usize) -> Result<()> {
+    if positions
+        .iter()
+        .any(|axis| axis.len() != b || axis.iter().any(|r| r.len() != t))
+    {
+        return Err(Error::msg(format!(
+            "mrope positions do not match the input ({b}, {t})"
+        )));
+    }
+    Ok(())
 }
 
 /// Per-row token ids and real flags.
