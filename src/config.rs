@@ -10,7 +10,7 @@
 //! [verifiers]                 # rule verifiers and plugins
 //! [reward_model]              # optional: dir = ..., tiny = { seed = 1 } or tiny_vl = { seed = 1 } (+ train = {...})
 //! [monitor]                   # hallucination monitor and calibration (+ probe_set = "probes.jsonl")
-//! [optimizer]                 # AdamW, schedule, clipping, accumulation, trainable modules
+//! [optimizer]                 # AdamW, schedule, clipping, accumulation, trainable modules, reset_each_stage
 //! [placement]                 # devices of each role: generator / trainer / reward_model (default "all")
 //! [watchdog]                  # heartbeat period and stall timeout
 //! [faults]                    # fault injection, for tests

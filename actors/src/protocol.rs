@@ -15,6 +15,7 @@
 //! | [`MonitorSnapshot`] | MonitorActor (actor/monitor.rs) | the monitor's state | controller: checkpoints |
 //! | [`TrainSft`] / [`TrainMpo`] / [`TrainGrpo`] | Optimizer (actor/optimizer.rs) | [`UpdateReport`] | controller: each step |
 //! | [`RefreshReference`] | Optimizer (actor/optimizer.rs) | version | controller: at a stage's start, MPO rounds |
+//! | [`ResetOptimizer`] | Optimizer (actor/optimizer.rs) | version | controller: at a stage's start, with `optimizer.reset_each_stage` |
 //! | [`CurrentWeights`] | Optimizer (actor/optimizer.rs) | [`PolicyWeights`] | controller: syncing the generators before the first step |
 //! | [`SaveState`] | Optimizer (actor/optimizer.rs) | version written | controller: checkpoints |
 //! | [`Heartbeat`] | every actor | [`HeartbeatReply`] | the watchdog (src/trainer/watchdog.rs) |
@@ -106,6 +107,7 @@ named!(
     TrainMpo,
     TrainGrpo,
     RefreshReference,
+    ResetOptimizer,
     CurrentWeights,
     SaveState,
     Heartbeat,
@@ -332,6 +334,12 @@ pub struct TrainMpo {
     /// Multiplies the schedule's learning rate for this update (the stage's `lr_scale`; 1 = as scheduled).
     pub lr_scale: f64,
 }
+
+/// Replace the optimizer's AdamW by a fresh one (zero moments) for the next stage (`optimizer.reset_each_stage`).
+/// Replies the policy version (unchanged: the weights do not move).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "crate::Result<u64>")]
+pub struct ResetOptimizer;
 
 /// Make the current policy the frozen reference. Replies the policy version it now is.
 #[derive(Debug, Clone, Copy, Message)]

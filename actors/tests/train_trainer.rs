@@ -406,3 +406,61 @@ fn bad_batches_are_errors_naming_the_item() -> Result<()> {
     ensure!(trainer.version() == 0 && trainer.is_consistent());
     Ok(())
 }
+
+#[test]
+fn a_reset_optimizer_steps_as_a_fresh_adamw_and_the_schedule_goes_on() -> Result<()> {
+    let bank = bank()?;
+    let batch = grpo_batch(&[(0, &[1.0, -1.0]), (2, &[0.5, -0.5])], None)?;
+    let grpo = GrpoConfig::default();
+    // A constant rate, so that a fresh trainer at version 0 steps at the same rate as one at version 2.
+    let config = OptimConfig {
+        lr: 1e-2,
+        micro_batch: 4,
+        ..Default::default()
+    };
+    let mut continued = PolicyTrainer::new(load(config.trainable)?, config.clone())?;
+    for _ in 0..2 {
+        continued.grpo_update(&batch, &bank, &grpo)?;
+    }
+    let dir = tempfile::tempdir()?;
+    continued.save_state(dir.path())?;
+    let mut reset = PolicyTrainer::load_checkpoint(
+        dir.path(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        config.clone(),
+        Some(img_context_id()?),
+    )?;
+    reset.reset_optimizer()?;
+    // The fresh trainer's reference is the weights it loads: make it the same here (GRPO's KL term).
+    reset.refresh_reference()?;
+    ensure!(reset.version() == 2 && reset.optimizer_steps() == 0);
+    ensure!(reset.next_lr() == continued.next_lr());
+    let mut fresh = PolicyTrainer::new(
+        train_common::load_from(&dir.path().join("model"), config.trainable)?,
+        config,
+    )?;
+
+    let after_reset = reset.grpo_update(&batch, &bank, &grpo)?;
+    let after_fresh = fresh.grpo_update(&batch, &bank, &grpo)?;
+    let after_continued = continued.grpo_update(&batch, &bank, &grpo)?;
+    let tensors = |w: &r1v2_actors::train::PolicyWeights| -> Vec<Tensor> {
+        w.tensors.iter().map(|(_, t)| t.clone()).collect()
+    };
+    ensure!(
+        max_diff(
+            &tensors(&after_reset.weights),
+            &tensors(&after_fresh.weights)
+        )? == 0.0,
+        "a reset AdamW steps as a fresh one"
+    );
+    // The carried moments make a different step.
+    ensure!(
+        max_diff(
+            &tensors(&after_reset.weights),
+            &tensors(&after_continued.weights)
+        )? > 1e-6
+    );
+    ensure!(after_reset.weights.version == 3);
+    Ok(())
+}

@@ -199,6 +199,18 @@ impl Controller {
                     "reference policy reset to the current policy"
                 );
             }
+            // A fresh AdamW per stage, when asked (on resume at a stage's first step it is fresh again).
+            if offset == 0 && self.state.step > 0 && self.config.optimizer.reset_each_stage {
+                for shard in &self.actors.optimizers {
+                    self.ask(
+                        ActorName::Optimizer,
+                        shard,
+                        r1v2_actors::protocol::ResetOptimizer,
+                    )
+                    .await??;
+                }
+                tracing::info!(stage = stage.name(), "optimizer state reset (fresh AdamW)");
+            }
             let before = (self.loader.cursor(), self.state.clone());
             let started = Instant::now();
             let outcome = match &stage {

@@ -6,6 +6,7 @@
 //! - [`SaveState`]: the model in the HF layout under `dir/model`, the optimizer state, reference, version and
 //!   the BCO running mean under `dir/optimizer`; replies the version written.
 //! - [`RefreshReference`]: the current policy becomes the reference (MPO's optional per-round refresh).
+//! - [`ResetOptimizer`]: a fresh AdamW for the next stage (`optimizer.reset_each_stage`).
 //! - [`CurrentWeights`]: the weights at the current version (to sync generators at the start of a run).
 //! - [`Heartbeat`]: the [`Liveness`] record; [`Shutdown`]: the actor stops, and its thread with it.
 //!
@@ -25,7 +26,7 @@ use super::{catch_panic, Liveness};
 use crate::prompt::PromptBank;
 use crate::protocol::{
     ActorName, CurrentWeights, Heartbeat, HeartbeatReply, PolicyWeights, RefreshReference,
-    SaveState, Shutdown, TrainGrpo, TrainMpo, TrainSft, UpdateReport,
+    ResetOptimizer, SaveState, Shutdown, TrainGrpo, TrainMpo, TrainSft, UpdateReport,
 };
 use crate::rl::config::{GrpoConfig, MpoConfig};
 use crate::rl::mpo::BcoRewardMean;
@@ -237,6 +238,17 @@ impl Handler<SaveState> for Optimizer {
 
     fn handle(&mut self, msg: SaveState, _ctx: &mut Context<Self>) -> Result<u64> {
         self.guarded("SaveState", |this| this.save(&msg.dir))
+    }
+}
+
+impl Handler<ResetOptimizer> for Optimizer {
+    type Result = Result<u64>;
+
+    fn handle(&mut self, _msg: ResetOptimizer, _ctx: &mut Context<Self>) -> Result<u64> {
+        self.guarded("ResetOptimizer", |this| {
+            this.trainer.reset_optimizer()?;
+            Ok(this.trainer.version())
+        })
     }
 }
 

@@ -33,6 +33,10 @@ pub struct OptimConfig {
     /// Which modules receive gradients (adapter only by default: the paper's Table 4; for Qwen2.5-VL the
     /// adapter is the patch merger).
     pub trainable: Trainable,
+    /// Start every stage after the first with a fresh AdamW (zero moments), as separate SFT / MPO / GRPO jobs
+    /// would; the learning-rate schedule goes on. Otherwise the moments of the supervised steps carry into RL,
+    /// whose gradients are of another size and direction.
+    pub reset_each_stage: bool,
 }
 
 impl Default for OptimConfig {
@@ -48,6 +52,7 @@ impl Default for OptimConfig {
             max_grad_norm: 1.0,
             micro_batch: 8,
             trainable: Trainable::default(),
+            reset_each_stage: false,
         }
     }
 }

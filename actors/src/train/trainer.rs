@@ -256,9 +256,20 @@ impl PolicyTrainer {
         self.version
     }
 
-    /// Optimizer steps taken (the schedule's position).
+    /// AdamW steps since its moments were last zeroed (its bias correction's count).
     pub fn optimizer_steps(&self) -> u64 {
         self.optimizer.step_count()
+    }
+
+    /// A fresh AdamW over the same parameters (zero moments, bias correction from the first step), as a
+    /// separate job for the next stage would start with; the schedule, which counts updates, goes on.
+    pub fn reset_optimizer(&mut self) -> Result<()> {
+        self.check_consistent()?;
+        self.optimizer = AdamW::new(
+            self.policy.trainable_vars.clone(),
+            adamw_params(&self.config),
+        )?;
+        Ok(())
     }
 
     /// The configuration.
@@ -276,9 +287,10 @@ impl PolicyTrainer {
         self.reference.model()
     }
 
-    /// The learning rate the next update will use: the schedule's times the stage's factor.
+    /// The learning rate the next update will use: the schedule's at the updates done (the policy version)
+    /// times the stage's factor.
     pub fn next_lr(&self) -> f64 {
-        learning_rate(&self.config, self.optimizer.step_count()) * self.lr_scale
+        learning_rate(&self.config, self.version) * self.lr_scale
     }
 
     /// Sets the factor on the schedule's rate for the next updates (a stage's `lr_scale`).
