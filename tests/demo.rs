@@ -43,6 +43,12 @@ fn the_quick_demo_measures_every_stage_and_every_ablation() {
     assert_eq!(labels, ["sft", "mpo", "grpo"]);
     let steps: Vec<u64> = evals.iter().map(|e| e.step).collect();
     assert_eq!(steps, [60, 68, 84]);
+    // The SFT warm start teaches the listing: its probe answers make claims, so the rate is measured.
+    assert!(
+        evals[0].claims > 0,
+        "the probes made no claims: {:?}",
+        evals[0]
+    );
     let heldout = r1v2::demo::HELDOUT_SHAPES + r1v2::demo::HELDOUT_DIGITS;
     for eval in &evals {
         assert_eq!(eval.n, heldout, "{eval:?}");
@@ -52,8 +58,12 @@ fn the_quick_demo_measures_every_stage_and_every_ablation() {
         );
         let se = (eval.accuracy * (1.0 - eval.accuracy) / heldout as f64).sqrt();
         assert!((eval.stderr - se).abs() < 1e-12, "{eval:?}");
-        assert!(eval.claims > 0, "the probes made no claims: {eval:?}");
-        assert!(eval.hallucination_rate.is_some());
+        // CHAIR-i exactly when the probe answers made claims (a policy may stop listing shapes after a stage).
+        assert_eq!(
+            eval.hallucination_rate.is_some(),
+            eval.claims > 0,
+            "{eval:?}"
+        );
         // Every response was kept with its verdict: the held-out lines + the probes.
         let responses = std::fs::read_to_string(
             run.join("eval")
