@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use r1v2_actors::model::qwen2_5_vl::Config as VlConfig;
+use r1v2_actors::model::qwen2_5_vl::{Config as VlConfig, Images};
 
 use crate::images::qwen2_vl::{load_images, ProcessorConfig};
 use crate::images::{load_image, TilingConfig};
@@ -33,13 +33,48 @@ struct ImageSetup {
 }
 
 /// How Qwen2.5-VL takes images: its processor (preprocessor_config.json) and vision tokens (config.json).
+/// The policy's prompts (here) and the reward model's pairs (`rm_train::data`) encode images through it.
 #[derive(Debug, Clone)]
-struct VlSetup {
-    processor: ProcessorConfig,
-    config: VlConfig,
+pub(crate) struct VlSetup {
+    pub(crate) processor: ProcessorConfig,
+    pub(crate) config: VlConfig,
     start: String,
     pad: String,
     end: String,
+}
+
+impl VlSetup {
+    /// The processor of `dir` and the text of `config`'s vision tokens in `tokenizer`'s vocabulary.
+    pub(crate) fn new(dir: &Path, config: VlConfig, tokenizer: &Tokenizer) -> Result<Self> {
+        let token = |id: u32| -> Result<String> {
+            tokenizer
+                .inner()
+                .id_to_token(id)
+                .ok_or_else(|| Error::File {
+                    path: tokenizer.path().to_path_buf(),
+                    msg: format!("no token with id {id} (named by config.json)"),
+                })
+        };
+        Ok(Self {
+            processor: ProcessorConfig::from_dir(dir)?,
+            start: token(config.vision_start_token_id)?,
+            pad: token(config.image_token_id)?,
+            end: token(config.vision_end_token_id)?,
+            config,
+        })
+    }
+
+    /// Each image's vision run: `<|vision_start|>`, one `<|image_pad|>` per merged patch, `<|vision_end|>`.
+    pub(crate) fn runs(&self, images: &Images) -> Vec<String> {
+        images
+            .grids
+            .iter()
+            .map(|&grid| {
+                let pads = self.pad.repeat(self.config.image_tokens(grid));
+                format!("{}{pads}{}", self.start, self.end)
+            })
+            .collect()
+    }
 }
 
 /// The image side of an encoder.
@@ -101,22 +136,7 @@ impl PromptEncoder {
                     path: config_path.clone(),
                     msg: err.to_string(),
                 })?;
-                let token = |id: u32| -> Result<String> {
-                    tokenizer
-                        .inner()
-                        .id_to_token(id)
-                        .ok_or_else(|| Error::File {
-                            path: tokenizer.path().to_path_buf(),
-                            msg: format!("no token with id {id} (named by config.json)"),
-                        })
-                };
-                Vision::Patches(Box::new(VlSetup {
-                    processor: ProcessorConfig::from_dir(dir)?,
-                    start: token(config.vision_start_token_id)?,
-                    pad: token(config.image_token_id)?,
-                    end: token(config.vision_end_token_id)?,
-                    config,
-                }))
+                Vision::Patches(Box::new(VlSetup::new(dir, config, &tokenizer)?))
             }
         };
         let mut stop_token_ids = generation_config_eos(&dir.join("generation_config.json"))?;
@@ -238,14 +258,7 @@ impl PromptEncoder {
         paths: &[PathBuf],
     ) -> Result<EncodedText> {
         let images = load_images(paths, &setup.processor, &self.device)?;
-        let runs: Vec<String> = images
-            .grids
-            .iter()
-            .map(|&grid| {
-                let pads = setup.pad.repeat(setup.config.image_tokens(grid));
-                format!("{}{pads}{}", setup.start, setup.end)
-            })
-            .collect();
+        let runs = setup.runs(&images);
         let pieces: Vec<&str> = question.split(IMAGE_PLACEHOLDER).collect();
         let text = if pieces.len() == 1 {
             format!("{}{question}", runs.concat())

@@ -512,30 +512,23 @@ fn stages_set_their_own_prompts_per_step_and_learning_rate_scale() {
         "updates at every stage's scale, saw {scaled:?}"
     );
 
-    // A scale that is not positive is an error naming the stage's key.
-    let bad = write_config(
-        dir.path(),
+    // A scale that is not positive, or an empty batch, is an error naming the stage's key.
+    let refused = |name: &str, text: String, key: &str| {
+        let config = write_config(dir.path(), name, &text);
+        let output = train(&config, &dir.path().join(format!("{name}-run")), false);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains(name) && stderr.contains(key), "{stderr}");
+    };
+    refused(
         "bad.toml",
-        &text.replace("lr_scale = 0.25", "lr_scale = 0.0"),
+        text.replace("lr_scale = 0.25", "lr_scale = 0.0"),
+        "stages[2].lr_scale",
     );
-    let output = train(&bad, &dir.path().join("bad-run"), false);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(
-        stderr.contains("bad.toml") && stderr.contains("stages[2].lr_scale"),
-        "{stderr}"
-    );
-    let empty = write_config(
-        dir.path(),
+    refused(
         "empty.toml",
-        &text.replace("prompts_per_step = 2\n", "prompts_per_step = 0\n"),
-    );
-    let output = train(&empty, &dir.path().join("empty-run"), false);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(
-        stderr.contains("empty.toml") && stderr.contains("stages[0].prompts_per_step"),
-        "{stderr}"
+        text.replace("prompts_per_step = 2\n", "prompts_per_step = 0\n"),
+        "stages[0].prompts_per_step",
     );
 }
 

@@ -14,7 +14,8 @@ use r1v2_actors::model::qwen2_5_vl::{Config as VlConfig, Images};
 use r1v2_actors::train::reward_model::PreferencePair;
 use serde::Deserialize;
 
-use crate::images::qwen2_vl::{load_images, ProcessorConfig};
+use crate::images::qwen2_vl::load_images;
+use crate::prompting::VlSetup;
 use crate::text::tokenizer::IM_END;
 use crate::text::{ChatTemplate, Tokenizer};
 use crate::{Error, Result};
@@ -89,22 +90,12 @@ pub fn read_pairs(path: &Path) -> Result<Vec<PairRecord>> {
     Ok(pairs)
 }
 
-/// The Qwen2.5-VL side of the encoder.
-#[derive(Debug, Clone)]
-struct VisionTokens {
-    processor: ProcessorConfig,
-    config: VlConfig,
-    start: String,
-    pad: String,
-    end: String,
-}
-
 /// Turns pair records into token ids (and pixels) for one reward model.
 #[derive(Clone)]
 pub struct PairEncoder {
     tokenizer: Tokenizer,
     template: ChatTemplate,
-    vision: Option<VisionTokens>,
+    vision: Option<VlSetup>,
 }
 
 impl PairEncoder {
@@ -114,22 +105,7 @@ impl PairEncoder {
         let tokenizer = Tokenizer::from_model_dir(dir)?;
         let vision = if takes_images {
             let config = VlConfig::from_file(&dir.join("config.json"))?;
-            let token = |id: u32| -> Result<String> {
-                tokenizer
-                    .inner()
-                    .id_to_token(id)
-                    .ok_or_else(|| Error::File {
-                        path: tokenizer.path().to_path_buf(),
-                        msg: format!("no token with id {id} (named by config.json)"),
-                    })
-            };
-            Some(VisionTokens {
-                processor: ProcessorConfig::from_dir(dir)?,
-                start: token(config.vision_start_token_id)?,
-                pad: token(config.image_token_id)?,
-                end: token(config.vision_end_token_id)?,
-                config,
-            })
+            Some(VlSetup::new(dir, config, &tokenizer)?)
         } else {
             None
         };
@@ -151,15 +127,7 @@ impl PairEncoder {
         let (prefix, images) = match (&self.vision, image_paths.is_empty()) {
             (Some(vision), false) => {
                 let images = load_images(image_paths, &vision.processor, device)?;
-                let runs: String = images
-                    .grids
-                    .iter()
-                    .map(|&grid| {
-                        let pads = vision.pad.repeat(vision.config.image_tokens(grid));
-                        format!("{}{pads}{}", vision.start, vision.end)
-                    })
-                    .collect();
-                (runs, Some(images))
+                (vision.runs(&images).concat(), Some(images))
             }
             _ => (String::new(), None),
         };

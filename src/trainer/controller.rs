@@ -201,14 +201,8 @@ impl Controller {
             }
             // A fresh AdamW per stage, when asked (on resume at a stage's first step it is fresh again).
             if offset == 0 && self.state.step > 0 && self.config.optimizer.reset_each_stage {
-                for shard in &self.actors.optimizers {
-                    self.ask(
-                        ActorName::Optimizer,
-                        shard,
-                        r1v2_actors::protocol::ResetOptimizer,
-                    )
-                    .await??;
-                }
+                self.ask_every_optimizer(r1v2_actors::protocol::ResetOptimizer)
+                    .await?;
                 tracing::info!(stage = stage.name(), "optimizer state reset (fresh AdamW)");
             }
             let before = (self.loader.cursor(), self.state.clone());
@@ -762,13 +756,18 @@ impl Controller {
 
     /// Makes the current policy every optimizer shard's frozen reference.
     async fn refresh_reference(&self) -> Result<()> {
+        self.ask_every_optimizer(r1v2_actors::protocol::RefreshReference)
+            .await
+    }
+
+    /// Sends `message` to every optimizer shard in turn; the first error stops.
+    async fn ask_every_optimizer<M>(&self, message: M) -> Result<()>
+    where
+        M: Message<Result = r1v2_actors::Result<u64>> + Named + Copy + Send + 'static,
+        Optimizer: Handler<M>,
+    {
         for shard in &self.actors.optimizers {
-            self.ask(
-                ActorName::Optimizer,
-                shard,
-                r1v2_actors::protocol::RefreshReference,
-            )
-            .await??;
+            self.ask(ActorName::Optimizer, shard, message).await??;
         }
         Ok(())
     }
