@@ -109,6 +109,31 @@ impl Default for TinySpec {
     }
 }
 
+/// `[model] pretrain_vision`: supervised pretraining of a tiny model's vision tower + adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionPretrainSpec {
+    /// AdamW steps.
+    pub steps: usize,
+    /// Images per step (fresh scenes every step).
+    #[serde(default = "default_pretrain_batch")]
+    pub batch: usize,
+    /// Learning rate (constant).
+    #[serde(default = "default_pretrain_lr")]
+    pub lr: f64,
+    /// Seed of the scenes and of the readout head.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_pretrain_batch() -> usize {
+    32
+}
+
+fn default_pretrain_lr() -> f64 {
+    1e-3
+}
+
 /// `[model]`: the policy's starting checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,6 +145,12 @@ pub struct ModelSection {
     /// Or a random tiny model.
     #[serde(default)]
     pub tiny: Option<TinySpec>,
+    /// With `tiny` only: pretrain the tiny model's vision tower and adapter before the run on cell labels of
+    /// generated scenes (the demo task's generators), standing in for a pretrained InternViT (src/demo/
+    /// vision_pretrain.rs). A random tower's tokens carry the image, but a small LLM learns to read them
+    /// too slowly for the demo's budget.
+    #[serde(default)]
+    pub pretrain_vision: Option<VisionPretrainSpec>,
     /// The device of a role whose `[placement]` is `"all"` when no GPU is present (default `cpu`), and of
     /// the prompt encoder's image tiles.
     #[serde(default = "default_device")]
@@ -566,6 +597,23 @@ impl TrainConfig {
                     "model.tiny.image_size",
                     "must be a positive multiple of 28 (14-px patches, merged 2 x 2)",
                 ));
+            }
+        }
+        if let Some(pretrain) = &self.model.pretrain_vision {
+            if self.model.tiny.is_none() {
+                return Err(invalid(
+                    "model.pretrain_vision",
+                    "needs `tiny` (a checkpoint's vision tower is pretrained already)",
+                ));
+            }
+            if pretrain.steps == 0 || pretrain.batch == 0 {
+                return Err(invalid(
+                    "model.pretrain_vision",
+                    "steps and batch must be >= 1",
+                ));
+            }
+            if !(pretrain.lr.is_finite() && pretrain.lr > 0.0) {
+                return Err(invalid("model.pretrain_vision.lr", "must be > 0"));
             }
         }
         if let Some(eval) = &self.eval {

@@ -13,6 +13,7 @@ pub mod digits;
 pub mod run;
 pub mod shapes;
 pub mod table;
+pub mod vision_pretrain;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -71,6 +72,24 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
         source,
     }
 }
+
+/// The digit images (indices into [`digits::load`]) shuffled by `rng` and split into the training pool and
+/// the held-out pool ([`HELDOUT_DIGIT_SHARE`]).
+fn digit_split(count: usize, rng: &mut ChaCha8Rng) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..count).collect();
+    order.shuffle(rng);
+    let heldout = order.split_off(count - (count as f64 * HELDOUT_DIGIT_SHARE) as usize);
+    (order, heldout)
+}
+
+/// The digit images that [`write_task`]'s training split draws from (its stream's first draws, repeated):
+/// what anything besides the held-out evaluation may see.
+pub fn train_digit_pool(count: usize) -> Vec<usize> {
+    digit_split(count, &mut ChaCha8Rng::seed_from_u64(TASK_SEED)).0
+}
+
+/// The seed of [`write_task`]'s stream.
+const TASK_SEED: u64 = 7;
 
 struct Writer {
     dir: PathBuf,
@@ -155,20 +174,18 @@ pub fn write_task(dir: &Path) -> Result<TaskFiles> {
     std::fs::create_dir_all(&images).map_err(io_err(&images))?;
     let files = TaskFiles::under(dir);
     let all = digits::load()?;
-    let mut order: Vec<usize> = (0..all.len()).collect();
     let mut writer = Writer {
         dir: dir.to_path_buf(),
-        rng: ChaCha8Rng::seed_from_u64(7),
+        rng: ChaCha8Rng::seed_from_u64(TASK_SEED),
     };
-    order.shuffle(&mut writer.rng);
-    let cut = all.len() - (all.len() as f64 * HELDOUT_DIGIT_SHARE) as usize;
-    let (train_pool, heldout_pool) = order.split_at(cut);
+    // The stream's first draws split the digits (as `train_digit_pool` repeats them).
+    let (train_pool, heldout_pool) = digit_split(all.len(), &mut writer.rng);
 
     let mut train = writer.shape_lines("train", TRAIN_SHAPES, TRAIN_LISTS)?;
-    train.extend(writer.digit_lines("train", TRAIN_DIGITS, &all, train_pool)?);
+    train.extend(writer.digit_lines("train", TRAIN_DIGITS, &all, &train_pool)?);
     train.shuffle(&mut writer.rng);
     let mut heldout = writer.shape_lines("heldout", HELDOUT_SHAPES, 0)?;
-    heldout.extend(writer.digit_lines("heldout", HELDOUT_DIGITS, &all, heldout_pool)?);
+    heldout.extend(writer.digit_lines("heldout", HELDOUT_DIGITS, &all, &heldout_pool)?);
     let mut probes = writer.shape_lines("probe", 0, PROBES)?;
     for probe in &mut probes {
         // The probe set measures false claims only (CHAIR), as the monitor does.

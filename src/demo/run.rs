@@ -112,6 +112,7 @@ fn arm_config(
     let mut config = base.clone();
     config.model.dir = Some(start.to_path_buf());
     config.model.tiny = None;
+    config.model.pretrain_vision = None;
     config.data.path = task.train.clone();
     let prompts_per_step = base
         .stages
@@ -145,6 +146,20 @@ fn arm_config(
         eval.at_start = false;
     }
     config
+}
+
+/// The vision pretraining's result (`[model] pretrain_vision`), as a line under the stage table.
+fn pretrain_line(model: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(model.join("vision_pretrain.json")).ok()?;
+    let report: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(format!(
+        "\nvision tower + adapter pretrained before SFT ({} steps, {:.0} s): cell readout accuracy {:.3} on fresh \
+         scenes, {:.3} on the cells that hold a shape or a held-out digit\n",
+        report["steps"].as_u64()?,
+        report["seconds"].as_f64()?,
+        report["cell_accuracy"].as_f64()?,
+        report["filled_cell_accuracy"].as_f64()?,
+    ))
 }
 
 /// Runs the demo (see the module docs) and returns what it measured.
@@ -186,6 +201,9 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         stages.first().map_or(0, |e| e.n),
         table::stage_table(&stages, &metrics)
     );
+    if let Some(line) = pretrain_line(&root.join("init-model")) {
+        summary.push_str(&line);
+    }
     println!(
         "\n{summary}\n(staged run: {:.0} s)",
         started.elapsed().as_secs_f64()

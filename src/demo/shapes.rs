@@ -92,6 +92,13 @@ pub struct Item {
     offset: (f32, f32),
 }
 
+impl Item {
+    /// The cell's index in reading order (0-8).
+    pub fn cell(&self) -> usize {
+        self.row * 3 + self.col
+    }
+}
+
 /// A scene: its shapes in reading order (row by row, left to right).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scene {

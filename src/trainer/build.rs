@@ -55,8 +55,21 @@ fn initial_model_dir(config: &TrainConfig, run: &RunDir) -> Result<PathBuf> {
     // Validation guarantees `tiny` when `dir` is absent.
     let spec = config.model.tiny.unwrap_or_default();
     let dir = run.root().join("init-model");
-    if !dir.join("model.safetensors").is_file() {
-        tiny::write_chat_model(&dir, &spec)?;
+    if dir.join("model.safetensors").is_file() {
+        return Ok(dir);
+    }
+    match &config.model.pretrain_vision {
+        None => tiny::write_chat_model(&dir, &spec)?,
+        Some(pretrain) => {
+            // The random model, then its pretrained vision into `dir` (renamed in when complete).
+            let random = run.root().join("init-model.random");
+            tiny::write_chat_model(&random, &spec)?;
+            demo::vision_pretrain::pretrain(&random, &dir, pretrain)?;
+            std::fs::remove_dir_all(&random).map_err(|source| Error::Io {
+                path: random.clone(),
+                source,
+            })?;
+        }
     }
     Ok(dir)
 }
