@@ -14,8 +14,10 @@
 //!
 //! Every tensor is converted to the store's one dtype as it is read: the models' layers (candle-nn's
 //! `Linear`, `Embedding`) multiply weights and activations of one dtype, so a frozen bf16 module beside
-//! f32 compute would need a cast in each forward; keeping frozen modules in the checkpoint's dtype waits
-//! for bf16 compute on the GPU ([`WeightStore::stored_dtype`] tells what the file holds).
+//! f32 compute would need a cast in each forward. A store in bf16 (mixed precision, `[model] dtype =
+//! "bf16"`) keeps a bf16 checkpoint's frozen modules as they are in the file, read without conversion;
+//! the trainable ones are bf16 Vars whose f32 masters the optimizer keeps (train/adamw.rs).
+//! [`WeightStore::stored_dtype`] tells what the file holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
