@@ -337,6 +337,12 @@ fn updates_below_bf16_resolution_move_the_f32_master_not_the_bf16_copy() -> Resu
         "the bf16 copy moved: {:?}",
         half.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?
     );
+    // A reset (a new stage's fresh moments) keeps the master; re-reading it from the bf16 copy would
+    // undo the ten steps.
+    mixed.reset()?;
+    ensure!(mixed.step_count() == 0);
+    ensure!(mixed.master("w").expect("master").to_vec1::<f32>()? == master);
+    ensure!(mixed.state().exp_avg[0].1.to_vec1::<f32>()? == vec![0.0; 4]);
     // Without a master (a bf16 update applied to the bf16 value itself) the steps would be lost: each
     // one alone rounds back to the start.
     let alone = (start.to_dtype(DType::BF16)? - (grad.sign()? * 1e-4)?.to_dtype(DType::BF16)?)?;

@@ -264,6 +264,19 @@ impl AdamW {
         Ok(())
     }
 
+    /// Zeroes both moments and the step count, as a fresh optimizer over the same parameters would start;
+    /// the f32 masters of half-precision parameters are kept (a fresh optimizer would re-read them from the
+    /// rounded parameters).
+    pub fn reset(&mut self) -> Result<()> {
+        for slot in &mut self.slots {
+            let zeros = slot.exp_avg.zeros_like()?;
+            slot.exp_avg = zeros.clone();
+            slot.exp_avg_sq = zeros;
+        }
+        self.step = 0;
+        Ok(())
+    }
+
     /// The f32 master weight of parameter `name`, when it is half precision (tests, diagnostics).
     pub fn master(&self, name: &str) -> Option<&Tensor> {
         let slot = self.slots.iter().find(|s| s.name == name)?;

@@ -265,11 +265,9 @@ impl PolicyTrainer {
     /// separate job for the next stage would start with; the schedule, which counts updates, goes on.
     pub fn reset_optimizer(&mut self) -> Result<()> {
         self.check_consistent()?;
-        self.optimizer = AdamW::new(
-            self.policy.trainable_vars.clone(),
-            adamw_params(&self.config),
-        )?;
-        Ok(())
+        // Moments and step zeroed; a bf16 parameter keeps its f32 master (a new AdamW would restart it
+        // from the bf16 value and lose what lies below bf16's resolution).
+        self.optimizer.reset()
     }
 
     /// The configuration.
