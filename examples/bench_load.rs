@@ -1,13 +1,16 @@
-//! Loading a multi-GB checkpoint: peak resident memory and time of `WeightStore` (memory-mapped, one tensor
-//! at a time) against reading the files (`cat`-like) and against reading each file whole, as the loader did
-//! before. Generates a Qwen2-shaped bf16 checkpoint sharded like `save_pretrained` (index + shards) in a
-//! temporary directory, then measures each way of loading in a fresh child process (peak RSS is VmHWM
-//! from /proc/self/status, which counts mapped file pages while they are resident too).
+//! Loading a multi-GB checkpoint: peak resident memory and time of `WeightStore` (one tensor at a time,
+//! positioned reads) against reading the files (`cat`-like) and against reading each file whole, as the
+//! loader did before. Generates a Qwen2-shaped bf16 checkpoint sharded like `save_pretrained` (index +
+//! shards) in a temporary directory, then measures each way of loading in a fresh child process: wall
+//! time, its ratio to reading the files in the same state, user and system CPU time and minor page faults
+//! (getrusage: where the time goes), and peak RSS (VmHWM from /proc/self/status, which counts mapped file
+//! pages while they are resident too).
 //!
-//!     cargo run --release --example bench_load -- [--gb 3] [--shard-mb 1000] [--dir PATH]
+//!     cargo run --release --example bench_load -- [--gb 3] [--shard-mb 1000] [--dir PATH] [--cold]
 //!
-//! Every way runs after the files were read once, so all of them read from the page cache (a cold read
-//! is the disk's speed for all of them alike).
+//! By default every way runs after the files were read once, so all of them read from the page cache
+//! (warm). With `--cold` the files are dropped from the page cache (`posix_fadvise(DONTNEED)`, no root
+//! needed) before each way, so each reads the disk.
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -139,7 +142,31 @@ fn last_layer(store: &WeightStore) -> String {
     format!("model.layers.{}.", layers.saturating_sub(1))
 }
 
-/// One way of loading, run in this (child) process; prints `RESULT seconds peak_rss_bytes`.
+/// This process's (user CPU s, system CPU s, minor page faults) so far.
+fn cpu_usage() -> (f64, f64, i64) {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    (secs(usage.ru_utime), secs(usage.ru_stime), usage.ru_minflt)
+}
+
+/// Drops the files' pages from the page cache (a clean file's pages; advisory).
+fn evict(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    for file in shard_files(dir)? {
+        let f = std::fs::File::open(file)?;
+        // SAFETY: an fadvise on an open file descriptor; offset 0, length 0 = the whole file.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    Ok(())
+}
+
+/// One way of loading, run in this (child) process; prints
+/// `RESULT seconds peak_rss_bytes kept_bytes user_s sys_s minor_faults`.
 fn child(way: &str, dir: &Path) -> Result<()> {
     let start = Instant::now();
     let mut kept = Vec::new();
@@ -159,6 +186,13 @@ fn child(way: &str, dir: &Path) -> Result<()> {
                     let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)?;
                     kept.push(t.to_dtype(DType::F32)?);
                 }
+            }
+        }
+        "stream_bf16" => {
+            // The host side of a GPU load: each tensor read in the file's dtype, then (there) moved.
+            let store = WeightStore::load(dir, DType::BF16, &Device::Cpu)?;
+            for name in store.names() {
+                drop(store.tensor(&name)?);
             }
         }
         "stream" | "train" => {
@@ -203,7 +237,8 @@ fn child(way: &str, dir: &Path) -> Result<()> {
             store.save(&out, DType::BF16, 1_000_000_000)?;
             let secs = start.elapsed().as_secs_f64();
             std::fs::remove_dir_all(&out)?;
-            println!("RESULT {secs} {}", peak_rss()?);
+            let (user, sys, faults) = cpu_usage();
+            println!("RESULT {secs} {} 0 {user} {sys} {faults}", peak_rss()?);
             return Ok(());
         }
         other => bail!("unknown way {other}"),
@@ -213,11 +248,25 @@ fn child(way: &str, dir: &Path) -> Result<()> {
         .iter()
         .map(|t| t.elem_count() * t.dtype().size_in_bytes())
         .sum();
-    println!("RESULT {secs} {} {kept_bytes}", peak_rss()?);
+    let (user, sys, faults) = cpu_usage();
+    println!(
+        "RESULT {secs} {} {kept_bytes} {user} {sys} {faults}",
+        peak_rss()?
+    );
     Ok(())
 }
 
-fn run_child(way: &str, dir: &Path) -> Result<(f64, f64, f64)> {
+/// What one child measured.
+struct Measured {
+    secs: f64,
+    peak_rss: f64,
+    kept: f64,
+    user: f64,
+    sys: f64,
+    faults: f64,
+}
+
+fn run_child(way: &str, dir: &Path) -> Result<Measured> {
     let out = Command::new(std::env::current_exe()?)
         .args(["--child", way])
         .arg(dir)
@@ -235,7 +284,17 @@ fn run_child(way: &str, dir: &Path) -> Result<(f64, f64, f64)> {
         .skip(1)
         .map(|x| x.parse().unwrap_or(0.0))
         .collect();
-    Ok((v[0], v[1], v.get(2).copied().unwrap_or(0.0)))
+    if v.len() < 6 {
+        bail!("{way}: short RESULT line `{line}`");
+    }
+    Ok(Measured {
+        secs: v[0],
+        peak_rss: v[1],
+        kept: v[2],
+        user: v[3],
+        sys: v[4],
+        faults: v[5],
+    })
 }
 
 fn main() -> Result<()> {
@@ -291,35 +350,63 @@ fn main() -> Result<()> {
         largest as f64 * 4.0 / 1e6,
         trainable as f64 * 4.0 / 1e6,
     );
-    run_child("read", &dir)?; // warm the page cache
+    let cold = args.iter().any(|a| a == "--cold");
+    let prepare = |dir: &Path| -> Result<()> {
+        if cold {
+            evict(dir)
+        } else {
+            run_child("read", dir).map(|_| ()) // warm the page cache
+        }
+    };
+    println!(
+        "page cache: {}",
+        if cold {
+            "cold (the files are evicted before each way: every way reads the disk)"
+        } else {
+            "warm (the files were read just before each way)"
+        }
+    );
     println!();
-    println!("| way | what stays in memory | time s | GB/s of file | peak RSS MB | RSS / file | kept MB |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| way | what stays in memory | time s | time / read | GB/s of file | user s | sys s | minor faults | peak RSS MB | RSS / file | kept MB |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut read_secs = f64::NAN;
     for (way, what) in [
-        ("read", "nothing (cat-like: 8 MiB reads)"),
+        ("read", "nothing (cat-like: 8 MiB reads into one buffer)"),
         ("whole", "before: each file read whole, all tensors f32"),
         (
-            "stream",
-            "mmap, each tensor read as f32 and dropped (host side of a GPU load)",
+            "stream_bf16",
+            "each tensor read in the file's dtype (bf16) and dropped: the host side of a GPU load",
         ),
+        ("stream", "each tensor read as f32 and dropped"),
         (
             "train",
-            "mmap, frozen streamed, last layer kept as f32 Vars",
+            "frozen read as f32 and dropped, last layer kept as f32 Vars",
         ),
-        ("keep_bf16", "mmap, all kept in bf16"),
-        ("keep_f32", "mmap, all kept in f32 (a CPU run)"),
+        ("keep_bf16", "all kept in bf16 (the file's dtype)"),
+        ("keep_f32", "all kept in f32 (an f32 CPU run)"),
         (
             "save",
-            "mmap bf16 store saved in 1 GB shards (one tensor at a time)",
+            "bf16 store saved in 1 GB shards (one tensor at a time)",
         ),
     ] {
-        let (secs, rss, kept) = run_child(way, &dir)?;
+        prepare(&dir)?;
+        let m = run_child(way, &dir)?;
+        if way == "read" {
+            read_secs = m.secs;
+        }
         println!(
-            "| {way} | {what} | {secs:.2} | {:.2} | {:.0} | {:.2} | {:.0} |",
-            file_bytes as f64 / secs / 1e9,
-            rss / 1e6,
-            rss / file_bytes as f64,
-            kept / 1e6,
+            "| {way} | {what} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} |",
+            m.secs,
+            m.secs / read_secs,
+            file_bytes as f64 / m.secs / 1e9,
+            m.user,
+            m.sys,
+            m.faults,
+            m.peak_rss / 1e6,
+            m.peak_rss / file_bytes as f64,
+            m.kept / 1e6,
         );
     }
     Ok(())

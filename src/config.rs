@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [run]                       # seed, schedule mode, checkpoints, determinism
-//! [model]                     # dir = "path/to/internvl_chat" or a Qwen2.5-VL dir (or tiny = { seed = 0 })
+//! [model]                     # dir = "path/to/internvl_chat" or a Qwen2.5-VL dir (or tiny = { seed = 0 }), dtype = "bf16"
 //! [data]                      # path = "train.jsonl", prompts_per_step = 8
 //! [generation]                # group_size = 8 + the sampling parameters (temperature, top_p, ...)
 //! [[stages]]                  # kind = "sft" | "mpo" | "grpo", with steps / rounds (+ prompts_per_step, lr_scale)
@@ -155,6 +155,37 @@ pub struct ModelSection {
     /// the prompt encoder's image tiles.
     #[serde(default = "default_device")]
     pub device: String,
+    /// The policy's compute dtype (generators, trainer shards and the reference): `"f32"` (default) or
+    /// `"bf16"`, mixed precision: bf16 weights and activations in the forward, the backward and generation,
+    /// while the optimizer keeps f32 master weights and f32 AdamW moments and sums gradients in f32; norms,
+    /// softmax and log-probs reduce in f32 (r1v2-kernels widen bf16 to f32 inside each op). Frozen modules
+    /// stay bf16 (a bf16 checkpoint is read without conversion). Checkpoints hold the model in bf16 and the
+    /// f32 masters in `optimizer/adamw.safetensors`, so a resumed run continues from the masters. On the
+    /// CPU candle has no bf16 matrix kernel (it widens each product to f32), so there bf16 halves the
+    /// weights' memory but costs time; it is meant for GPUs. The reward model stays f32.
+    #[serde(default)]
+    pub dtype: ModelDtype,
+}
+
+/// `[model] dtype`: the policy's compute dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelDtype {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// bf16 weights and activations, f32 master weights, AdamW moments and reductions.
+    Bf16,
+}
+
+impl ModelDtype {
+    /// The candle dtype the policy is loaded in.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 fn default_device() -> String {

@@ -621,3 +621,125 @@ fn a_qwen2_5_vl_policy_trains_with_grpo_checkpoints_and_resumes() {
         .iter()
         .any(|r| r.values.contains_key("actor/pg_loss")));
 }
+
+#[test]
+fn a_bf16_run_trains_every_stage_with_f32_masters_and_its_checkpoint_loads_back() {
+    // `[model] dtype = "bf16"`: generation, forward and backward in bf16, AdamW on f32 masters.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let text = tiny_config().replace(
+        "tiny = { seed = 0, hidden = 64, layers = 2 }",
+        "tiny = { seed = 0, hidden = 64, layers = 2 }\ndtype = \"bf16\"",
+    );
+    assert!(text.contains("dtype = \"bf16\""));
+    let config = write_config(dir.path(), "tiny_bf16.toml", &text);
+    assert_ok(&train(&config, &run, false));
+    let records = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(records.len(), 7, "one record per step");
+    // Every value is finite (losses, norms, rewards), and updates had a gradient.
+    for record in &records {
+        for (key, value) in &record.values {
+            assert!(
+                value.is_finite() || key.starts_with("hallucination/"),
+                "step {} `{key}` = {value}",
+                record.step
+            );
+        }
+    }
+    let norms: Vec<f64> = records
+        .iter()
+        .filter_map(|r| r.values.get("actor/grad_norm").copied())
+        .collect();
+    assert!(
+        !norms.is_empty() && norms.iter().all(|&n| n > 0.0),
+        "{norms:?}"
+    );
+
+    // The checkpoint: the model in bf16, the masters (f32) beside AdamW's f32 moments.
+    let (step, dir7) = RunDir::open(&run)
+        .unwrap()
+        .latest_checkpoint()
+        .unwrap()
+        .expect("a checkpoint");
+    assert_eq!(step, 7);
+    let model = candle_core::safetensors::load(
+        dir7.join("model/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(model
+        .values()
+        .all(|t| t.dtype() == candle_core::DType::BF16));
+    let state = candle_core::safetensors::load(
+        dir7.join("optimizer/adamw.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let masters: Vec<_> = state.keys().filter(|k| k.starts_with("master.")).collect();
+    assert!(
+        !masters.is_empty(),
+        "no master weights in the optimizer state"
+    );
+    assert!(state.values().all(|t| t.dtype() == candle_core::DType::F32));
+    for key in masters {
+        let name = key.trim_start_matches("master.");
+        let rounded = state[key].to_dtype(candle_core::DType::BF16).unwrap();
+        let saved = &model[name];
+        let diff = (rounded.to_dtype(candle_core::DType::F32).unwrap()
+            - saved.to_dtype(candle_core::DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        assert_eq!(diff, 0.0, "`{name}` in the model is not its master rounded");
+    }
+
+    // It loads back as a trainer in bf16, continuing from the masters.
+    let optimizer: r1v2_actors::train::OptimConfig =
+        toml::from_str(&text[text.find("[optimizer]").unwrap() + "[optimizer]".len()..]).unwrap();
+    let trainer = r1v2_actors::train::PolicyTrainer::load_checkpoint(
+        &dir7,
+        candle_core::DType::BF16,
+        &candle_core::Device::Cpu,
+        optimizer,
+        None,
+    )
+    .unwrap();
+    // One policy version per update (a GRPO step whose buffer had nothing to train on makes none).
+    assert_eq!(trainer.version(), norms.len() as u64);
+    for (name, var) in &trainer.policy().trainable_vars {
+        assert_eq!(var.dtype(), candle_core::DType::BF16);
+        let master = trainer.master_weight(name).expect("a master");
+        let want = state[&format!("master.{name}")].flatten_all().unwrap();
+        assert_eq!(
+            master.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.to_vec1::<f32>().unwrap(),
+            "`{name}`: the master did not come back from the checkpoint"
+        );
+    }
+}
+
+#[test]
+fn a_bad_model_dtype_is_an_error_naming_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write_config(
+        dir.path(),
+        "fp16.toml",
+        &tiny_config().replace(
+            "tiny = { seed = 0, hidden = 64, layers = 2 }",
+            "tiny = { seed = 0, hidden = 64, layers = 2 }\ndtype = \"fp16\"",
+        ),
+    );
+    let output = train(&bad, &dir.path().join("run"), false);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("fp16.toml") && stderr.contains("dtype") && stderr.contains("bf16"),
+        "{stderr}"
+    );
+}

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{ensure, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use r1v2_actors::train::schedule::{clip_grad_norm, learning_rate, lr_multiplier};
 use r1v2_actors::train::{AdamW, AdamWParams, AdamWState, OptimConfig};
 
@@ -212,5 +212,140 @@ fn adamw_state_is_bit_exact_and_checked() -> Result<()> {
     std::fs::remove_file(tmp.path().join("adamw.safetensors"))?;
     let err = AdamWState::load(tmp.path()).expect_err("missing moments");
     ensure!(err.to_string().contains("adamw.safetensors"), "{err}");
+    Ok(())
+}
+
+/// The fixture's parameters as bf16 Vars (the model's working copies in mixed precision).
+fn bf16_vars(names: &[String], tensors: &HashMap<String, Tensor>) -> Result<Vec<(String, Var)>> {
+    names
+        .iter()
+        .map(|n| {
+            let init = tensors[&format!("init.{n}")].to_dtype(DType::BF16)?;
+            Ok((n.clone(), Var::from_tensor(&init)?))
+        })
+        .collect()
+}
+
+#[test]
+fn bf16_parameters_keep_f32_masters_that_follow_torch_and_survive_a_resume() -> Result<()> {
+    // Mixed precision: the bf16 Vars start from the fixture's values rounded to bf16, so the reference is an
+    // f32 AdamW (checked against torch above) started from those same rounded values and fed the same
+    // f32 gradients. The masters must equal it bit for bit, the Vars must be the masters rounded to bf16.
+    let (reference, tensors) = fixtures()?;
+    let h = &reference.hyper;
+    let cfg = config(h);
+    let params = AdamWParams {
+        betas: h.betas,
+        eps: h.eps,
+        weight_decay: h.weight_decay,
+    };
+    let half = bf16_vars(&reference.names, &tensors)?;
+    let full: Vec<(String, Var)> = half
+        .iter()
+        .map(|(n, v)| {
+            Ok((
+                n.clone(),
+                Var::from_tensor(&v.as_tensor().to_dtype(DType::F32)?)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut mixed = AdamW::new(half.clone(), params)?;
+    let mut plain = AdamW::new(full.clone(), params)?;
+    let tmp = tempfile::tempdir()?;
+    for step in 0..h.steps {
+        let mut grads: Vec<Tensor> = reference
+            .names
+            .iter()
+            .map(|n| tensors[&format!("grad.{step}.{n}")].clone())
+            .collect();
+        clip_grad_norm(&mut grads, h.max_grad_norm)?;
+        let lr = learning_rate(&cfg, plain.step_count());
+        plain.step(&grads, lr)?;
+        mixed.step(&grads, lr)?;
+        for ((name, var), (_, want)) in half.iter().zip(&full) {
+            ensure!(var.dtype() == DType::BF16, "the working copy stays bf16");
+            let master = mixed.master(name).expect("a bf16 parameter has a master");
+            ensure!(master.dtype() == DType::F32, "the master is f32");
+            ensure!(
+                master.flatten_all()?.to_vec1::<f32>()?
+                    == want.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+                "step {step}: master of `{name}` differs from f32 AdamW"
+            );
+            ensure!(
+                var.as_tensor().flatten_all()?.to_vec1::<half::bf16>()?
+                    == master
+                        .to_dtype(DType::BF16)?
+                        .flatten_all()?
+                        .to_vec1::<half::bf16>()?,
+                "step {step}: `{name}` is not its master rounded to bf16"
+            );
+        }
+        for (_, m) in mixed
+            .state()
+            .exp_avg
+            .iter()
+            .chain(&mixed.state().exp_avg_sq)
+        {
+            ensure!(m.dtype() == DType::F32, "AdamW moments are f32");
+        }
+        if step == 1 {
+            // Save and resume mid-run: the masters come back bit for bit (not re-read from the bf16 Vars).
+            mixed.state().save(tmp.path())?;
+            let state = AdamWState::load(tmp.path())?;
+            ensure!(state.master.len() == reference.names.len());
+            mixed = AdamW::from_state(half.clone(), params, state)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn updates_below_bf16_resolution_move_the_f32_master_not_the_bf16_copy() -> Result<()> {
+    // bf16 keeps 8 significant bits: below 1.0 its values are 2^-8 apart, 2^-7 in [1, 2), 2^-6 in [2, 4),
+    // so a change of ~1e-3 (under half a step) rounds away for these values. Ten AdamW steps of lr 1e-4
+    // with a constant gradient move each parameter by ~1e-3 in all (m / sqrt(v) = sign(g)).
+    let params = AdamWParams {
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let start = Tensor::new(&[1.0f32, -1.5, 2.0, 3.0], &Device::Cpu)?;
+    let half = Var::from_tensor(&start.to_dtype(DType::BF16)?)?;
+    let full = Var::from_tensor(&start)?;
+    let mut mixed = AdamW::new(vec![("w".into(), half.clone())], params)?;
+    let mut plain = AdamW::new(vec![("w".into(), full.clone())], params)?;
+    let grad = Tensor::new(&[1.0f32, -1.0, 0.5, 2.0], &Device::Cpu)?;
+    for _ in 0..10 {
+        mixed.step(std::slice::from_ref(&grad), 1e-4)?;
+        plain.step(std::slice::from_ref(&grad), 1e-4)?;
+    }
+    let master = mixed.master("w").expect("master").to_vec1::<f32>()?;
+    let want = full.as_tensor().to_vec1::<f32>()?;
+    ensure!(master == want, "master {master:?} vs f32 AdamW {want:?}");
+    let moved: Vec<f32> = master
+        .iter()
+        .zip(start.to_vec1::<f32>()?)
+        .map(|(m, s)| (m - s).abs())
+        .collect();
+    ensure!(
+        moved.iter().all(|&d| d > 5e-4 && d < 2e-3),
+        "the master moved by {moved:?}, expected ~1e-3 each"
+    );
+    // The bf16 copy is the master rounded: still the starting values.
+    ensure!(
+        half.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()? == start.to_vec1::<f32>()?,
+        "the bf16 copy moved: {:?}",
+        half.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?
+    );
+    // A reset (a new stage's fresh moments) keeps the master; re-reading it from the bf16 copy would
+    // undo the ten steps.
+    mixed.reset()?;
+    ensure!(mixed.step_count() == 0);
+    ensure!(mixed.master("w").expect("master").to_vec1::<f32>()? == master);
+    ensure!(mixed.state().exp_avg[0].1.to_vec1::<f32>()? == vec![0.0; 4]);
+    // Without a master (a bf16 update applied to the bf16 value itself) the steps would be lost: each
+    // one alone rounds back to the start.
+    let alone = (start.to_dtype(DType::BF16)? - (grad.sign()? * 1e-4)?.to_dtype(DType::BF16)?)?;
+    ensure!(alone.to_dtype(DType::F32)?.to_vec1::<f32>()? == start.to_vec1::<f32>()?);
     Ok(())
 }

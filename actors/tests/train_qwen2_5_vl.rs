@@ -384,3 +384,73 @@ fn qwen2_5_vl_mpo_and_sft_updates_lower_their_losses() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn qwen2_5_vl_bf16_gradients_agree_with_f32_from_the_same_weights() -> Result<()> {
+    // Mixed precision (`[model] dtype = "bf16"`) on the Qwen2.5-VL policy: vision tower, merger and LLM
+    // all train, so the backward runs through every bf16 layer of both towers.
+    let config = OptimConfig {
+        lr: 1e-3,
+        micro_batch: 2,
+        trainable: ALL,
+        ..Default::default()
+    };
+    let full = PolicyTrainer::new(load(ALL)?, config.clone())?;
+    let half = PolicyTrainer::new(
+        load_policy(&fixture().join("released"), DType::BF16, &Device::Cpu, ALL)?,
+        config,
+    )?;
+    for ((_, f), (_, h)) in full
+        .policy()
+        .trainable_vars
+        .iter()
+        .zip(&half.policy().trainable_vars)
+    {
+        ensure!(h.dtype() == DType::BF16);
+        f.set(&h.as_tensor().to_dtype(DType::F32)?)?;
+    }
+    let model = full.policy().model.as_qwen2_5_vl().expect("Qwen2.5-VL");
+    let prompts = prompts(model)?;
+    let bank = PromptBank::new();
+    for p in &prompts {
+        bank.insert((**p).clone());
+    }
+    let scorer = ResponseScorer::for_policy(
+        full.policy().model.clone(),
+        &full.policy().store.frozen_var_builder(),
+    )?;
+    let batch = grpo_batch(&scorer, &prompts)?;
+    let grpo = GrpoConfig::default();
+    let a = full.grpo_gradients(&batch, &bank, &grpo)?;
+    let b = half.grpo_gradients(&batch, &bank, &grpo)?;
+    let (mut worst, mut scale, mut dot, mut na, mut nb) = (0f32, 0f32, 0f64, 0f64, 0f64);
+    for (ga, gb) in a.grads.iter().zip(&b.grads) {
+        ensure!(gb.dtype() == DType::F32, "accumulated gradients are f32");
+        let x = ga.flatten_all()?.to_vec1::<f32>()?;
+        let y = gb.flatten_all()?.to_vec1::<f32>()?;
+        for (x, y) in x.into_iter().zip(y) {
+            worst = worst.max((x - y).abs());
+            scale = scale.max(x.abs());
+            dot += f64::from(x) * f64::from(y);
+            na += f64::from(x) * f64::from(x);
+            nb += f64::from(y) * f64::from(y);
+        }
+    }
+    let cosine = dot / (na.sqrt() * nb.sqrt());
+    eprintln!(
+        "qwen2.5-vl bf16 vs f32 gradients: max |diff| = {worst:e} (max |grad| {scale:e}), cosine {cosine}"
+    );
+    ensure!(
+        scale > 1e-4,
+        "the gradient is ~0: the check would be vacuous"
+    );
+    ensure!(
+        worst < 0.05 * scale,
+        "bf16 gradients differ by {worst} (scale {scale})"
+    );
+    ensure!(
+        cosine > 0.995,
+        "bf16 gradients point elsewhere: cosine {cosine}"
+    );
+    Ok(())
+}

@@ -388,7 +388,9 @@ impl Controller {
         let initial_dir = initial_model_dir(&config, &run)?;
         let initial_config = initial_dir.join("config.json");
         let policy_kind = ModelKind::from_config(&read_json(&initial_config)?, &initial_config)?;
-        let encoder = PromptEncoder::from_model_dir(&initial_dir, &device, DType::F32)?;
+        // The policy's compute dtype (`[model] dtype`): image tiles are made in it too.
+        let dtype = config.model.dtype.dtype();
+        let encoder = PromptEncoder::from_model_dir(&initial_dir, &device, dtype)?;
         let task = demo_task(&config, &run)?;
         let (data_path, demo_probes) = dataset_path(&config, task.as_ref());
         let mut dataset_config = config.data.dataset();
@@ -455,7 +457,7 @@ impl Controller {
             let trainer = match &resume_from {
                 Some((_, dir)) => PolicyTrainer::load_checkpoint(
                     dir,
-                    DType::F32,
+                    dtype,
                     &placed.device,
                     config.optimizer.clone(),
                     None,
@@ -463,7 +465,7 @@ impl Controller {
                 None => {
                     let policy = load_policy(
                         &initial_dir,
-                        DType::F32,
+                        dtype,
                         &placed.device,
                         config.optimizer.trainable,
                     )?;
@@ -501,7 +503,7 @@ impl Controller {
         for placed in &placement.generator {
             let model = load_policy(
                 &model_dir,
-                DType::F32,
+                dtype,
                 &placed.device,
                 config.optimizer.trainable,
             )?;

@@ -1,8 +1,8 @@
 //! HF checkpoint I/O: safetensors weights (one `model.safetensors` or shards listed by
 //! `model.safetensors.index.json`, as transformers' `save_pretrained` writes them) and `config.json`.
 //!
-//! [`WeightStore`] memory-maps a checkpoint's files and reads only their headers; a tensor is read
-//! (decoded from the map into the asked dtype, then moved to its device) when a model asks for it through a
+//! [`WeightStore`] opens a checkpoint's files and reads only their headers; a tensor is read (by positioned
+//! reads, into the asked dtype, then moved to its device) when a model asks for it through a
 //! candle [`VarBuilder`], one at a time, so loading a checkpoint larger than memory onto GPUs, or only
 //! part of it, holds about one tensor on the host (`weights_io.rs`; measured by examples/bench_load.rs).
 //! Names chosen as trainable come back as [`Var`]s (recorded, so an optimizer sees exactly them), the
@@ -14,8 +14,10 @@
 //!
 //! Every tensor is converted to the store's one dtype as it is read: the models' layers (candle-nn's
 //! `Linear`, `Embedding`) multiply weights and activations of one dtype, so a frozen bf16 module beside
-//! f32 compute would need a cast in each forward; keeping frozen modules in the checkpoint's dtype waits
-//! for bf16 compute on the GPU ([`WeightStore::stored_dtype`] tells what the file holds).
+//! f32 compute would need a cast in each forward. A store in bf16 (mixed precision, `[model] dtype =
+//! "bf16"`) keeps a bf16 checkpoint's frozen modules as they are in the file, read without conversion;
+//! the trainable ones are bf16 Vars whose f32 masters the optimizer keeps (train/adamw.rs).
+//! [`WeightStore::stored_dtype`] tells what the file holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -34,7 +36,7 @@ mod io;
 #[path = "weights_save.rs"]
 mod save_files;
 use backend::StoreBackend;
-use io::{FileTensor, MappedFile, ToWrite};
+use io::{CheckpointFile, FileTensor, ToWrite};
 pub use save_files::{save, DEFAULT_MAX_SHARD_BYTES};
 
 /// File name of a single-file checkpoint.
@@ -85,7 +87,7 @@ struct Requests {
 
 struct Inner {
     dir: PathBuf,
-    files: Vec<MappedFile>,
+    files: Vec<CheckpointFile>,
     entries: BTreeMap<String, Entry>,
     requests: Mutex<Requests>,
 }
@@ -107,7 +109,7 @@ impl Inner {
     }
 }
 
-/// An HF safetensors checkpoint, memory-mapped, each tensor converted to one dtype and device when read.
+/// An HF safetensors checkpoint, its files open, each tensor converted to one dtype and device when read.
 #[derive(Clone)]
 pub struct WeightStore {
     inner: Arc<Inner>,
@@ -116,7 +118,7 @@ pub struct WeightStore {
 }
 
 impl WeightStore {
-    /// Maps `dir/model.safetensors`, or the shards named by `dir/model.safetensors.index.json`, and reads
+    /// Opens `dir/model.safetensors`, or the shards named by `dir/model.safetensors.index.json`, and reads
     /// their headers: the index and the files must name the same tensors. Tensors stored as f32, bf16,
     /// f16 or f64 are converted to `dtype` on `device` as models ask for them.
     pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
@@ -126,7 +128,7 @@ impl WeightStore {
         let mut files = Vec::new();
         let mut entries = BTreeMap::new();
         let mut add_file = |path: PathBuf, listed: Option<&BTreeSet<&str>>| -> Result<()> {
-            let (mapped, tensors) = MappedFile::open(&path)?;
+            let (opened, tensors) = CheckpointFile::open(&path)?;
             if let Some(listed) = listed {
                 for name in listed {
                     if !tensors.iter().any(|t| t.name == *name) {
@@ -164,7 +166,7 @@ impl WeightStore {
                     ));
                 }
             }
-            files.push(mapped);
+            files.push(opened);
             Ok(())
         };
         if index_path.is_file() {

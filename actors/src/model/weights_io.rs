@@ -1,23 +1,35 @@
-//! The bytes of safetensors checkpoints: files memory-mapped and read one tensor at a time, and files
-//! written one tensor at a time, each under a temporary name, synced, then renamed into place.
+//! The bytes of safetensors checkpoints: files read one tensor at a time, and files written one tensor at a
+//! time, each under a temporary name, synced, then renamed into place.
 //!
-//! Reading never holds a file in memory: a tensor's bytes are decoded straight from the map into the asked
-//! dtype (one allocation, the result), and the map's pages of that tensor are then dropped from this
-//! process (`MADV_DONTNEED`; the kernel's page cache keeps them), so the resident set stays the tensors
-//! kept plus about one tensor in flight. See examples/bench_load.rs for the measurement.
+//! Reading never holds a file in memory. A file's header is read through a memory map (nothing else of it
+//! is touched); a tensor's bytes are then read with positioned reads (`pread`) in chunks, by all threads:
+//! straight into the result when the file holds the asked dtype, else into a small per-thread buffer that
+//! is converted into the result (`half`'s slice conversions for bf16/f16 <-> f32, the same bits as candle's
+//! `to_dtype`). The result is allocated zeroed (fresh pages from the kernel, not written twice), and each
+//! chunk's pages are faulted in with one call (`MADV_POPULATE_WRITE`) before the read fills them. The
+//! resident set stays the tensors kept plus the one being read.
+//!
+//! Why not the map itself (the previous loader): faulting the map's pages in, converting element by element
+//! and dropping the pages after each chunk doubled the page faults (the map's and the result's) and spent
+//! ~1 s of user time per 3 GB in the conversion; examples/bench_load.rs measures both (README "Big
+//! checkpoints"). Transparent huge pages for the result were measured too and left out: on this project's
+//! VMs they made loads that keep their tensors 2-6x slower (fresh huge pages are slow to back), while only
+//! helping loads that drop each tensor.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, WithDType};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use memmap2::{Advice, Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::{Error, Result};
 
-/// Where one tensor's bytes lie in a [`MappedFile`].
+/// Where one tensor's bytes lie in a [`CheckpointFile`].
 #[derive(Debug, Clone)]
 pub(super) struct FileTensor {
     pub name: String,
@@ -29,10 +41,11 @@ pub(super) struct FileTensor {
     pub end: usize,
 }
 
-/// One safetensors file, mapped read-only.
-pub(super) struct MappedFile {
+/// One safetensors file, open for positioned reads.
+pub(super) struct CheckpointFile {
     pub path: PathBuf,
-    mmap: Mmap,
+    file: File,
+    len: usize,
 }
 
 fn checkpoint_error(path: &Path, msg: String) -> Error {
@@ -63,17 +76,18 @@ fn stored_dtype(path: &Path, name: &str, dtype: safetensors::Dtype) -> Result<DT
     }
 }
 
-impl MappedFile {
-    /// Maps `path` and reads its header (nothing else is read).
+/// Elements per chunk of a read (4 MiB of f32). A converted chunk's buffer stays in cache between the read
+/// and the conversion; a direct read is one `pread` per chunk.
+const CHUNK_ELEMS: usize = 1 << 20;
+
+impl CheckpointFile {
+    /// Opens `path` and reads its header through a memory map (only the header's pages are touched; the map
+    /// is dropped before returning).
     pub fn open(path: &Path) -> Result<(Self, Vec<FileTensor>)> {
         let file = File::open(path).map_err(io_error(path))?;
-        // SAFETY: the map is only read, and it stays valid as long as nobody truncates or rewrites the file
-        // in place while it is mapped. Our own writer never does (it writes a new file and renames it over
-        // the old name, so a mapped old file keeps its inode); another program doing so is outside what a
-        // checkpoint directory promises, as for every mmap-based loader (transformers', candle's).
+        // SAFETY: the map is only read, here, and dropped before this function returns; nobody truncates a
+        // checkpoint file in place meanwhile (our own writer writes a new file and renames it).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_error(path))?;
-        // Read-ahead for the one pass that loading makes; advisory, so a refusal changes nothing.
-        let _ = mmap.advise(Advice::Sequential);
         let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
             .map_err(|err| checkpoint_error(path, format!("not a safetensors file: {err}")))?;
         let data_start = 8 + header_len;
@@ -90,17 +104,36 @@ impl MappedFile {
         }
         // The header's order is a hash map's: file order makes reading sequential.
         tensors.sort_by_key(|t| t.start);
+        let len = mmap.len();
         let path = path.to_path_buf();
-        Ok((Self { path, mmap }, tensors))
+        Ok((Self { path, file, len }, tensors))
     }
 
     /// Decodes `tensor` into `dtype` on `device`, one allocation on the host. For another device the host
     /// copy keeps the stored dtype (half the bytes of f32 for bf16) and the conversion runs there.
     pub fn read(&self, tensor: &FileTensor, dtype: DType, device: &Device) -> Result<Tensor> {
-        if tensor.end > self.mmap.len() || tensor.start > tensor.end {
+        self.read_chunked(tensor, dtype, device, CHUNK_ELEMS)
+    }
+
+    /// [`Self::read`] with `chunk` elements per positioned read (tests use small chunks).
+    pub(super) fn read_chunked(
+        &self,
+        tensor: &FileTensor,
+        dtype: DType,
+        device: &Device,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        let count: usize = tensor.shape.iter().product();
+        if tensor.end > self.len
+            || tensor.start > tensor.end
+            || tensor.end - tensor.start != count * tensor.stored.size_in_bytes()
+        {
             return Err(checkpoint_error(
                 &self.path,
-                format!("tensor `{}` lies past the end of the file", tensor.name),
+                format!(
+                    "tensor `{}` lies past the end of the file or does not match its shape",
+                    tensor.name
+                ),
             ));
         }
         let host = if device.is_cpu() {
@@ -110,12 +143,11 @@ impl MappedFile {
         };
         let shape = tensor.shape.clone();
         let cpu = &Device::Cpu;
-        let (start, end, stored) = (tensor.start, tensor.end, tensor.stored);
         let out = match host {
-            DType::F32 => Tensor::from_vec(self.decode::<f32>(start, end, stored), shape, cpu)?,
-            DType::F64 => Tensor::from_vec(self.decode::<f64>(start, end, stored), shape, cpu)?,
-            DType::BF16 => Tensor::from_vec(self.decode::<bf16>(start, end, stored), shape, cpu)?,
-            DType::F16 => Tensor::from_vec(self.decode::<f16>(start, end, stored), shape, cpu)?,
+            DType::F32 => Tensor::from_vec(self.decode::<f32>(tensor, chunk)?, shape, cpu)?,
+            DType::F64 => Tensor::from_vec(self.decode::<f64>(tensor, chunk)?, shape, cpu)?,
+            DType::BF16 => Tensor::from_vec(self.decode::<bf16>(tensor, chunk)?, shape, cpu)?,
+            DType::F16 => Tensor::from_vec(self.decode::<f16>(tensor, chunk)?, shape, cpu)?,
             other => return Err(Error::msg(format!("cannot load weights as {other:?}"))),
         };
         if device.is_cpu() {
@@ -124,55 +156,149 @@ impl MappedFile {
         Ok(out.to_device(device)?.to_dtype(dtype)?)
     }
 
-    /// The elements in bytes `start..end` (of dtype `stored`) as `T`, read in chunks: each chunk's pages
-    /// are faulted in with one call, decoded by all threads, then dropped, so at most one chunk of the map
-    /// is resident besides the result.
-    fn decode<T: Decode>(&self, start: usize, end: usize, stored: DType) -> Vec<T> {
-        // A multiple of every element size, so chunks hold whole elements.
-        const CHUNK: usize = 32 << 20;
-        let mut out = Vec::with_capacity((end - start) / stored.size_in_bytes());
-        let mut at = start;
-        while at < end {
-            let stop = (at + CHUNK).min(end);
-            let first = at / PAGE * PAGE;
-            // Advisory: without it the same pages fault in one by one.
-            let _ = self
-                .mmap
-                .advise_range(Advice::PopulateRead, first, stop - first);
-            extend_decoded(&mut out, &self.mmap[at..stop], stored);
-            self.release(at, stop);
-            at = stop;
-        }
-        out
+    /// The elements of `tensor` as `T`: the result is allocated once (zeroed pages, not written twice), then
+    /// its chunks are filled in parallel, each by one positioned read into it (same dtype) or into a
+    /// per-thread buffer converted into it.
+    fn decode<T: Decode>(&self, tensor: &FileTensor, chunk: usize) -> Result<Vec<T>> {
+        let count = (tensor.end - tensor.start) / tensor.stored.size_in_bytes();
+        let mut out = T::zeroed_vec(count);
+        let chunk = chunk.max(1);
+        let stored = tensor.stored;
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .try_for_each(|(index, dst)| {
+                let at = tensor.start + index * chunk * stored.size_in_bytes();
+                match stored {
+                    DType::F64 => self.read_converted::<f64, T>(at, dst),
+                    DType::BF16 => self.read_converted::<bf16, T>(at, dst),
+                    DType::F16 => self.read_converted::<f16, T>(at, dst),
+                    // F32 (the only other dtype `stored_dtype` admits).
+                    _ => self.read_converted::<f32, T>(at, dst),
+                }
+            })?;
+        Ok(out)
     }
 
-    /// Drops the mapped pages wholly inside `start..end` from this process's resident set.
-    fn release(&self, start: usize, end: usize) {
-        let first = start.div_ceil(PAGE) * PAGE;
-        let last = end / PAGE * PAGE;
-        if last > first {
-            // SAFETY: MADV_DONTNEED on a read-only shared file mapping only unmaps the pages; the next read
-            // of them faults them back in from the page cache with the same contents (the "unchecked" part
-            // is about private writable maps, whose changes it would discard; this one is never written).
-            // Advisory: an error leaves the pages resident, nothing else.
-            let _ = unsafe {
-                self.mmap
-                    .unchecked_advise_range(UncheckedAdvice::DontNeed, first, last - first)
-            };
+    /// Fills `dst` with the elements of dtype `S` starting at byte `at`, converted to `T`.
+    fn read_converted<S: Stored, T: Decode>(&self, at: usize, dst: &mut [T]) -> Result<()> {
+        populate(dst);
+        if S::DTYPE == T::DTYPE {
+            // The file's little-endian bytes are the elements (see `Stored`): read straight into the result.
+            return self.read_exact_at(as_bytes_mut(dst), at);
+        }
+        S::with_buffer(dst.len(), |buffer| {
+            self.read_exact_at(as_bytes_mut(buffer), at)?;
+            T::convert_from(buffer, dst);
+            Ok(())
+        })
+    }
+
+    fn read_exact_at(&self, bytes: &mut [u8], at: usize) -> Result<()> {
+        self.file
+            .read_exact_at(bytes, at as u64)
+            .map_err(io_error(&self.path))
+    }
+}
+
+/// Faults in the pages wholly inside `values` with one call (MADV_POPULATE_WRITE), before it is written.
+fn populate<T>(values: &mut [T]) {
+    const PAGE: usize = 4096;
+    let start = values.as_mut_ptr() as usize;
+    let end = start + std::mem::size_of_val(values);
+    let (first, last) = (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
+    if last > first {
+        // SAFETY: the range lies inside `values`, memory this process owns; populating only allocates the
+        // pages (zero-filled), it never changes what they hold.
+        unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                last - first,
+                libc::MADV_POPULATE_WRITE,
+            );
         }
     }
 }
+
+/// The bytes of a slice of plain floats (f32, f64, bf16, f16: every bit pattern is a value, no padding).
+fn as_bytes_mut<T: Decode>(values: &mut [T]) -> &mut [u8] {
+    // SAFETY: `T` is one of the four float types (the `Decode` impls), which have no padding and accept any
+    // bit pattern; the byte slice covers exactly the same memory and borrows it mutably for its lifetime.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            values.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(values),
+        )
+    }
+}
+
+// safetensors stores little-endian elements; reading them in place assumes the host is little-endian too
+// (x86-64 and aarch64 Linux, as candle's own safetensors loading does).
+#[cfg(not(target_endian = "little"))]
+compile_error!("checkpoint reading assumes a little-endian host");
+
+/// A dtype the file may hold: a per-thread read buffer of it.
+trait Stored: Decode {
+    /// Runs `f` on this thread's buffer of `len` elements (kept between chunks, so a load allocates it once
+    /// per thread and element type).
+    fn with_buffer<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+}
+
+macro_rules! stored_with_buffer {
+    ($t:ty, $zero:expr) => {
+        impl Stored for $t {
+            fn with_buffer<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+                thread_local! {
+                    static BUFFER: std::cell::RefCell<Vec<$t>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                BUFFER.with(|buffer| {
+                    let mut buffer = buffer.borrow_mut();
+                    if buffer.len() < len {
+                        buffer.resize(len, $zero);
+                    }
+                    f(&mut buffer[..len])
+                })
+            }
+        }
+    };
+}
+stored_with_buffer!(f32, 0.0);
+stored_with_buffer!(f64, 0.0);
+stored_with_buffer!(bf16, bf16::ZERO);
+stored_with_buffer!(f16, f16::ZERO);
 
 /// Element types a stored tensor decodes into, with candle's `to_dtype` rounding (so a decoded tensor has
 /// the bits `load then to_dtype` gave).
 trait Decode: WithDType {
+    /// A vector of `count` zeros from zeroed memory (large ones: fresh pages, not written).
+    fn zeroed_vec(count: usize) -> Vec<Self>;
     fn of_f32(v: f32) -> Self;
     fn of_f64(v: f64) -> Self;
     fn of_bf16(v: bf16) -> Self;
     fn of_f16(v: f16) -> Self;
+    /// Converts `src` (of any decodable dtype) into `dst`, element by element unless a faster slice
+    /// conversion with the same bits exists.
+    fn convert_from<S: Decode>(src: &[S], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.decode_into();
+        }
+    }
+    /// This element converted to `T`.
+    fn decode_into<T: Decode>(self) -> T;
+}
+
+/// A `Vec<u16>` of zeros (`vec!` of an integer zero allocates zeroed memory) as a vector of a 2-byte float.
+fn zeroed_half<T: Copy>(count: usize) -> Vec<T> {
+    const { assert!(std::mem::size_of::<T>() == 2 && std::mem::align_of::<T>() == 2) };
+    let mut raw = std::mem::ManuallyDrop::new(vec![0u16; count]);
+    // SAFETY: `T` is bf16 or f16, `repr(transparent)` over u16 (asserted: same size and alignment), so the
+    // allocation has the layout a `Vec<T>` of this capacity expects, and all-zero bits are +0.0.
+    unsafe { Vec::from_raw_parts(raw.as_mut_ptr().cast::<T>(), raw.len(), raw.capacity()) }
 }
 
 impl Decode for f32 {
+    fn zeroed_vec(count: usize) -> Vec<Self> {
+        vec![0.0; count]
+    }
     fn of_f32(v: f32) -> Self {
         v
     }
@@ -185,9 +311,27 @@ impl Decode for f32 {
     fn of_f16(v: f16) -> Self {
         v.to_f32()
     }
+    fn convert_from<S: Decode>(src: &[S], dst: &mut [Self]) {
+        // half's slice conversions (vectorised; F16C for f16 where the CPU has it) give `to_f32`'s bits.
+        match S::DTYPE {
+            DType::BF16 => cast_slice::<S, bf16>(src).convert_to_f32_slice(dst),
+            DType::F16 => cast_slice::<S, f16>(src).convert_to_f32_slice(dst),
+            _ => {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = s.decode_into();
+                }
+            }
+        }
+    }
+    fn decode_into<T: Decode>(self) -> T {
+        T::of_f32(self)
+    }
 }
 
 impl Decode for f64 {
+    fn zeroed_vec(count: usize) -> Vec<Self> {
+        vec![0.0; count]
+    }
     fn of_f32(v: f32) -> Self {
         v as f64
     }
@@ -200,9 +344,15 @@ impl Decode for f64 {
     fn of_f16(v: f16) -> Self {
         v.to_f64()
     }
+    fn decode_into<T: Decode>(self) -> T {
+        T::of_f64(self)
+    }
 }
 
 impl Decode for bf16 {
+    fn zeroed_vec(count: usize) -> Vec<Self> {
+        zeroed_half(count)
+    }
     fn of_f32(v: f32) -> Self {
         bf16::from_f32(v)
     }
@@ -215,9 +365,26 @@ impl Decode for bf16 {
     fn of_f16(v: f16) -> Self {
         bf16::from_f32(v.to_f32())
     }
+    fn convert_from<S: Decode>(src: &[S], dst: &mut [Self]) {
+        match S::DTYPE {
+            // half's slice conversion: `bf16::from_f32`'s rounding (to nearest even), as candle's `to_dtype`.
+            DType::F32 => dst.convert_from_f32_slice(cast_slice::<S, f32>(src)),
+            _ => {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = s.decode_into();
+                }
+            }
+        }
+    }
+    fn decode_into<T: Decode>(self) -> T {
+        T::of_bf16(self)
+    }
 }
 
 impl Decode for f16 {
+    fn zeroed_vec(count: usize) -> Vec<Self> {
+        zeroed_half(count)
+    }
     fn of_f32(v: f32) -> Self {
         f16::from_f32(v)
     }
@@ -230,36 +397,27 @@ impl Decode for f16 {
     fn of_f16(v: f16) -> Self {
         v
     }
+    fn convert_from<S: Decode>(src: &[S], dst: &mut [Self]) {
+        match S::DTYPE {
+            DType::F32 => dst.convert_from_f32_slice(cast_slice::<S, f32>(src)),
+            _ => {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = s.decode_into();
+                }
+            }
+        }
+    }
+    fn decode_into<T: Decode>(self) -> T {
+        T::of_f16(self)
+    }
 }
 
-/// The mapped pages' size (x86-64 and aarch64 Linux defaults; only used to round advice ranges).
-const PAGE: usize = 4096;
-
-/// Appends the little-endian elements of dtype `stored` in `bytes`, converted to `T`, using all threads.
-fn extend_decoded<T: Decode>(out: &mut Vec<T>, bytes: &[u8], stored: DType) {
-    match stored {
-        DType::F64 => out.par_extend(bytes.par_chunks_exact(8).map(|b| {
-            T::of_f64(f64::from_le_bytes([
-                b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-            ]))
-        })),
-        DType::BF16 => out.par_extend(
-            bytes
-                .par_chunks_exact(2)
-                .map(|b| T::of_bf16(bf16::from_le_bytes([b[0], b[1]]))),
-        ),
-        DType::F16 => out.par_extend(
-            bytes
-                .par_chunks_exact(2)
-                .map(|b| T::of_f16(f16::from_le_bytes([b[0], b[1]]))),
-        ),
-        // F32 (the only other dtype `stored_dtype` admits).
-        _ => out.par_extend(
-            bytes
-                .par_chunks_exact(4)
-                .map(|b| T::of_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        ),
-    }
+/// `src` seen as a slice of `U`, which is `S` itself (the caller checked the dtype).
+fn cast_slice<S: Decode, U: Decode>(src: &[S]) -> &[U] {
+    assert_eq!(S::DTYPE, U::DTYPE, "cast_slice between different dtypes");
+    // SAFETY: the dtypes are equal, and each dtype has exactly one `Decode` type, so `S` and `U` are the
+    // same type.
+    unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<U>(), src.len()) }
 }
 
 /// The safetensors name of a dtype we write.

@@ -218,3 +218,73 @@ fn unsupported_dtypes_and_bad_files_are_errors_naming_them() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[test]
+fn chunked_reads_of_every_stored_dtype_equal_candles_conversion() -> anyhow::Result<()> {
+    use crate::model::weights::io::CheckpointFile;
+    let cpu = &Device::Cpu;
+    // 1031 values (prime, so no chunk size below divides it) spanning many binades, signs and a zero.
+    let values: Vec<f64> = (0..1031)
+        .map(|k| {
+            let k = k as f64;
+            if k == 500.0 {
+                0.0
+            } else {
+                (k * 0.37).sin() * 10f64.powf((k % 13.0) - 6.0)
+            }
+        })
+        .collect();
+    let base = Tensor::from_vec(values, 1031, cpu)?;
+    for disk in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+        let tmp = tempfile::tempdir()?;
+        let stored = base.to_dtype(disk)?;
+        save(
+            tmp.path(),
+            &[("t".to_string(), stored.clone())],
+            disk,
+            usize::MAX,
+        )?;
+        let (file, tensors) = CheckpointFile::open(&tmp.path().join(SINGLE_FILE))?;
+        let tensor = &tensors[0];
+        assert_eq!(tensor.stored, disk);
+        for want in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            // candle's conversion of the stored values is the reference, bit for bit.
+            let expected = stored
+                .to_dtype(want)?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            for chunk in [1, 3, 64, 1000, 1031, 1 << 20] {
+                let got = file.read_chunked(tensor, want, cpu, chunk)?;
+                assert_eq!(got.dtype(), want);
+                assert_eq!(got.dims(), &[1031]);
+                let got = got.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let same = got
+                    .iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{disk:?} read as {want:?} in chunks of {chunk}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_header_whose_byte_range_does_not_match_the_shape_is_an_error_naming_the_tensor(
+) -> anyhow::Result<()> {
+    use crate::model::weights::io::CheckpointFile;
+    let tmp = tempfile::tempdir()?;
+    save(tmp.path(), &sample_tensors()?, DType::F32, usize::MAX)?;
+    let (file, tensors) = CheckpointFile::open(&tmp.path().join(SINGLE_FILE))?;
+    let mut wrong = tensors[0].clone();
+    wrong.shape = vec![wrong.shape.iter().product::<usize>() + 1];
+    let err = file
+        .read(&wrong, DType::F32, &Device::Cpu)
+        .expect_err("one element more than the bytes hold");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&wrong.name) && msg.contains(SINGLE_FILE),
+        "{msg}"
+    );
+    Ok(())
+}

@@ -17,11 +17,17 @@
 //! step counter are private fields with no accessor (candle-nn 0.11.1 `optim.rs`), so a checkpoint could not
 //! hold them and a resumed run would restart the moments from zero. Here the moments are plain tensors that
 //! [`AdamW::state`] hands out and [`AdamW::from_state`] takes back, bit for bit through a safetensors file.
+//!
+//! Mixed precision: a parameter held in bf16 or f16 (the model computes in that dtype) gets an f32 master
+//! copy here, and its moments are f32. Each step updates the master in f32 from the gradient widened to f32,
+//! then writes the master rounded to the parameter's dtype into the `Var`: an update smaller than the half
+//! type's resolution still moves the master, and is not lost to rounding (apex / Megatron "O2" master
+//! weights). An f32 or f64 parameter is its own master.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -37,13 +43,39 @@ pub struct AdamWParams {
     pub weight_decay: f64,
 }
 
-/// One parameter with its moments.
+/// One parameter with its moments (and its f32 master copy when the parameter is bf16 or f16).
 #[derive(Debug)]
 struct Slot {
     name: String,
     var: Var,
+    /// The f32 value the optimizer updates, for a half-precision `var` (which holds it rounded).
+    master: Option<Tensor>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+}
+
+/// Whether a parameter of `dtype` gets an f32 master copy.
+fn needs_master(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+impl Slot {
+    /// The dtype of the master (the parameter's own dtype when it has none) and of the moments.
+    fn master_dtype(&self) -> DType {
+        if needs_master(self.var.dtype()) {
+            DType::F32
+        } else {
+            self.var.dtype()
+        }
+    }
+
+    /// The value being optimised: the master, or the parameter itself.
+    fn value(&self) -> Tensor {
+        match &self.master {
+            Some(master) => master.clone(),
+            None => self.var.as_tensor().detach(),
+        }
+    }
 }
 
 /// The optimizer over named [`Var`]s.
@@ -63,6 +95,9 @@ pub struct AdamWState {
     pub exp_avg: Vec<(String, Tensor)>,
     /// `(parameter name, second moment)`, in parameter order.
     pub exp_avg_sq: Vec<(String, Tensor)>,
+    /// `(parameter name, f32 master weight)` of the half-precision parameters, in parameter order (empty when
+    /// every parameter is f32 or f64).
+    pub master: Vec<(String, Tensor)>,
 }
 
 /// The small JSON beside the moments file.
@@ -71,6 +106,9 @@ pub struct AdamWState {
 struct StepFile {
     step: u64,
     names: Vec<String>,
+    /// Parameters with an f32 master weight (`master.<name>` in the moments file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    master: Vec<String>,
 }
 
 /// File names of a saved [`AdamWState`].
@@ -83,9 +121,17 @@ impl AdamW {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
-                let zeros = var.as_tensor().zeros_like()?;
+                let master = needs_master(var.dtype())
+                    .then(|| var.as_tensor().detach().to_dtype(DType::F32))
+                    .transpose()?;
+                let zeros = master
+                    .as_ref()
+                    .unwrap_or(var.as_tensor())
+                    .detach()
+                    .zeros_like()?;
                 Ok(Slot {
                     name,
+                    master,
                     exp_avg: zeros.clone(),
                     exp_avg_sq: zeros,
                     var,
@@ -107,6 +153,7 @@ impl AdamW {
     ) -> Result<Self> {
         let mut first: HashMap<String, Tensor> = state.exp_avg.into_iter().collect();
         let mut second: HashMap<String, Tensor> = state.exp_avg_sq.into_iter().collect();
+        let mut masters: HashMap<String, Tensor> = state.master.into_iter().collect();
         if first.len() != vars.len() || second.len() != vars.len() {
             return Err(Error::msg(format!(
                 "optimizer state holds moments of {} / {} parameters, the model trains {}",
@@ -130,13 +177,31 @@ impl AdamW {
                         var.dims()
                     )));
                 }
-                Ok(moment.to_dtype(var.dtype())?.to_device(var.device())?)
+                let dtype = if needs_master(var.dtype()) {
+                    DType::F32
+                } else {
+                    var.dtype()
+                };
+                Ok(moment.to_dtype(dtype)?.to_device(var.device())?)
             };
             let exp_avg = take(&mut first, "exp_avg")?;
             let exp_avg_sq = take(&mut second, "exp_avg_sq")?;
+            // A half-precision parameter continues from its saved master; a state without one (saved by an
+            // f32 run) starts the master from the parameter. An f32 parameter of a run saved in bf16 takes
+            // the master's value (the checkpoint's model holds it rounded).
+            let master = match (needs_master(var.dtype()), masters.contains_key(&name)) {
+                (true, true) => Some(take(&mut masters, "master weight")?),
+                (true, false) => Some(var.as_tensor().detach().to_dtype(DType::F32)?),
+                (false, true) => {
+                    var.set(&take(&mut masters, "master weight")?)?;
+                    None
+                }
+                (false, false) => None,
+            };
             slots.push(Slot {
                 name,
                 var,
+                master,
                 exp_avg,
                 exp_avg_sq,
             });
@@ -180,16 +245,42 @@ impl AdamW {
                     slot.var.dims()
                 )));
             }
-            let grad = grad.detach().to_dtype(slot.var.dtype())?;
-            let param = (slot.var.as_tensor().detach() * (1.0 - lr * self.params.weight_decay))?;
+            let grad = grad.detach().to_dtype(slot.master_dtype())?;
+            let param = (slot.value() * (1.0 - lr * self.params.weight_decay))?;
             // lerp(m, g, w) = m + w * (g - m)
             slot.exp_avg = (&slot.exp_avg + ((&grad - &slot.exp_avg)? * (1.0 - beta1))?)?;
             slot.exp_avg_sq = ((&slot.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let denom = ((slot.exp_avg_sq.sqrt()? / bias_correction2_sqrt)? + self.params.eps)?;
             let update = ((&slot.exp_avg / denom)? * step_size)?;
-            slot.var.set(&(param - update)?)?;
+            let param = (param - update)?;
+            match &mut slot.master {
+                Some(master) => {
+                    slot.var.set(&param.to_dtype(slot.var.dtype())?)?;
+                    *master = param;
+                }
+                None => slot.var.set(&param)?,
+            }
         }
         Ok(())
+    }
+
+    /// Zeroes both moments and the step count, as a fresh optimizer over the same parameters would start;
+    /// the f32 masters of half-precision parameters are kept (a fresh optimizer would re-read them from the
+    /// rounded parameters).
+    pub fn reset(&mut self) -> Result<()> {
+        for slot in &mut self.slots {
+            let zeros = slot.exp_avg.zeros_like()?;
+            slot.exp_avg = zeros.clone();
+            slot.exp_avg_sq = zeros;
+        }
+        self.step = 0;
+        Ok(())
+    }
+
+    /// The f32 master weight of parameter `name`, when it is half precision (tests, diagnostics).
+    pub fn master(&self, name: &str) -> Option<&Tensor> {
+        let slot = self.slots.iter().find(|s| s.name == name)?;
+        slot.master.as_ref()
     }
 
     /// The state to checkpoint (moments are shared, not copied: they are replaced, never written in place).
@@ -206,12 +297,18 @@ impl AdamW {
                 .iter()
                 .map(|s| (s.name.clone(), s.exp_avg_sq.clone()))
                 .collect(),
+            master: self
+                .slots
+                .iter()
+                .filter_map(|s| Some((s.name.clone(), s.master.clone()?)))
+                .collect(),
         }
     }
 }
 
 impl AdamWState {
-    /// Writes `dir/adamw.safetensors` (`exp_avg.<name>`, `exp_avg_sq.<name>`) and `dir/adamw.json` (step).
+    /// Writes `dir/adamw.safetensors` (`exp_avg.<name>`, `exp_avg_sq.<name>`, `master.<name>`) and
+    /// `dir/adamw.json` (step, names).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             path: dir.to_path_buf(),
@@ -224,10 +321,14 @@ impl AdamWState {
         for (name, t) in &self.exp_avg_sq {
             tensors.insert(format!("exp_avg_sq.{name}"), t.clone());
         }
+        for (name, t) in &self.master {
+            tensors.insert(format!("master.{name}"), t.clone());
+        }
         candle_core::safetensors::save(&tensors, dir.join(MOMENTS_FILE))?;
         let step = StepFile {
             step: self.step,
             names: self.exp_avg.iter().map(|(n, _)| n.clone()).collect(),
+            master: self.master.iter().map(|(n, _)| n.clone()).collect(),
         };
         let path = dir.join(STEP_FILE);
         let text = serde_json::to_string_pretty(&step).map_err(|source| Error::Json {
@@ -266,10 +367,16 @@ impl AdamWState {
             exp_avg.push((name.clone(), take(format!("exp_avg.{name}"))?));
             exp_avg_sq.push((name.clone(), take(format!("exp_avg_sq.{name}"))?));
         }
+        let master = step
+            .master
+            .iter()
+            .map(|name| Ok((name.clone(), take(format!("master.{name}"))?)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             step: step.step,
             exp_avg,
             exp_avg_sq,
+            master,
         })
     }
 }

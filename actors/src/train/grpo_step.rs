@@ -16,7 +16,7 @@ use candle_core::Tensor;
 use super::batch::{TrainBatch, UpdateReport};
 use super::collective::{all_reduce_with_sums, rank_local, Collective, RankSums};
 use super::logprobs::ResponseRow;
-use super::trainer::{accumulate, Accumulated, PolicyTrainer};
+use super::trainer::{accumulate, zero_grads, Accumulated, PolicyTrainer};
 use crate::prompt::{EncodedPrompt, PromptBank};
 use crate::rl::config::{GrpoConfig, LossAggregation};
 use crate::rl::grpo::{grpo_loss, GrpoInputs};
@@ -178,12 +178,7 @@ impl PolicyTrainer {
                 self.grpo_gradients(shard, prompts, grpo).map(Some)
             }
         });
-        let zeros = || -> Result<Vec<Tensor>> {
-            self.trainable_vars()
-                .iter()
-                .map(|(_, v)| Ok(v.as_tensor().zeros_like()?))
-                .collect()
-        };
+        let zeros = || zero_grads(self.trainable_vars());
         let metric = |a: &Accumulated, key: &str| a.metrics.get(key).copied().unwrap_or(0.0);
         let (mut tensors, sums) = match &local {
             Ok(Some(a)) => {

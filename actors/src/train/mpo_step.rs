@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::batch::{MpoPair, UpdateReport};
 use super::collective::{all_reduce_with_sums, rank_local, Collective, RankSums};
 use super::logprobs::ResponseRow;
-use super::trainer::{accumulate, Accumulated, PolicyTrainer};
+use super::trainer::{accumulate, zero_grads, Accumulated, PolicyTrainer};
 use crate::prompt::{EncodedPrompt, PromptBank};
 use crate::rl::config::{MpoConfig, SftNormalisation};
 use crate::rl::mpo::{mpo_loss, mpo_loss_with_delta, BcoRewardMean, MpoInputs, MpoMetrics};
@@ -272,12 +272,7 @@ impl PolicyTrainer {
                 totals.chosen_tokens as usize,
             )
         });
-        let zeros = || -> Result<Vec<Tensor>> {
-            self.trainable_vars()
-                .iter()
-                .map(|(_, v)| Ok(v.as_tensor().zeros_like()?))
-                .collect()
-        };
+        let zeros = || zero_grads(self.trainable_vars());
         let (mut tensors, losses) = match &local {
             Ok((sums, m)) => (
                 match sums {

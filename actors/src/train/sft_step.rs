@@ -6,12 +6,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::Tensor;
-
 use super::batch::{SftExample, UpdateReport};
 use super::collective::{all_reduce_with_sums, rank_local, Collective, RankSums};
 use super::logprobs::ResponseRow;
-use super::trainer::{accumulate, Accumulated, PolicyTrainer};
+use super::trainer::{accumulate, zero_grads, Accumulated, PolicyTrainer};
 use crate::prompt::PromptBank;
 use crate::{Error, Result};
 
@@ -98,12 +96,7 @@ impl PolicyTrainer {
                 self.sft_gradients(shard, prompts).map(Some)
             }
         });
-        let zeros = || -> Result<Vec<Tensor>> {
-            self.trainable_vars()
-                .iter()
-                .map(|(_, v)| Ok(v.as_tensor().zeros_like()?))
-                .collect()
-        };
+        let zeros = || zero_grads(self.trainable_vars());
         let (mut tensors, sums) = match &local {
             Ok(Some(a)) => {
                 let tokens = a.tokens as f64;

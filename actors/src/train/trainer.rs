@@ -265,11 +265,9 @@ impl PolicyTrainer {
     /// separate job for the next stage would start with; the schedule, which counts updates, goes on.
     pub fn reset_optimizer(&mut self) -> Result<()> {
         self.check_consistent()?;
-        self.optimizer = AdamW::new(
-            self.policy.trainable_vars.clone(),
-            adamw_params(&self.config),
-        )?;
-        Ok(())
+        // Moments and step zeroed; a bf16 parameter keeps its f32 master (a new AdamW would restart it
+        // from the bf16 value and lose what lies below bf16's resolution).
+        self.optimizer.reset()
     }
 
     /// The configuration.
@@ -424,6 +422,12 @@ impl PolicyTrainer {
         Ok(self.version)
     }
 
+    /// The f32 master weight of trainable parameter `name` when the policy is held in bf16 / f16 (mixed
+    /// precision; see adamw.rs), else `None`.
+    pub fn master_weight(&self, name: &str) -> Option<Tensor> {
+        self.optimizer.master(name).cloned()
+    }
+
     /// The trainable Vars in gradient order.
     pub(super) fn trainable_vars(&self) -> &[(String, Var)] {
         &self.policy.trainable_vars
@@ -464,8 +468,30 @@ fn build_reference(
     ResponseScorer::for_policy(model, &store.frozen_var_builder())
 }
 
+/// The dtype gradients of a `dtype` parameter are summed and applied in: f32 for bf16 / f16 (mixed
+/// precision), else the parameter's own.
+pub(super) fn grad_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
+/// Zero gradients of every trainable Var, in [`grad_dtype`] (what a shard with nothing to add contributes).
+pub(super) fn zero_grads(vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|(_, var)| {
+            Ok(var
+                .as_tensor()
+                .zeros_like()?
+                .to_dtype(grad_dtype(var.dtype()))?)
+        })
+        .collect()
+}
+
 /// Adds `grads` (from one micro-batch's backward) into `sums`, per trainable Var; a Var no gradient reached
-/// gets zeros.
+/// gets zeros. The gradient of a bf16 / f16 Var is widened to f32 first, so the sum over micro-batches (and
+/// over data-parallel shards), the clipping norm and AdamW run in f32 (mixed precision, see adamw.rs).
 pub(super) fn accumulate(
     sums: &mut Option<Vec<Tensor>>,
     vars: &[(String, Var)],
@@ -473,9 +499,12 @@ pub(super) fn accumulate(
 ) -> Result<()> {
     let current = vars
         .iter()
-        .map(|(_, var)| match grads.get(var.as_tensor()) {
-            Some(g) => Ok(g.clone()),
-            None => Ok(var.as_tensor().zeros_like()?),
+        .map(|(_, var)| {
+            let dtype = grad_dtype(var.dtype());
+            match grads.get(var.as_tensor()) {
+                Some(g) => Ok(g.to_dtype(dtype)?),
+                None => Ok(var.as_tensor().zeros_like()?.to_dtype(dtype)?),
+            }
         })
         .collect::<Result<Vec<_>>>()?;
     *sums = Some(match sums.take() {

@@ -35,7 +35,12 @@ fn reference() -> Result<std::collections::HashMap<String, Tensor>> {
 
 /// Loads the fixture model from `dir` with `trainable` Vars and the IMG_CONTEXT id set.
 pub fn load_from(dir: &Path, trainable: Trainable) -> Result<LoadedChat> {
-    let mut loaded = ChatModel::load(dir, DType::F32, &Device::Cpu, trainable)?;
+    load_as(dir, DType::F32, trainable)
+}
+
+/// [`load_from`] in `dtype` (bf16: the mixed-precision working copies).
+pub fn load_as(dir: &Path, dtype: DType, trainable: Trainable) -> Result<LoadedChat> {
+    let mut loaded = ChatModel::load(dir, dtype, &Device::Cpu, trainable)?;
     loaded.model.set_img_context_token_id(img_context_id()?);
     Ok(loaded)
 }
