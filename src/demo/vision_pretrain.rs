@@ -82,7 +82,9 @@ fn logits(model: &ChatModel, head: &Var, bias: &Var, pixels: &Tensor) -> Result<
         )));
     }
     let flat = tokens.reshape((b * n, d))?; // (B*9, D)
-    Ok(flat.matmul(head.as_tensor())?.broadcast_add(bias.as_tensor())?)
+    Ok(flat
+        .matmul(head.as_tensor())?
+        .broadcast_add(bias.as_tensor())?)
 }
 
 /// Cell accuracy of the readout on `pixels`, over all cells and over the non-empty ones.
@@ -141,7 +143,9 @@ pub fn pretrain(source: &Path, target: &Path, spec: &VisionPretrainSpec) -> Resu
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     // Normal::new fails only for a negative or non-finite std.
     let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::Msg(e.to_string()))?;
-    let init: Vec<f32> = (0..width * CLASSES).map(|_| normal.sample(&mut rng)).collect();
+    let init: Vec<f32> = (0..width * CLASSES)
+        .map(|_| normal.sample(&mut rng))
+        .collect();
     let head = Var::from_tensor(&Tensor::from_vec(init, (width, CLASSES), &Device::Cpu)?)?;
     let bias = Var::zeros(CLASSES, DType::F32, &Device::Cpu)?;
     let mut vars: Vec<Var> = loaded
@@ -250,7 +254,10 @@ mod tests {
                 "model.pretrain_vision",
             ),
             (
-                demo.replace("pretrain_vision = { steps = 600", "pretrain_vision = { steps = 0"),
+                demo.replace(
+                    "pretrain_vision = { steps = 600",
+                    "pretrain_vision = { steps = 0",
+                ),
                 "model.pretrain_vision",
             ),
             (
@@ -317,7 +324,9 @@ mod tests {
             let moved = a.iter().zip(b).any(|(x, y)| x != y);
             if name.starts_with("language_model.") {
                 assert!(!moved, "{name} changed");
-            } else if name.starts_with("mlp1.1.") || name == "vision_model.embeddings.patch_embedding.weight" {
+            } else if name.starts_with("mlp1.1.")
+                || name == "vision_model.embeddings.patch_embedding.weight"
+            {
                 assert!(moved, "{name} did not train");
             }
         }
