@@ -82,10 +82,10 @@ fn digit_split(count: usize, rng: &mut ChaCha8Rng) -> (Vec<usize>, Vec<usize>) {
     (order, heldout)
 }
 
-/// The digit images that [`write_task`]'s training split draws from (its stream's first draws, repeated):
-/// what anything besides the held-out evaluation may see.
-pub fn train_digit_pool(count: usize) -> Vec<usize> {
-    digit_split(count, &mut ChaCha8Rng::seed_from_u64(TASK_SEED)).0
+/// [`write_task`]'s split of the digit images (its stream's first draws, repeated): the training pool, which
+/// anything besides the held-out evaluation may see, and the held-out pool.
+pub fn digit_pools(count: usize) -> (Vec<usize>, Vec<usize>) {
+    digit_split(count, &mut ChaCha8Rng::seed_from_u64(TASK_SEED))
 }
 
 /// The seed of [`write_task`]'s stream.
@@ -178,7 +178,7 @@ pub fn write_task(dir: &Path) -> Result<TaskFiles> {
         dir: dir.to_path_buf(),
         rng: ChaCha8Rng::seed_from_u64(TASK_SEED),
     };
-    // The stream's first draws split the digits (as `train_digit_pool` repeats them).
+    // The stream's first draws split the digits (as `digit_pools` repeats them).
     let (train_pool, heldout_pool) = digit_split(all.len(), &mut writer.rng);
 
     let mut train = writer.shape_lines("train", TRAIN_SHAPES, TRAIN_LISTS)?;

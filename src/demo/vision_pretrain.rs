@@ -87,7 +87,7 @@ fn logits(model: &ChatModel, head: &Var, bias: &Var, pixels: &Tensor) -> Result<
         .broadcast_add(bias.as_tensor())?)
 }
 
-/// Cell accuracy of the readout on `pixels`, over all cells and over the non-empty ones.
+/// Cell accuracy of the readout's `logits` against `labels`, over all cells and over the non-empty ones.
 fn accuracy(logits: &Tensor, labels: &Tensor) -> Result<(f64, f64)> {
     let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
     let labels = labels.to_vec1::<u32>()?;
@@ -137,8 +137,7 @@ pub fn pretrain(source: &Path, target: &Path, spec: &VisionPretrainSpec) -> Resu
             ))
         })? as usize;
     let all = digits::load()?;
-    let pool = super::train_digit_pool(all.len());
-    let heldout_pool: Vec<usize> = (0..all.len()).filter(|i| !pool.contains(i)).collect();
+    let (pool, heldout_pool) = super::digit_pools(all.len());
 
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     // Normal::new fails only for a negative or non-finite std.
@@ -235,14 +234,14 @@ mod tests {
     #[test]
     fn the_pretraining_pool_leaves_out_a_fifth_of_the_digits_for_the_heldout_split() {
         let all = digits::load().unwrap();
-        let pool = crate::demo::train_digit_pool(all.len());
+        let (pool, _) = crate::demo::digit_pools(all.len());
         let mut sorted = pool.clone();
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), pool.len());
         assert_eq!(all.len() - pool.len(), (all.len() as f64 * 0.2) as usize);
         // The same draws every time: the split write_task makes.
-        assert_eq!(pool, crate::demo::train_digit_pool(all.len()));
+        assert_eq!(pool, crate::demo::digit_pools(all.len()).0);
     }
 
     #[test]

@@ -278,12 +278,29 @@ trait Decode: WithDType {
     /// Converts `src` (of any decodable dtype) into `dst`, element by element unless a faster slice
     /// conversion with the same bits exists.
     fn convert_from<S: Decode>(src: &[S], dst: &mut [Self]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.decode_into();
-        }
+        decode_each(src, dst)
     }
     /// This element converted to `T`.
     fn decode_into<T: Decode>(self) -> T;
+}
+
+/// `src` converted into `dst` element by element.
+fn decode_each<S: Decode, T: Decode>(src: &[S], dst: &mut [T]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.decode_into();
+    }
+}
+
+/// `src` into a 2-byte float `dst`: an f32 source through half's slice conversion (`from_f32`'s rounding, to
+/// nearest even, as candle's `to_dtype`), any other element by element.
+fn half_from<S: Decode, T: Decode>(src: &[S], dst: &mut [T])
+where
+    [T]: HalfFloatSliceExt,
+{
+    match S::DTYPE {
+        DType::F32 => dst.convert_from_f32_slice(cast_slice::<S, f32>(src)),
+        _ => decode_each(src, dst),
+    }
 }
 
 /// A `Vec<u16>` of zeros (`vec!` of an integer zero allocates zeroed memory) as a vector of a 2-byte float.
@@ -316,11 +333,7 @@ impl Decode for f32 {
         match S::DTYPE {
             DType::BF16 => cast_slice::<S, bf16>(src).convert_to_f32_slice(dst),
             DType::F16 => cast_slice::<S, f16>(src).convert_to_f32_slice(dst),
-            _ => {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = s.decode_into();
-                }
-            }
+            _ => decode_each(src, dst),
         }
     }
     fn decode_into<T: Decode>(self) -> T {
@@ -366,15 +379,7 @@ impl Decode for bf16 {
         bf16::from_f32(v.to_f32())
     }
     fn convert_from<S: Decode>(src: &[S], dst: &mut [Self]) {
-        match S::DTYPE {
-            // half's slice conversion: `bf16::from_f32`'s rounding (to nearest even), as candle's `to_dtype`.
-            DType::F32 => dst.convert_from_f32_slice(cast_slice::<S, f32>(src)),
-            _ => {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = s.decode_into();
-                }
-            }
-        }
+        half_from(src, dst)
     }
     fn decode_into<T: Decode>(self) -> T {
         T::of_bf16(self)
@@ -398,14 +403,7 @@ impl Decode for f16 {
         v
     }
     fn convert_from<S: Decode>(src: &[S], dst: &mut [Self]) {
-        match S::DTYPE {
-            DType::F32 => dst.convert_from_f32_slice(cast_slice::<S, f32>(src)),
-            _ => {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = s.decode_into();
-                }
-            }
-        }
+        half_from(src, dst)
     }
     fn decode_into<T: Decode>(self) -> T {
         T::of_f16(self)
