@@ -168,3 +168,78 @@ fn response_logprob_gradients_match_finite_differences() -> Result<()> {
     eprintln!("finite differences: worst |numeric - analytic| = {worst:e}");
     Ok(())
 }
+
+/// Max |a - b| over two tensors of one shape.
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    ensure!(a.dims() == b.dims(), "{:?} vs {:?}", a.dims(), b.dims());
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Responses that share prompts (interleaved, of different lengths, one of a single token) scored through the
+/// prefix-shared forward give the log-probs, entropies and gradients (vision tower, adapter, LLM, LM head) of
+/// every row run on its own.
+#[test]
+fn prefix_shared_logprobs_and_gradients_equal_row_by_row() -> Result<()> {
+    let all = Trainable {
+        vision: true,
+        adapter: true,
+        llm: true,
+    };
+    let loaded = load(all)?;
+    // The builder hands out the trainable Vars, so the LM head is one.
+    let vb = loaded.store.var_builder(move |name| all.contains(name));
+    let shared = ResponseScorer::new(loaded.model.clone(), &vb)?;
+    let plain = shared.clone().without_prefix_sharing();
+    let prompts = prompts()?;
+    let responses = [
+        (0, response(21, 6)),
+        (2, response(22, 3)),
+        (0, response(23, 1)),
+        (1, response(24, 5)),
+        (2, response(25, 7)),
+        (0, response(26, 4)),
+    ];
+    let rows: Vec<ResponseRow> = responses
+        .iter()
+        .map(|(p, r)| ResponseRow {
+            prompt: prompts[*p].clone(),
+            response: r,
+        })
+        .collect();
+    let weights = Tensor::arange(0f32, 42f32, &Device::Cpu)?
+        .affine(0.37, 0.1)?
+        .cos()?
+        .reshape((6, 7))?;
+    let a = shared.response_logprobs(&rows, true)?;
+    let b = plain.response_logprobs(&rows, true)?;
+    ensure!(max_diff(&a.mask, &b.mask)? == 0.0);
+    let logprob_diff = max_diff(&a.logprobs, &b.logprobs)?;
+    let entropy_diff = max_diff(
+        a.entropy.as_ref().expect("entropy"),
+        b.entropy.as_ref().expect("entropy"),
+    )?;
+    ensure!(
+        logprob_diff < 1e-5 && entropy_diff < 1e-5,
+        "log-probs differ by {logprob_diff}, entropies by {entropy_diff}"
+    );
+    let grads_a = (a.logprobs * &weights)?.sum_all()?.backward()?;
+    let grads_b = (b.logprobs * &weights)?.sum_all()?.backward()?;
+    let mut worst = 0f32;
+    for (name, var) in &loaded.trainable_vars {
+        let (Some(ga), Some(gb)) = (grads_a.get(var.as_tensor()), grads_b.get(var.as_tensor()))
+        else {
+            anyhow::bail!("no gradient for {name}");
+        };
+        let scale = gb.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = max_diff(ga, gb)?;
+        worst = worst.max(diff / scale.max(1e-6));
+        ensure!(
+            diff <= 1e-5 + 1e-4 * scale,
+            "{name}: gradients differ by {diff} (largest {scale})"
+        );
+    }
+    eprintln!(
+        "shared vs row by row: log-probs {logprob_diff:e}, entropies {entropy_diff:e}, gradients {worst:e} relative"
+    );
+    Ok(())
+}

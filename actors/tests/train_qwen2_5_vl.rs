@@ -188,6 +188,62 @@ fn qwen2_5_vl_response_logprobs_equal_the_full_forward_and_reach_every_group() -
     Ok(())
 }
 
+/// Max |a - b| over two tensors of one shape.
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    ensure!(a.dims() == b.dims(), "{:?} vs {:?}", a.dims(), b.dims());
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// The prefix-shared forward (three-axis prompt positions, responses at max + 1 + j) gives the log-probs and
+/// gradients of every row run on its own, for prompts with two images, one, and none.
+#[test]
+fn qwen2_5_vl_prefix_shared_logprobs_and_gradients_equal_row_by_row() -> Result<()> {
+    let policy = load(ALL)?;
+    let model = policy.model.as_qwen2_5_vl().expect("a Qwen2.5-VL policy");
+    let prompts = prompts(model)?;
+    let shared =
+        ResponseScorer::for_policy(policy.model.clone(), &policy.store.frozen_var_builder())?;
+    let plain = shared.clone().without_prefix_sharing();
+    let responses: [(usize, Vec<u32>); 6] = [
+        (1, vec![7, 8, 9, 10]),
+        (0, vec![11, IMAGE_PAD, 3, 60, 2]),
+        (1, vec![33]),
+        (2, vec![1, 2, 3]),
+        (0, vec![4, 5]),
+        (2, vec![6, 7, 8, 9, 10, 11]),
+    ];
+    let rows: Vec<ResponseRow> = responses
+        .iter()
+        .map(|(p, r)| ResponseRow {
+            prompt: prompts[*p].clone(),
+            response: r,
+        })
+        .collect();
+    let weights = Tensor::arange(0f32, 36f32, &Device::Cpu)?
+        .affine(0.41, 0.2)?
+        .sin()?
+        .reshape((6, 6))?;
+    let a = shared.response_logprobs(&rows, false)?;
+    let b = plain.response_logprobs(&rows, false)?;
+    let logprob_diff = max_diff(&a.logprobs, &b.logprobs)?;
+    ensure!(logprob_diff < 1e-5, "log-probs differ by {logprob_diff}");
+    let grads_a = (a.logprobs * &weights)?.sum_all()?.backward()?;
+    let grads_b = (b.logprobs * &weights)?.sum_all()?.backward()?;
+    for (name, var) in &policy.trainable_vars {
+        let (Some(ga), Some(gb)) = (grads_a.get(var.as_tensor()), grads_b.get(var.as_tensor()))
+        else {
+            anyhow::bail!("no gradient for {name}");
+        };
+        let scale = gb.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = max_diff(ga, gb)?;
+        ensure!(
+            diff <= 1e-5 + 1e-4 * scale,
+            "{name}: gradients differ by {diff} (largest {scale})"
+        );
+    }
+    Ok(())
+}
+
 /// A GRPO batch on the prompts with on-policy behaviour log-probs.
 fn grpo_batch(scorer: &ResponseScorer, prompts: &[Arc<EncodedPrompt>]) -> Result<TrainBatch> {
     let mut groups = Vec::new();

@@ -352,6 +352,39 @@ impl KvCache {
     }
 }
 
+/// The layouts of a prefix-shared forward (see [`super::qwen2::Model::forward_prefixed`]): the prompts
+/// (Bp rows of `prompt_real`) alone, and the responses (B rows of `response_real`) with row b's prompt,
+/// `prompt_real[prompt_of[b]]`, as its past (the prompt's padding slots masked like any other).
+pub(crate) fn prefixed_layouts(
+    prompt_real: &[Vec<bool>],
+    response_real: &[Vec<bool>],
+    prompt_of: &[usize],
+    device: &Device,
+) -> Result<(Layout, Layout)> {
+    if prompt_of.len() != response_real.len() {
+        return Err(Error::msg(format!(
+            "prefix-shared forward: {} responses, {} prompt indices",
+            response_real.len(),
+            prompt_of.len()
+        )));
+    }
+    if let Some(&bad) = prompt_of.iter().find(|&&g| g >= prompt_real.len()) {
+        return Err(Error::msg(format!(
+            "prefix-shared forward: prompt index {bad}, only {} prompts",
+            prompt_real.len()
+        )));
+    }
+    let none = vec![Vec::new(); prompt_real.len()];
+    let prompts = Layout::build(&none, &vec![0; prompt_real.len()], prompt_real, device)?;
+    let past: Vec<Vec<bool>> = prompt_of.iter().map(|&g| prompt_real[g].clone()).collect();
+    let next: Vec<u32> = past
+        .iter()
+        .map(|row| row.iter().filter(|&&r| r).count() as u32)
+        .collect();
+    let responses = Layout::build(&past, &next, response_real, device)?;
+    Ok((prompts, responses))
+}
+
 /// Positions and additive attention mask of one forward step.
 pub(crate) struct Layout {
     /// (B, T) f32 positions of the step's tokens.

@@ -12,7 +12,7 @@ use r1v2_kernels::{
     swiglu, token_logprobs,
 };
 
-use super::kv_cache::{mask_rows, KvCache, Layout};
+use super::kv_cache::{mask_rows, prefixed_layouts, KvCache, Layout};
 use super::linear::{linear, linear_no_bias, Linear};
 pub use super::qwen2_config::Config;
 use crate::{Error, Result};
@@ -70,20 +70,10 @@ impl Attention {
         })
     }
 
-    /// x (B, T, D) -> (B, T, D). `mask` (B, 1, 1, T, S) f32 additive; the cache supplies the
-    /// S - T earlier keys and values and receives this step's.
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        layer: usize,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    /// x (B, T, D) -> the roped queries (B, H, T, D) and keys (B, Hkv, T, D), and the values (B, Hkv, T, D).
+    fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, h_kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let group = h / h_kv;
         let q = self
             .q_proj
             .forward(x)?
@@ -101,19 +91,65 @@ impl Attention {
             .transpose(1, 2)?; // (B, Hkv, T, D)
         let q = rope(&q.contiguous()?, cos, sin)?;
         let k = rope(&k.contiguous()?, cos, sin)?;
-        let v = v.contiguous()?;
+        Ok((q, k, v.contiguous()?))
+    }
+
+    /// x (B, T, D) -> (B, T, D). `mask` (B, 1, 1, T, S) f32 additive; the cache supplies the
+    /// S - T earlier keys and values and receives this step's.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, cos, sin)?;
         // Generation on the CPU (a cached step, nothing tracked) takes the fused kernel, which has no backward.
         let fused = cache.is_some() && no_grad_f32_cpu(&[&q, &k, &v]);
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let scale = 1.0 / (d as f64).sqrt();
         if fused {
             // One pass per query over the cache, read in place.
+            let scale = 1.0 / (self.head_dim as f64).sqrt();
             let out = cached_attention(&q, &k, &v, mask, scale)?; // (B, T, H*D)
             return self.o_proj.forward(&out);
         }
+        self.attend(&q, &k, &v, mask)
+    }
+
+    /// [`Self::forward`] without a cache, after `prefix` (keys, values (B, Hkv, S - T, D), differentiable):
+    /// returns the output (B, T, D) and this step's roped keys and values (B, Hkv, T, D).
+    fn forward_prefixed(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        prefix: Option<(&Tensor, &Tensor)>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = self.project(x, cos, sin)?;
+        let out = match prefix {
+            Some((pk, pv)) => {
+                let keys = Tensor::cat(&[pk, &k], 2)?; // (B, Hkv, S, D)
+                let values = Tensor::cat(&[pv, &v], 2)?;
+                self.attend(&q, &keys, &values, mask)?
+            }
+            None => self.attend(&q, &k, &v, mask)?,
+        };
+        Ok((out, k, v))
+    }
+
+    /// The composed (differentiable) attention of queries q (B, H, T, D) over keys and values
+    /// (B, Hkv, S, D) under `mask` (B, 1, 1, T, S), then `o_proj` -> (B, T, D).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        let (h, h_kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let group = h / h_kv;
+        let scale = 1.0 / (d as f64).sqrt();
         let s = k.dim(2)?;
         // GQA without copying K/V: the `group` query heads of one KV head become one longer
         // query sequence. Head h uses KV head h / group, as transformers' repeat_kv.
@@ -134,7 +170,7 @@ impl Attention {
         let probs = probs
             .to_dtype(v.dtype())?
             .reshape((b, h_kv, group * t, s))?; // (B, Hkv, G*T, S)
-        let out = probs.matmul(&v)?.reshape((b, h, t, d))?; // (B, H, T, D)
+        let out = probs.matmul(v)?.reshape((b, h, t, d))?; // (B, H, T, D)
         let out = out.transpose(1, 2)?.reshape((b, t, h * d))?; // (B, T, H*D)
         self.o_proj.forward(&out)
     }
@@ -243,6 +279,37 @@ impl DecoderLayer {
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
     }
+
+    /// [`Self::forward`] without a cache, after `prefix` (see [`Attention::forward_prefixed`]); returns the
+    /// output and this step's keys and values.
+    fn forward_prefixed(
+        &self,
+        x: &Tensor,
+        stream: &Stream,
+        prefix: Option<(&Tensor, &Tensor)>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (attn, k, v) = self.self_attn.forward_prefixed(
+            &self.input_layernorm.forward(x)?,
+            stream.cos,
+            stream.sin,
+            stream.mask,
+            prefix,
+        )?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok(((x + mlp)?, k, v))
+    }
+}
+
+/// One side of a prefix-shared forward: its embeddings (B, T, D), rotary cos and sin (B, T, D/2) and
+/// additive mask (B, 1, 1, T, S).
+pub(crate) struct Stream<'a> {
+    pub embeds: &'a Tensor,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub mask: &'a Tensor,
 }
 
 /// The Qwen2 decoder (`Qwen2Model`): token embeddings, decoder layers, final norm.
@@ -329,6 +396,75 @@ impl Model {
         let (b, t, _) = embeds.dims3()?;
         let layout = cache.begin_step(&mask_rows(attention_mask, b, t)?, embeds.device())?;
         self.run_layers(embeds, &layout, Some(cache))
+    }
+
+    /// Prefix-shared full-sequence forward, for training on several responses to one prompt: each distinct
+    /// prompt runs through the layers once, and response row b attends to the keys and values of prompt
+    /// `prompt_of[b]` (gathered, so gradients from every response reach the prompt) before its own. Prompt
+    /// embeds (Bp, P, D) with mask (Bp, P), response embeds (B, R, D) with mask (B, R); 1 = token, 0 =
+    /// padding (`None`: none), padding anywhere. A response's positions continue after its prompt's real
+    /// tokens. Returns the final-normed hidden states of the prompts (Bp, P, D) and of the responses
+    /// (B, R, D): row b of the responses is the forward of `prompt ++ response` up to rounding.
+    pub fn forward_prefixed(
+        &self,
+        prompt_embeds: &Tensor,
+        prompt_mask: Option<&Tensor>,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        prompt_of: &[usize],
+    ) -> Result<(Tensor, Tensor)> {
+        let (bp, p, _) = prompt_embeds.dims3()?;
+        let (b, r, _) = embeds.dims3()?;
+        let (prompts, responses) = prefixed_layouts(
+            &mask_rows(prompt_mask, bp, p)?,
+            &mask_rows(attention_mask, b, r)?,
+            prompt_of,
+            embeds.device(),
+        )?;
+        let (prompt_cos, prompt_sin) = self
+            .rotary
+            .cos_sin(&prompts.positions, prompt_embeds.dtype())?;
+        let (cos, sin) = self.rotary.cos_sin(&responses.positions, embeds.dtype())?;
+        self.run_layers_prefixed(
+            &Stream {
+                embeds: prompt_embeds,
+                cos: &prompt_cos,
+                sin: &prompt_sin,
+                mask: &prompts.mask,
+            },
+            &Stream {
+                embeds,
+                cos: &cos,
+                sin: &sin,
+                mask: &responses.mask,
+            },
+            prompt_of,
+        )
+    }
+
+    /// The layers of [`Self::forward_prefixed`] on its two streams (masks from `prefixed_layouts`).
+    pub(crate) fn run_layers_prefixed(
+        &self,
+        prompts: &Stream,
+        responses: &Stream,
+        prompt_of: &[usize],
+    ) -> Result<(Tensor, Tensor)> {
+        let bp = prompts.embeds.dim(0)?;
+        if let Some(&bad) = prompt_of.iter().find(|&&g| g >= bp) {
+            return Err(Error::msg(format!(
+                "prefix-shared forward: prompt index {bad}, only {bp} prompts"
+            )));
+        }
+        let index: Vec<u32> = prompt_of.iter().map(|&g| g as u32).collect();
+        let index = Tensor::from_vec(index, prompt_of.len(), responses.embeds.device())?;
+        let (mut x_prompt, mut x) = (prompts.embeds.clone(), responses.embeds.clone());
+        for layer in &self.layers {
+            let (out, k, v) = layer.forward_prefixed(&x_prompt, prompts, None)?;
+            let (k, v) = (k.index_select(&index, 0)?, v.index_select(&index, 0)?); // (B, Hkv, P, D)
+            x = layer.forward_prefixed(&x, responses, Some((&k, &v)))?.0;
+            x_prompt = out;
+        }
+        Ok((self.norm.forward(&x_prompt)?, self.norm.forward(&x)?))
     }
 
     fn run_layers(

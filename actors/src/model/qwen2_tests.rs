@@ -366,3 +366,83 @@ fn selected_rows_continue_like_their_source_rows() -> anyhow::Result<()> {
     assert!(cache.select_rows(&[1]).is_err());
     Ok(())
 }
+
+/// The prefix-shared forward with padding anywhere in the prompts (left, mid) and responses (right) gives each
+/// row's hidden states of `prompt ++ response` run alone without padding.
+#[test]
+fn prefix_shared_forward_equals_each_row_alone() -> anyhow::Result<()> {
+    let (model, _) = load_lm("tied", DType::F32)?;
+    let model = &model.model;
+    let prompts: [(&[u32], &[u32]); 2] = [
+        (&[3, 4, 5, 6, 7], &[1, 1, 1, 1, 1]),
+        (&[0, 8, 9, 0, 10], &[0, 1, 1, 0, 1]),
+    ];
+    let responses: [(usize, &[u32], &[u32]); 3] = [
+        (0, &[11, 12, 13], &[1, 1, 1]),
+        (1, &[14, 15, 0], &[1, 1, 0]),
+        (0, &[16, 0, 0], &[1, 0, 0]),
+    ];
+    let tensor = |rows: Vec<&[u32]>| -> anyhow::Result<Tensor> {
+        let (b, t) = (rows.len(), rows[0].len());
+        Ok(Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu)?)
+    };
+    let prompt_embeds = model.embed_tokens(&tensor(prompts.iter().map(|p| p.0).collect())?)?;
+    let prompt_mask = tensor(prompts.iter().map(|p| p.1).collect())?;
+    let embeds = model.embed_tokens(&tensor(responses.iter().map(|r| r.1).collect())?)?;
+    let mask = tensor(responses.iter().map(|r| r.2).collect())?;
+    let prompt_of: Vec<usize> = responses.iter().map(|r| r.0).collect();
+    let (prompt_hidden, hidden) = model.forward_prefixed(
+        &prompt_embeds,
+        Some(&prompt_mask),
+        &embeds,
+        Some(&mask),
+        &prompt_of,
+    )?;
+    assert_eq!(prompt_hidden.dims()[..2], [2, 5]);
+    assert_eq!(hidden.dims()[..2], [3, 3]);
+    let real = |(ids, flags): (&[u32], &[u32])| -> Vec<(usize, u32)> {
+        ids.iter()
+            .zip(flags)
+            .enumerate()
+            .filter(|(_, (_, &f))| f == 1)
+            .map(|(slot, (&id, _))| (slot, id))
+            .collect()
+    };
+    let mut worst = 0f32;
+    for (b, &(g, ids, flags)) in responses.iter().enumerate() {
+        let prompt = real(prompts[g]);
+        let response = real((ids, flags));
+        let row: Vec<u32> = prompt.iter().chain(&response).map(|&(_, id)| id).collect();
+        let len = row.len();
+        let alone = model.forward_embeds(
+            &model.embed_tokens(&Tensor::from_vec(row, (1, len), &Device::Cpu)?)?,
+            None,
+        )?;
+        let pairs =
+            prompt
+                .iter()
+                .enumerate()
+                .map(|(k, &(slot, _))| Ok((prompt_hidden.i((g, slot))?, alone.i((0, k))?)))
+                .chain(response.iter().enumerate().map(|(j, &(slot, _))| {
+                    Ok((hidden.i((b, slot))?, alone.i((0, prompt.len() + j))?))
+                }))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+        for (got, want) in pairs {
+            let d = (got - want)?.abs()?.max(0)?.to_scalar::<f32>()?;
+            worst = worst.max(d);
+        }
+    }
+    assert!(worst < 1e-5, "prefix-shared vs alone: {worst}");
+    // A bad prompt index is an error, not a panic.
+    let err = model
+        .forward_prefixed(
+            &prompt_embeds,
+            Some(&prompt_mask),
+            &embeds,
+            Some(&mask),
+            &[0, 2, 0],
+        )
+        .expect_err("prompt 2 of 2");
+    assert!(err.to_string().contains("prompt index 2"), "{err}");
+    Ok(())
+}

@@ -2,8 +2,13 @@
 //! response) rows, at temperature 1 (`log_softmax(logits)[token]`, no logits processors: what the generator
 //! records as the behaviour log-probs, so the importance ratio compares like with like).
 //!
-//! Rows are `prompt ++ response`, right-padded. Each distinct prompt's image tiles go through the vision
-//! tower and adapter once, however many rows (the G responses of a group) share the prompt; the adapter's
+//! Rows that share a prompt (the G responses of a GRPO group, an MPO pair) share its forward: each distinct
+//! prompt runs through the LLM once (right-padded), and every response attends to its prompt's keys and
+//! values, gathered per layer so the gradients of all G responses reach the prompt
+//! ([`qwen2::Model::forward_prefixed`](crate::model::qwen2::Model::forward_prefixed)); the same log-probs as
+//! each row `prompt ++ response` on its own, up to rounding (tested), at about `P + G * R` token forwards
+//! instead of `G * (P + R)`. Without repeats (SFT) each row runs whole, right-padded. Each distinct prompt's
+//! image tiles go through the vision tower and adapter once, however many rows share the prompt; the adapter's
 //! tokens replace the `<IMG_CONTEXT>` embeddings with a differentiable gather, as
 //! [`ChatModel::embed`](crate::model::chat::ChatModel::embed) does. Qwen2.5-VL: the merged patch tokens
 //! replace the prompt's `<|image_pad|>` embeddings the same way, and the positions are `get_rope_index` on
@@ -13,7 +18,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
 use crate::model::chat::ChatModel;
@@ -49,6 +54,8 @@ pub struct ResponseScorer {
     model: PolicyNet,
     /// The chat model's LM head (Qwen2.5-VL's is the model's own).
     lm_head: Option<Linear>,
+    /// Rows that share a prompt share its forward (on by default).
+    share_prefixes: bool,
 }
 
 /// Name of the untied LM head in the InternVL-chat checkpoint layout.
@@ -67,6 +74,7 @@ impl ResponseScorer {
         Ok(Self {
             model: model.into(),
             lm_head: Some(Linear::new(weight, None)),
+            share_prefixes: true,
         })
     }
 
@@ -77,8 +85,16 @@ impl ResponseScorer {
             model @ PolicyNet::Qwen25Vl(_) => Ok(Self {
                 model,
                 lm_head: None,
+                share_prefixes: true,
             }),
         }
+    }
+
+    /// The scorer that runs every row `prompt ++ response` on its own, as a reference for the
+    /// prefix-shared forward (the same log-probs up to rounding, more work when prompts repeat).
+    pub fn without_prefix_sharing(mut self) -> Self {
+        self.share_prefixes = false;
+        self
     }
 
     /// The model.
@@ -96,6 +112,8 @@ impl ResponseScorer {
     }
 
     /// Log-probs (with grad), mask and, when `with_entropy`, entropies of every row's response tokens.
+    /// Rows that share a prompt (a GRPO group, an MPO pair) share its forward (see
+    /// [`Self::without_prefix_sharing`]).
     pub fn response_logprobs(
         &self,
         rows: &[ResponseRow],
@@ -104,15 +122,6 @@ impl ResponseScorer {
         if rows.is_empty() {
             return Err(Error::msg("response log-probs: no rows"));
         }
-        let device = match &self.model {
-            PolicyNet::Chat(model) => model.llm.model.embedding_weight().device().clone(),
-            PolicyNet::Qwen25Vl(policy) => {
-                policy.model.llm.model.embedding_weight().device().clone()
-            }
-        };
-        let batch = rows.len();
-        let mut seq_len = 0;
-        let mut resp_len = 1;
         for row in rows {
             if row.prompt.token_ids.is_empty() {
                 return Err(Error::msg(format!(
@@ -120,64 +129,59 @@ impl ResponseScorer {
                     row.prompt.id.0
                 )));
             }
-            seq_len = seq_len.max(row.prompt.token_ids.len() + row.response.len());
-            resp_len = resp_len.max(row.response.len());
         }
-        let image_token = match &self.model {
-            PolicyNet::Chat(model) => model.img_context_token_id(),
-            PolicyNet::Qwen25Vl(policy) => Some(policy.model.config().image_token_id),
-        };
-        // Padding must not be read as an image token.
-        let pad = if image_token == Some(0) { 1 } else { 0 };
-
-        // Right-padded ids and attention mask.
-        let mut ids = vec![pad; batch * seq_len];
-        let mut attention = vec![0f32; batch * seq_len];
-        for (r, row) in rows.iter().enumerate() {
-            let start = r * seq_len;
-            let prompt_len = row.prompt.token_ids.len();
-            ids[start..start + prompt_len].copy_from_slice(&row.prompt.token_ids);
-            ids[start + prompt_len..start + prompt_len + row.response.len()]
-                .copy_from_slice(row.response);
-            attention[start..start + prompt_len + row.response.len()].fill(1.0);
-        }
-        let input_ids = Tensor::from_vec(ids.clone(), (batch, seq_len), &device)?;
-        let attention = Tensor::from_vec(attention, (batch, seq_len), &device)?;
-        let hidden = match &self.model {
-            PolicyNet::Chat(model) => {
-                let embeds = embed_chat(model, rows, &ids, &input_ids, seq_len)?; // (B, L, D)
-                model.llm.model.forward_embeds(&embeds, Some(&attention))? // (B, L, D)
-            }
+        let device = match &self.model {
+            PolicyNet::Chat(model) => model.llm.model.embedding_weight().device().clone(),
             PolicyNet::Qwen25Vl(policy) => {
-                let (embeds, positions) =
-                    embed_qwen2_5_vl(&policy.model, rows, &input_ids, seq_len)?; // (B, L, D)
-                policy
-                    .model
-                    .llm
-                    .forward_embeds(&embeds, Some(&attention), &positions)? // (B, L, D)
+                policy.model.llm.model.embedding_weight().device().clone()
             }
         };
-        let width = hidden.dim(2)?;
+        let batch = rows.len();
+        let resp_len = rows
+            .iter()
+            .map(|r| r.response.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        // Each distinct prompt (by id, in order of first appearance) and the prompt of each row.
+        let mut distinct: Vec<usize> = Vec::new();
+        let mut prompt_of = Vec::with_capacity(batch);
+        for (r, row) in rows.iter().enumerate() {
+            let id = row.prompt.id.0;
+            let g = match distinct.iter().position(|&d| rows[d].prompt.id.0 == id) {
+                Some(g) => g,
+                None => {
+                    distinct.push(r);
+                    distinct.len() - 1
+                }
+            };
+            prompt_of.push(g);
+        }
+        let (pool, positions) = if self.share_prefixes && distinct.len() < batch {
+            let prompts: Vec<ResponseRow> = distinct
+                .iter()
+                .map(|&d| ResponseRow {
+                    prompt: Arc::clone(&rows[d].prompt),
+                    response: &[],
+                })
+                .collect();
+            self.prefixed_hidden(&prompts, rows, &prompt_of, resp_len, &device)?
+        } else {
+            self.full_hidden(rows, resp_len, &device)?
+        };
 
-        // Positions that predict response tokens: row r's token j comes from position P_r - 1 + j.
-        let mut positions = vec![0u32; batch * resp_len];
         let mut targets = vec![0u32; batch * resp_len];
         let mut mask = vec![0f32; batch * resp_len];
         for (r, row) in rows.iter().enumerate() {
-            let first = r * seq_len + row.prompt.token_ids.len() - 1;
             for (j, &token) in row.response.iter().enumerate() {
-                let k = r * resp_len + j;
-                positions[k] = (first + j) as u32;
-                targets[k] = token;
-                mask[k] = 1.0;
+                targets[r * resp_len + j] = token;
+                mask[r * resp_len + j] = 1.0;
             }
         }
         let positions = Tensor::from_vec(positions, batch * resp_len, &device)?;
         let targets = Tensor::from_vec(targets, batch * resp_len, &device)?;
         let mask = Tensor::from_vec(mask, (batch, resp_len), &device)?;
-        let selected = hidden
-            .reshape((batch * seq_len, width))? // (B*L, D)
-            .index_select(&positions, 0)?; // (B*T, D)
+        let selected = pool.index_select(&positions, 0)?; // (B*T, D)
         let logits = self.head(&selected)?; // (B*T, V)
         let logprobs = r1v2_kernels::token_logprobs(&logits, &targets)?
             .reshape((batch, resp_len))? // (B, T)
@@ -195,6 +199,181 @@ impl ResponseScorer {
             mask,
             entropy,
         })
+    }
+
+    /// The id that pads rows: never the image token, which the embedding would replace.
+    fn pad_id(&self) -> u32 {
+        let image_token = match &self.model {
+            PolicyNet::Chat(model) => model.img_context_token_id(),
+            PolicyNet::Qwen25Vl(policy) => Some(policy.model.config().image_token_id),
+        };
+        if image_token == Some(0) {
+            1
+        } else {
+            0
+        }
+    }
+
+    /// Every row `prompt ++ response` on its own, right-padded to (B, L): the hidden states (B*L, D) and,
+    /// for response token j of row r at `r * T + j` (T = `resp_len`), the row of the state that predicts it
+    /// (0 at padding).
+    fn full_hidden(
+        &self,
+        rows: &[ResponseRow],
+        resp_len: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Vec<u32>)> {
+        let batch = rows.len();
+        let seq_len = rows
+            .iter()
+            .map(|r| r.prompt.token_ids.len() + r.response.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = vec![self.pad_id(); batch * seq_len];
+        let mut attention = vec![0f32; batch * seq_len];
+        let mut positions = vec![0u32; batch * resp_len];
+        for (r, row) in rows.iter().enumerate() {
+            let start = r * seq_len;
+            let prompt_len = row.prompt.token_ids.len();
+            ids[start..start + prompt_len].copy_from_slice(&row.prompt.token_ids);
+            ids[start + prompt_len..start + prompt_len + row.response.len()]
+                .copy_from_slice(row.response);
+            attention[start..start + prompt_len + row.response.len()].fill(1.0);
+            // Row r's token j comes from position P_r - 1 + j.
+            for j in 0..row.response.len() {
+                positions[r * resp_len + j] = (start + prompt_len - 1 + j) as u32;
+            }
+        }
+        let input_ids = Tensor::from_vec(ids.clone(), (batch, seq_len), device)?;
+        let attention = Tensor::from_vec(attention, (batch, seq_len), device)?;
+        let hidden = match &self.model {
+            PolicyNet::Chat(model) => {
+                let embeds = embed_chat(model, rows, &ids, &input_ids, seq_len)?; // (B, L, D)
+                model.llm.model.forward_embeds(&embeds, Some(&attention))? // (B, L, D)
+            }
+            PolicyNet::Qwen25Vl(policy) => {
+                let (embeds, positions) =
+                    embed_qwen2_5_vl(&policy.model, rows, &input_ids, seq_len)?; // (B, L, D)
+                policy
+                    .model
+                    .llm
+                    .forward_embeds(&embeds, Some(&attention), &positions)? // (B, L, D)
+            }
+        };
+        let width = hidden.dim(2)?;
+        Ok((hidden.reshape((batch * seq_len, width))?, positions))
+    }
+
+    /// The prefix-shared forward: each of the distinct `prompts` (Bp, right-padded to P) once, the responses
+    /// (B, right-padded to T = `resp_len`) after prompt `prompt_of[r]`. Returns the pool of hidden states
+    /// (prompts' Bp*P, then responses' B*T; D wide) and, for response token j of row r at `r * T + j`, the
+    /// pool row that predicts it: the prompt's last token for j = 0, the response's token j - 1 after.
+    fn prefixed_hidden(
+        &self,
+        prompts: &[ResponseRow],
+        rows: &[ResponseRow],
+        prompt_of: &[usize],
+        resp_len: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Vec<u32>)> {
+        let (n_prompts, batch) = (prompts.len(), rows.len());
+        let pad = self.pad_id();
+        let prompt_len = prompts
+            .iter()
+            .map(|p| p.prompt.token_ids.len())
+            .max()
+            .unwrap_or(0);
+        let mut prompt_ids = vec![pad; n_prompts * prompt_len];
+        let mut prompt_mask = vec![0f32; n_prompts * prompt_len];
+        for (g, p) in prompts.iter().enumerate() {
+            let tokens = &p.prompt.token_ids;
+            prompt_ids[g * prompt_len..g * prompt_len + tokens.len()].copy_from_slice(tokens);
+            prompt_mask[g * prompt_len..g * prompt_len + tokens.len()].fill(1.0);
+        }
+        let mut ids = vec![pad; batch * resp_len];
+        let mut mask = vec![0f32; batch * resp_len];
+        let mut positions = vec![0u32; batch * resp_len];
+        let responses_at = n_prompts * prompt_len;
+        for (r, row) in rows.iter().enumerate() {
+            let at = r * resp_len;
+            ids[at..at + row.response.len()].copy_from_slice(row.response);
+            mask[at..at + row.response.len()].fill(1.0);
+            let g = prompt_of[r];
+            for j in 0..row.response.len() {
+                positions[at + j] = if j == 0 {
+                    g * prompt_len + prompts[g].prompt.token_ids.len() - 1
+                } else {
+                    responses_at + at + j - 1
+                } as u32;
+            }
+        }
+        let prompt_input = Tensor::from_vec(prompt_ids.clone(), (n_prompts, prompt_len), device)?;
+        let prompt_mask = Tensor::from_vec(prompt_mask, (n_prompts, prompt_len), device)?;
+        let input = Tensor::from_vec(ids, (batch, resp_len), device)?;
+        let mask = Tensor::from_vec(mask, (batch, resp_len), device)?;
+        let (prompt_hidden, hidden) = match &self.model {
+            PolicyNet::Chat(model) => {
+                let prompt_embeds =
+                    embed_chat(model, prompts, &prompt_ids, &prompt_input, prompt_len)?; // (Bp, P, D)
+                let embeds = model.llm.model.embed_tokens(&input)?; // (B, T, D)
+                model.llm.model.forward_prefixed(
+                    &prompt_embeds,
+                    Some(&prompt_mask),
+                    &embeds,
+                    Some(&mask),
+                    prompt_of,
+                )?
+            }
+            PolicyNet::Qwen25Vl(policy) => {
+                let (prompt_embeds, prompt_positions) =
+                    embed_qwen2_5_vl(&policy.model, prompts, &prompt_input, prompt_len)?; // (Bp, P, D)
+                let embeds = policy.model.llm.model.embed_tokens(&input)?; // (B, T, D)
+                                                                           // Response token j of a prompt whose largest position is m sits at m + 1 + j on every axis.
+                let next: Vec<u32> = (0..n_prompts)
+                    .map(|g| {
+                        prompt_positions
+                            .iter()
+                            .flat_map(|axis| axis[g].iter())
+                            .max()
+                            .map_or(0, |&m| m + 1)
+                    })
+                    .collect();
+                let axis: Vec<Vec<u32>> = rows
+                    .iter()
+                    .zip(prompt_of)
+                    .map(|(row, &g)| {
+                        (0..resp_len)
+                            .map(|j| {
+                                if j < row.response.len() {
+                                    next[g] + j as u32
+                                } else {
+                                    0
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let positions: MropePositions = [axis.clone(), axis.clone(), axis];
+                policy.model.llm.forward_prefixed(
+                    &prompt_embeds,
+                    Some(&prompt_mask),
+                    &prompt_positions,
+                    &embeds,
+                    Some(&mask),
+                    &positions,
+                    prompt_of,
+                )?
+            }
+        };
+        let width = hidden.dim(2)?;
+        let pool = Tensor::cat(
+            &[
+                prompt_hidden.reshape((n_prompts * prompt_len, width))?,
+                hidden.reshape((batch * resp_len, width))?,
+            ],
+            0,
+        )?;
+        Ok((pool, positions))
     }
 }
 

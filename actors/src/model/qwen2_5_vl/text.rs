@@ -8,8 +8,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::super::kv_cache::{mask_rows, KvCache};
-use super::super::qwen2;
+use super::super::kv_cache::{mask_rows, prefixed_layouts, KvCache};
+use super::super::qwen2::{self, Stream};
 use super::config::Config;
 use crate::{Error, Result};
 
@@ -158,6 +158,54 @@ impl TextModel {
 }
 
 impl TextModel {
+    /// The prefix-shared forward of [`qwen2::Model::forward_prefixed`] with three-axis positions: prompts
+    /// (Bp, P, D) with `prompt_mask` and `prompt_positions`, responses (B, R, D) with `attention_mask` and
+    /// `positions`, response row b after prompt `prompt_of[b]`. Returns the final-normed hidden states of
+    /// the prompts (Bp, P, D) and of the responses (B, R, D).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_prefixed(
+        &self,
+        prompt_embeds: &Tensor,
+        prompt_mask: Option<&Tensor>,
+        prompt_positions: &MropePositions,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        positions: &MropePositions,
+        prompt_of: &[usize],
+    ) -> Result<(Tensor, Tensor)> {
+        let (bp, p, _) = prompt_embeds.dims3()?;
+        let (b, r, _) = embeds.dims3()?;
+        check_positions(prompt_positions, bp, p)?;
+        check_positions(positions, b, r)?;
+        let (prompts, responses) = prefixed_layouts(
+            &mask_rows(prompt_mask, bp, p)?,
+            &mask_rows(attention_mask, b, r)?,
+            prompt_of,
+            embeds.device(),
+        )?;
+        let rope = |positions: &MropePositions, dtype: DType| -> Result<(Tensor, Tensor)> {
+            let (cos, sin) = self.cos_sin(positions, embeds.device())?;
+            Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
+        };
+        let (prompt_cos, prompt_sin) = rope(prompt_positions, prompt_embeds.dtype())?;
+        let (cos, sin) = rope(positions, embeds.dtype())?;
+        self.model.run_layers_prefixed(
+            &Stream {
+                embeds: prompt_embeds,
+                cos: &prompt_cos,
+                sin: &prompt_sin,
+                mask: &prompts.mask,
+            },
+            &Stream {
+                embeds,
+                cos: &cos,
+                sin: &sin,
+                mask: &responses.mask,
+            },
+            prompt_of,
+        )
+    }
+
     /// Cached forward of a prompt (a prefill): embeds (B, T, D) and mask (B, T) into an empty `cache`, with
     /// the three-axis `positions`; returns the final-normed hidden states (B, T, D). Afterwards each row's
     /// next position is its largest position + 1, so decode steps run as plain 1D steps of the Qwen2 decoder:
