@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use r1v2_actors::model::chat::Trainable;
 use r1v2_actors::train::{ResponseRow, ResponseScorer};
-use train_common::{load, prompts, response};
+use train_common::{load, max_diff, prompts, response, same_gradients};
 
 #[test]
 fn batched_response_logprobs_equal_single_row_forward() -> Result<()> {
@@ -169,12 +169,6 @@ fn response_logprob_gradients_match_finite_differences() -> Result<()> {
     Ok(())
 }
 
-/// Max |a - b| over two tensors of one shape.
-fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    ensure!(a.dims() == b.dims(), "{:?} vs {:?}", a.dims(), b.dims());
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-}
-
 /// Responses that share prompts (interleaved, of different lengths, one of a single token) scored through the
 /// prefix-shared forward give the log-probs, entropies and gradients (vision tower, adapter, LLM, LM head) of
 /// every row run on its own.
@@ -224,20 +218,7 @@ fn prefix_shared_logprobs_and_gradients_equal_row_by_row() -> Result<()> {
     );
     let grads_a = (a.logprobs * &weights)?.sum_all()?.backward()?;
     let grads_b = (b.logprobs * &weights)?.sum_all()?.backward()?;
-    let mut worst = 0f32;
-    for (name, var) in &loaded.trainable_vars {
-        let (Some(ga), Some(gb)) = (grads_a.get(var.as_tensor()), grads_b.get(var.as_tensor()))
-        else {
-            anyhow::bail!("no gradient for {name}");
-        };
-        let scale = gb.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        let diff = max_diff(ga, gb)?;
-        worst = worst.max(diff / scale.max(1e-6));
-        ensure!(
-            diff <= 1e-5 + 1e-4 * scale,
-            "{name}: gradients differ by {diff} (largest {scale})"
-        );
-    }
+    let worst = same_gradients(&loaded.trainable_vars, &grads_a, &grads_b)?;
     eprintln!(
         "shared vs row by row: log-probs {logprob_diff:e}, entropies {entropy_diff:e}, gradients {worst:e} relative"
     );

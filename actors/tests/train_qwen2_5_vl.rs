@@ -1,8 +1,10 @@
 //! Qwen2.5-VL as a policy (tests/fixtures/qwen2_5_vl/released: the tiny random model whose forward matches
 //! transformers): the response scorer's log-probs equal the full forward's (positions as the generator's decode
 //! steps: the prompt's `get_rope_index`, then `max + 1 + j`) with gradients reaching the vision tower, the
-//! merger and the LLM; GRPO updates change only the trainable groups, save -> load -> step equals an
+//! merger and the LLM, and the prefix-shared forward equals row by row; GRPO updates change only the trainable groups, save -> load -> step equals an
 //! uninterrupted step bit for bit, and MPO / SFT updates lower their losses.
+
+mod train_common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use r1v2_actors::rl::config::{GrpoConfig, MpoConfig};
 use r1v2_actors::rl::mpo::BcoRewardMean;
 use r1v2_actors::rl::{Group, PromptId, Sample};
 use r1v2_actors::train::{OptimConfig, PolicyTrainer, ResponseRow, ResponseScorer};
+use train_common::{max_diff, same_gradients};
 
 const VISION_START: u32 = 250;
 const VISION_END: u32 = 251;
@@ -188,12 +191,6 @@ fn qwen2_5_vl_response_logprobs_equal_the_full_forward_and_reach_every_group() -
     Ok(())
 }
 
-/// Max |a - b| over two tensors of one shape.
-fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    ensure!(a.dims() == b.dims(), "{:?} vs {:?}", a.dims(), b.dims());
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-}
-
 /// The prefix-shared forward (three-axis prompt positions, responses at max + 1 + j) gives the log-probs and
 /// gradients of every row run on its own, for prompts with two images, one, and none.
 #[test]
@@ -229,18 +226,7 @@ fn qwen2_5_vl_prefix_shared_logprobs_and_gradients_equal_row_by_row() -> Result<
     ensure!(logprob_diff < 1e-5, "log-probs differ by {logprob_diff}");
     let grads_a = (a.logprobs * &weights)?.sum_all()?.backward()?;
     let grads_b = (b.logprobs * &weights)?.sum_all()?.backward()?;
-    for (name, var) in &policy.trainable_vars {
-        let (Some(ga), Some(gb)) = (grads_a.get(var.as_tensor()), grads_b.get(var.as_tensor()))
-        else {
-            anyhow::bail!("no gradient for {name}");
-        };
-        let scale = gb.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        let diff = max_diff(ga, gb)?;
-        ensure!(
-            diff <= 1e-5 + 1e-4 * scale,
-            "{name}: gradients differ by {diff} (largest {scale})"
-        );
-    }
+    same_gradients(&policy.trainable_vars, &grads_a, &grads_b)?;
     Ok(())
 }
 

@@ -305,11 +305,11 @@ impl DecoderLayer {
 
 /// One side of a prefix-shared forward: its embeddings (B, T, D), rotary cos and sin (B, T, D/2) and
 /// additive mask (B, 1, 1, T, S).
-pub(crate) struct Stream<'a> {
-    pub embeds: &'a Tensor,
-    pub cos: &'a Tensor,
-    pub sin: &'a Tensor,
-    pub mask: &'a Tensor,
+struct Stream<'a> {
+    embeds: &'a Tensor,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: &'a Tensor,
 }
 
 /// The Qwen2 decoder (`Qwen2Model`): token embeddings, decoder layers, final norm.
@@ -413,6 +413,28 @@ impl Model {
         attention_mask: Option<&Tensor>,
         prompt_of: &[usize],
     ) -> Result<(Tensor, Tensor)> {
+        self.forward_prefixed_with(
+            prompt_embeds,
+            prompt_mask,
+            embeds,
+            attention_mask,
+            prompt_of,
+            |_, positions, dtype| self.rotary.cos_sin(positions, dtype),
+        )
+    }
+
+    /// [`Self::forward_prefixed`] with the rotary cos and sin of each side from `rope(is_prompt, positions,
+    /// dtype)`, `positions` (rows, T) f32 the 1D positions of the side's layout (Qwen2.5-VL brings its own
+    /// three-axis angles).
+    pub(crate) fn forward_prefixed_with(
+        &self,
+        prompt_embeds: &Tensor,
+        prompt_mask: Option<&Tensor>,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        prompt_of: &[usize],
+        rope: impl Fn(bool, &Tensor, DType) -> Result<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor)> {
         let (bp, p, _) = prompt_embeds.dims3()?;
         let (b, r, _) = embeds.dims3()?;
         let (prompts, responses) = prefixed_layouts(
@@ -421,10 +443,8 @@ impl Model {
             prompt_of,
             embeds.device(),
         )?;
-        let (prompt_cos, prompt_sin) = self
-            .rotary
-            .cos_sin(&prompts.positions, prompt_embeds.dtype())?;
-        let (cos, sin) = self.rotary.cos_sin(&responses.positions, embeds.dtype())?;
+        let (prompt_cos, prompt_sin) = rope(true, &prompts.positions, prompt_embeds.dtype())?;
+        let (cos, sin) = rope(false, &responses.positions, embeds.dtype())?;
         self.run_layers_prefixed(
             &Stream {
                 embeds: prompt_embeds,
@@ -443,7 +463,7 @@ impl Model {
     }
 
     /// The layers of [`Self::forward_prefixed`] on its two streams (masks from `prefixed_layouts`).
-    pub(crate) fn run_layers_prefixed(
+    fn run_layers_prefixed(
         &self,
         prompts: &Stream,
         responses: &Stream,

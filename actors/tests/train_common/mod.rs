@@ -164,3 +164,32 @@ pub fn mpo_pairs(count: usize) -> Vec<r1v2_actors::protocol::MpoPair> {
         })
         .collect()
 }
+
+/// Max |a - b| over two tensors of one shape.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    anyhow::ensure!(a.dims() == b.dims(), "{:?} vs {:?}", a.dims(), b.dims());
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// An error unless every Var of `vars` has a gradient in both stores and they agree to 1e-5 + 1e-4 x the
+/// largest component; returns the worst difference relative to that largest component.
+pub fn same_gradients(
+    vars: &[(String, candle_core::Var)],
+    a: &candle_core::backprop::GradStore,
+    b: &candle_core::backprop::GradStore,
+) -> Result<f32> {
+    let mut worst = 0f32;
+    for (name, var) in vars {
+        let (Some(ga), Some(gb)) = (a.get(var.as_tensor()), b.get(var.as_tensor())) else {
+            anyhow::bail!("no gradient for {name}");
+        };
+        let scale = gb.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = max_diff(ga, gb)?;
+        worst = worst.max(diff / scale.max(1e-6));
+        anyhow::ensure!(
+            diff <= 1e-5 + 1e-4 * scale,
+            "{name}: gradients differ by {diff} (largest {scale})"
+        );
+    }
+    Ok(worst)
+}

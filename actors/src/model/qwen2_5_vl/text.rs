@@ -8,8 +8,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::super::kv_cache::{mask_rows, prefixed_layouts, KvCache};
-use super::super::qwen2::{self, Stream};
+use super::super::kv_cache::{mask_rows, KvCache};
+use super::super::qwen2;
 use super::config::Config;
 use crate::{Error, Result};
 
@@ -177,32 +177,21 @@ impl TextModel {
         let (b, r, _) = embeds.dims3()?;
         check_positions(prompt_positions, bp, p)?;
         check_positions(positions, b, r)?;
-        let (prompts, responses) = prefixed_layouts(
-            &mask_rows(prompt_mask, bp, p)?,
-            &mask_rows(attention_mask, b, r)?,
+        self.model.forward_prefixed_with(
+            prompt_embeds,
+            prompt_mask,
+            embeds,
+            attention_mask,
             prompt_of,
-            embeds.device(),
-        )?;
-        let rope = |positions: &MropePositions, dtype: DType| -> Result<(Tensor, Tensor)> {
-            let (cos, sin) = self.cos_sin(positions, embeds.device())?;
-            Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
-        };
-        let (prompt_cos, prompt_sin) = rope(prompt_positions, prompt_embeds.dtype())?;
-        let (cos, sin) = rope(positions, embeds.dtype())?;
-        self.model.run_layers_prefixed(
-            &Stream {
-                embeds: prompt_embeds,
-                cos: &prompt_cos,
-                sin: &prompt_sin,
-                mask: &prompts.mask,
+            |is_prompt, _, dtype| {
+                let side = if is_prompt {
+                    prompt_positions
+                } else {
+                    positions
+                };
+                let (cos, sin) = self.cos_sin(side, embeds.device())?;
+                Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
             },
-            &Stream {
-                embeds,
-                cos: &cos,
-                sin: &sin,
-                mask: &responses.mask,
-            },
-            prompt_of,
         )
     }
 
