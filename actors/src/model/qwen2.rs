@@ -273,6 +273,11 @@ impl DecoderLayer {
             layer,
             cache,
         )?;
+        self.mlp_block(x, &attn)
+    }
+
+    /// The attention's residual, then the MLP block with its own: `y = x + attn; y + mlp(norm(y))`.
+    fn mlp_block(&self, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
         let x = (x + attn)?;
         let mlp = self
             .mlp
@@ -295,11 +300,7 @@ impl DecoderLayer {
             stream.mask,
             prefix,
         )?;
-        let x = (x + attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok(((x + mlp)?, k, v))
+        Ok((self.mlp_block(x, &attn)?, k, v))
     }
 }
 
