@@ -29,6 +29,8 @@ pub struct OptimConfig {
     /// Clip the global gradient norm to this (torch `clip_grad_norm_`); 0 = no clipping.
     pub max_grad_norm: f64,
     /// Sequences per forward pass; a batch is split into micro-batches whose gradients are accumulated.
+    /// The responses of one prompt (a GRPO group, an MPO pair) that land in one micro-batch share the prompt's
+    /// forward, so a multiple of the group size wastes least.
     pub micro_batch: usize,
     /// Which modules receive gradients (adapter only by default: the paper's Table 4; for Qwen2.5-VL the
     /// adapter is the patch merger).
