@@ -470,12 +470,7 @@ impl Model {
         responses: &Stream,
         prompt_of: &[usize],
     ) -> Result<(Tensor, Tensor)> {
-        let bp = prompts.embeds.dim(0)?;
-        if let Some(&bad) = prompt_of.iter().find(|&&g| g >= bp) {
-            return Err(Error::msg(format!(
-                "prefix-shared forward: prompt index {bad}, only {bp} prompts"
-            )));
-        }
+        // `prefixed_layouts` checked every index against the prompts.
         let index: Vec<u32> = prompt_of.iter().map(|&g| g as u32).collect();
         let index = Tensor::from_vec(index, prompt_of.len(), responses.embeds.device())?;
         let (mut x_prompt, mut x) = (prompts.embeds.clone(), responses.embeds.clone());

@@ -325,18 +325,13 @@ impl ResponseScorer {
                 )?
             }
             PolicyNet::Qwen25Vl(policy) => {
+                // Prompts (Bp, P, D), responses (B, T, D). Response token j of a prompt whose largest position
+                // is m sits at m + 1 + j on every axis.
                 let (prompt_embeds, prompt_positions) =
-                    embed_qwen2_5_vl(&policy.model, prompts, &prompt_input, prompt_len)?; // (Bp, P, D)
-                let embeds = policy.model.llm.model.embed_tokens(&input)?; // (B, T, D)
-                                                                           // Response token j of a prompt whose largest position is m sits at m + 1 + j on every axis.
+                    embed_qwen2_5_vl(&policy.model, prompts, &prompt_input, prompt_len)?;
+                let embeds = policy.model.llm.model.embed_tokens(&input)?;
                 let next: Vec<u32> = (0..n_prompts)
-                    .map(|g| {
-                        prompt_positions
-                            .iter()
-                            .flat_map(|axis| axis[g].iter())
-                            .max()
-                            .map_or(0, |&m| m + 1)
-                    })
+                    .map(|g| next_position(&prompt_positions, g))
                     .collect();
                 let axis: Vec<Vec<u32>> = rows
                     .iter()
@@ -455,6 +450,16 @@ fn embed_chat(
         .reshape((batch, seq_len, width))?) // (B, L, D)
 }
 
+/// The position after row `row` of three-axis prompt positions (its largest on any axis, + 1), where a
+/// response continues on all three axes (transformers' rope delta); 0 for an empty row.
+fn next_position(positions: &MropePositions, row: usize) -> u32 {
+    positions
+        .iter()
+        .flat_map(|axis| axis[row].iter())
+        .max()
+        .map_or(0, |&m| m + 1)
+}
+
 /// Qwen2.5-VL: token embeddings (B, L, D) with each prompt's `<|image_pad|>` slots replaced by its merged
 /// patch tokens (each distinct prompt's images encoded once), and the rows' three-axis positions: the
 /// prompt's `get_rope_index`, then `max + 1 + j` for response token j, 0 at padding.
@@ -523,11 +528,7 @@ fn embed_qwen2_5_vl(
         for (k, &slot) in pads.iter().enumerate() {
             source_rows[r * seq_len + slot] = (offset + k) as u32;
         }
-        let next = prompt_positions
-            .iter()
-            .flat_map(|axis| axis[0].iter())
-            .max()
-            .map_or(0, |&m| m + 1);
+        let next = next_position(prompt_positions, 0);
         for (axis, prompt_axis) in positions.iter_mut().zip(prompt_positions) {
             let slots = &mut axis[r];
             slots[..p].copy_from_slice(&prompt_axis[0]);
