@@ -13,6 +13,7 @@
 //! | [`scaled_masked_softmax`] | `softmax.rs` | x (B, H, G, T, S), mask (B, 1, 1, T, S) -> x's shape | CustomOp2: `softmax(x * scale + mask)`, the composition's bits |
 //! | [`rope`] | `rope.rs` | x (B, H, T, D), cos/sin (T, D/2) or (B, T, D/2) -> (B, H, T, D) | CustomOp3 |
 //! | [`swiglu`], [`silu`] | `swiglu.rs` | gate (..., F), up (..., F) -> (..., F) | CustomOp1 SiLU (f32/f64 CPU; candle's elsewhere), then mul |
+//! | [`linear`] | `linear.rs` | x (M, K), weight (N, K) -> (M, N) | CustomOp2: `x @ W^T`, the weight's gradient in its own layout |
 //! | [`token_logprobs`] | `logprobs.rs` | logits (..., V), targets (...) u32/i64 -> (...) f32 | CustomOp2 |
 //!
 //! Inference only, without a backward, for the CPU decode loop of models that are not trained: [`packed`]
@@ -32,6 +33,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod isa;
+mod linear;
 mod logprobs;
 mod norm;
 pub mod packed;
@@ -44,6 +46,7 @@ pub mod vexp;
 pub use attention::cached_attention;
 pub use cpu::no_grad_f32_cpu;
 pub use isa::Isa;
+pub use linear::linear;
 pub use logprobs::{token_logprobs, token_logprobs_as};
 pub use norm::{layer_norm, rms_norm};
 pub use packed::{packed_linear, PackedMatrix};

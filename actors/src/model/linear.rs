@@ -2,12 +2,14 @@
 //! copy of the weight ([`r1v2_kernels::PackedMatrix`]) for fast CPU inference.
 //!
 //! A packed layer computes `x @ W^T + b` with the packed kernel (no backward) for f32 inputs on the CPU and
-//! falls back to candle otherwise. The packed copy is taken from the weight when [`Linear::pack`] runs:
+//! falls back to candle otherwise. An unpacked layer on the CPU computes `x @ W^T` with
+//! [`r1v2_kernels::linear`], whose backward gives the weight its gradient in the weight's own layout (candle's
+//! `matmul(&w.t())` routes it through a transpose node: two zero fills and a strided add per weight). The packed copy is taken from the weight when [`Linear::pack`] runs:
 //! whoever overwrites the weight afterwards (the policy generator's `SyncWeights`) packs again.
 
 use std::sync::Arc;
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use r1v2_kernels::{packed_linear, PackedMatrix};
 
@@ -65,6 +67,19 @@ impl Linear {
         match &self.packed {
             Some(packed) if x.dtype() == DType::F32 && x.device().is_cpu() => {
                 Ok(packed_linear(x, packed)?)
+            }
+            _ if x.device().is_cpu() && x.is_contiguous() && x.rank() >= 2 => {
+                // `x @ W^T` as one op whose backward gives the weight's gradient in its own layout
+                // (r1v2_kernels::linear), instead of through candle's transpose node.
+                let (rows, k) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
+                let y = r1v2_kernels::linear(&x.reshape((rows, k))?, self.inner.weight())?;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank >= 2") = y.dim(1)?;
+                let y = y.reshape(dims)?;
+                Ok(match self.inner.bias() {
+                    Some(bias) => y.broadcast_add(bias)?,
+                    None => y,
+                })
             }
             _ => Ok(self.inner.forward(x)?),
         }
