@@ -7,8 +7,10 @@
 //! transformers' `InternVLMultiModalProjector` + `InternVLModel.pixel_shuffle`. Tensor names: `mlp1.0`
 //! (LayerNorm), `mlp1.1` and `mlp1.3` (Linear); index 2 is the parameter-free GELU.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{linear_b, Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use crate::model::linear::{linear_b, Linear};
 
 use crate::{Error, Result};
 

@@ -91,6 +91,11 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear::new(candle_nn::linear(in_dim, out_dim, vb)?))
 }
 
+/// `candle_nn::linear_b` (bias or not), wrapped.
+pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(candle_nn::linear_b(in_dim, out_dim, bias, vb)?))
+}
+
 /// `candle_nn::linear_no_bias`, wrapped.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear::new(candle_nn::linear_no_bias(in_dim, out_dim, vb)?))

@@ -13,8 +13,10 @@
 //! Every op used has a backward (norms and softmax from `r1v2_kernels`, the patch convolution as a
 //! reshape + matmul, bicubic position interpolation as two matmuls with fixed weights).
 
-use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{linear_b, Linear, VarBuilder};
+use candle_core::{DType, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::model::linear::{linear_b, Linear};
 
 pub use super::vision_config::{NormType, VisionConfig};
 use crate::{Error, Result};

@@ -13,8 +13,10 @@
 //! each patch the angles `(row * inv_freq, col * inv_freq)` with rows and columns walked in 2 x 2 merge
 //! blocks. Every op has a backward (norms and softmax from `r1v2_kernels`).
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::model::linear::{linear, Linear};
 use r1v2_kernels::{rope, softmax_last_dim, swiglu};
 
 use super::config::VisionConfig;
