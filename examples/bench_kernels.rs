@@ -86,7 +86,27 @@ fn cases() -> Result<Vec<Case>> {
     let causal = Tensor::from_vec(causal, (1, 1, 1, 256, 256), cpu)?
         .broadcast_as((8, 1, 1, 256, 256))?
         .contiguous()?;
+    // The ~20M Qwen2 of benches/bench_forward.py at batch 4 x 128: an MLP projection and the LM head.
+    let tokens = Tensor::randn(0f32, 1., (512, 512), cpu)?;
+    let mlp = Tensor::randn(0f32, 0.05, (1408, 512), cpu)?;
+    let head = Tensor::randn(0f32, 0.05, (8192, 512), cpu)?;
     Ok(vec![
+        Case {
+            name: "linear (MLP)",
+            shape: "(512, 512) x (1408, 512)",
+            inputs: vec![tokens.clone(), mlp],
+            trainable: vec![0, 1],
+            fused: |t| kernels::linear(&t[0], &t[1]),
+            composed: |t| reference::linear(&t[0], &t[1]),
+        },
+        Case {
+            name: "linear (LM head)",
+            shape: "(512, 512) x (8192, 512)",
+            inputs: vec![tokens, head],
+            trainable: vec![0, 1],
+            fused: |t| kernels::linear(&t[0], &t[1]),
+            composed: |t| reference::linear(&t[0], &t[1]),
+        },
         Case {
             name: "rms_norm",
             shape: "(2048, 1024)",

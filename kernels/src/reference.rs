@@ -14,6 +14,12 @@ fn compute_dtype(dtype: DType) -> DType {
     }
 }
 
+/// `x @ W^T` (x (M, K), weight (N, K)) as candle-nn's `Linear` computes it: the weight's gradient flows back
+/// through a transpose node.
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.matmul(&weight.t()?)
+}
+
 /// RMSNorm as in Qwen2 (`Qwen2RMSNorm`): computed in f32, cast back, then scaled by `weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();

@@ -1,10 +1,13 @@
-//! The LLM's linear layers: candle-nn's `Linear` (differentiable, what training uses), plus an optional packed
-//! copy of the weight ([`r1v2_kernels::PackedMatrix`]) for fast CPU inference.
+//! The models' linear layers (LLM, vision towers, adapter): candle-nn's `Linear` (weights, bias, loading), computed
+//! on the CPU by [`r1v2_kernels::linear`] (differentiable, what training uses), plus an optional packed copy of the
+//! weight ([`r1v2_kernels::PackedMatrix`]) for fast CPU inference.
+//!
+//! [`r1v2_kernels::linear`] gives the weight its gradient in the weight's own layout; candle's `matmul(&w.t())`
+//! routes it through a transpose node (two zero fills and a strided add per weight). Other devices, and inputs
+//! that are not contiguous, take candle-nn's forward.
 //!
 //! A packed layer computes `x @ W^T + b` with the packed kernel (no backward) for f32 inputs on the CPU and
-//! falls back to candle otherwise. An unpacked layer on the CPU computes `x @ W^T` with
-//! [`r1v2_kernels::linear`], whose backward gives the weight its gradient in the weight's own layout (candle's
-//! `matmul(&w.t())` routes it through a transpose node: two zero fills and a strided add per weight). The packed copy is taken from the weight when [`Linear::pack`] runs:
+//! falls back to the above otherwise. The packed copy is taken from the weight when [`Linear::pack`] runs:
 //! whoever overwrites the weight afterwards (the policy generator's `SyncWeights`) packs again.
 
 use std::sync::Arc;

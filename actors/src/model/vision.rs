@@ -226,7 +226,7 @@ impl Attention {
         let attn = r1v2_kernels::softmax_last_dim(&attn)?;
         let out = attn.matmul(&v)?; // (B, H, N, Dh)
         let out = out.transpose(1, 2)?.reshape((b, n, d))?; // (B, N, D)
-        Ok(self.proj.forward(&out)?)
+        self.proj.forward(&out)
     }
 }
 
@@ -246,7 +246,7 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self.fc2.forward(&self.fc1.forward(xs)?.gelu_erf()?)?)
+        self.fc2.forward(&self.fc1.forward(xs)?.gelu_erf()?)
     }
 }
 

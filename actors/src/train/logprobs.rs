@@ -19,9 +19,10 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::model::chat::ChatModel;
+use crate::model::linear::Linear;
 use crate::model::policy::PolicyNet;
 use crate::model::qwen2_5_vl::text::{rope_index, MropePositions};
 use crate::model::qwen2_5_vl::Qwen25Vl;
@@ -73,7 +74,7 @@ impl ResponseScorer {
         };
         Ok(Self {
             model: model.into(),
-            lm_head: Some(Linear::new(weight, None)),
+            lm_head: Some(Linear::new(candle_nn::Linear::new(weight, None))),
             share_prefixes: true,
         })
     }
