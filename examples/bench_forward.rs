@@ -9,14 +9,17 @@
 //! `peak_rss_mib` is the process's peak resident set (VmHWM, Linux) above its resident set once the model and
 //! the batch are loaded: what the passes took at their peak (the forward+backward's).
 
+mod common;
+
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use r1v2_actors::model::qwen2::{Config, ForCausalLM};
 use r1v2_actors::model::weights::{read_config, WeightStore};
+
+use common::median_seconds;
 
 #[derive(Parser)]
 struct Args {
@@ -29,19 +32,6 @@ struct Args {
     seq: usize,
     #[arg(long, default_value_t = 5)]
     iters: usize,
-}
-
-/// Median seconds of `iters` runs of `f` after one warm-up run.
-fn median_seconds(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = Instant::now();
-        f()?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
 }
 
 /// A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`).

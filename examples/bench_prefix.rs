@@ -6,13 +6,15 @@
 //! The model is a random ~20M-parameter Qwen2 (the shape of `benches/bench_forward.py`); timing does not
 //! depend on the weights' values.
 
-use std::time::Instant;
+mod common;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use r1v2_actors::model::qwen2::{Config, ForCausalLM};
+
+use common::median_seconds;
 
 #[derive(Parser)]
 struct Args {
@@ -25,18 +27,6 @@ struct Args {
     /// Timed repetitions (the median is printed).
     #[arg(long, default_value_t = 3)]
     iters: usize,
-}
-
-fn median_seconds(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = Instant::now();
-        f()?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
 }
 
 fn main() -> Result<()> {

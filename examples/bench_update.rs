@@ -11,8 +11,9 @@
 //! It prints one table: median seconds over `--iters` runs after a warm-up, and the largest log-prob
 //! difference between the two.
 
+mod common;
+
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -24,6 +25,8 @@ use r1v2_actors::model::chat::{ChatModel, Trainable};
 use r1v2_actors::prompt::EncodedPrompt;
 use r1v2_actors::rl::PromptId;
 use r1v2_actors::train::{ResponseRow, ResponseScorer};
+
+use common::median_seconds;
 
 #[derive(Parser)]
 struct Args {
@@ -39,19 +42,6 @@ struct Args {
     /// Timed runs (the median is printed).
     #[arg(long, default_value_t = 3)]
     iters: usize,
-}
-
-/// Median seconds of `iters` runs of `f` after one warm-up run.
-fn median_seconds(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = Instant::now();
-        f()?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
 }
 
 /// One update's log-prob work on `rows`: per micro-batch, the policy's log-probs (with entropies, as GRPO

@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use r1v2_actors::model::chat::Trainable;
 use r1v2_actors::train::{ResponseRow, ResponseScorer};
-use train_common::{load, max_diff, prompts, response, same_gradients};
+use train_common::{load, max_diff, prompts, response, response_rows, same_gradients};
 
 #[test]
 fn batched_response_logprobs_equal_single_row_forward() -> Result<()> {
@@ -21,13 +21,7 @@ fn batched_response_logprobs_equal_single_row_forward() -> Result<()> {
         (1, response(4, 1)),
         (3, response(5, 4)),
     ];
-    let rows: Vec<ResponseRow> = responses
-        .iter()
-        .map(|(p, r)| ResponseRow {
-            prompt: prompts[*p].clone(),
-            response: r,
-        })
-        .collect();
+    let rows = response_rows(&prompts, &responses);
     let out = scorer.response_logprobs(&rows, true)?;
     ensure!(out.logprobs.dims() == [5, 7], "{:?}", out.logprobs.dims());
     let entropy = out.entropy.clone().expect("asked for entropy");
@@ -120,13 +114,7 @@ fn response_logprob_gradients_match_finite_differences() -> Result<()> {
         (1, response(12, 2)),
         (0, response(13, 3)),
     ];
-    let rows: Vec<ResponseRow> = responses
-        .iter()
-        .map(|(p, r)| ResponseRow {
-            prompt: prompts[*p].clone(),
-            response: r,
-        })
-        .collect();
+    let rows = response_rows(&prompts, &responses);
     let weights = Tensor::arange(0f32, 12f32, &Device::Cpu)?
         .affine(0.7, 0.3)?
         .sin()?
@@ -193,13 +181,7 @@ fn prefix_shared_logprobs_and_gradients_equal_row_by_row() -> Result<()> {
         (2, response(25, 7)),
         (0, response(26, 4)),
     ];
-    let rows: Vec<ResponseRow> = responses
-        .iter()
-        .map(|(p, r)| ResponseRow {
-            prompt: prompts[*p].clone(),
-            response: r,
-        })
-        .collect();
+    let rows = response_rows(&prompts, &responses);
     let weights = Tensor::arange(0f32, 42f32, &Device::Cpu)?
         .affine(0.37, 0.1)?
         .cos()?

@@ -20,7 +20,7 @@ use r1v2_actors::rl::config::{GrpoConfig, MpoConfig};
 use r1v2_actors::rl::mpo::BcoRewardMean;
 use r1v2_actors::rl::{Group, PromptId, Sample};
 use r1v2_actors::train::{OptimConfig, PolicyTrainer, ResponseRow, ResponseScorer};
-use train_common::{max_diff, same_gradients};
+use train_common::{max_diff, response_rows, same_gradients};
 
 const VISION_START: u32 = 250;
 const VISION_END: u32 = 251;
@@ -150,13 +150,7 @@ fn qwen2_5_vl_response_logprobs_equal_the_full_forward_and_reach_every_group() -
         (1, vec![33, 34]),
         (2, vec![1, 2, 3, 4]),
     ];
-    let rows: Vec<ResponseRow> = responses
-        .iter()
-        .map(|(p, r)| ResponseRow {
-            prompt: prompts[*p].clone(),
-            response: r,
-        })
-        .collect();
+    let rows = response_rows(&prompts, &responses);
     let scored = scorer.response_logprobs(&rows, true)?;
     let got = scored.logprobs.to_vec2::<f32>()?;
     let mut worst = 0f32;
@@ -209,13 +203,7 @@ fn qwen2_5_vl_prefix_shared_logprobs_and_gradients_equal_row_by_row() -> Result<
         (0, vec![4, 5]),
         (2, vec![6, 7, 8, 9, 10, 11]),
     ];
-    let rows: Vec<ResponseRow> = responses
-        .iter()
-        .map(|(p, r)| ResponseRow {
-            prompt: prompts[*p].clone(),
-            response: r,
-        })
-        .collect();
+    let rows = response_rows(&prompts, &responses);
     let weights = Tensor::arange(0f32, 36f32, &Device::Cpu)?
         .affine(0.41, 0.2)?
         .sin()?

@@ -69,7 +69,7 @@ impl CustomOp2 for Linear {
         };
         let grad_w = if !w.track_op() {
             None
-        } else if grad.device().is_cpu() && matches!(grad.dtype(), DType::F32 | DType::F64) {
+        } else if matches!(grad.dtype(), DType::F32 | DType::F64) {
             Some(
                 grad.contiguous()?
                     .apply_op2_no_bwd(&x.contiguous()?, &WeightGrad)?,

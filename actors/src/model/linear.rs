@@ -74,10 +74,9 @@ impl Linear {
             _ if x.device().is_cpu() && x.is_contiguous() && x.rank() >= 2 => {
                 // `x @ W^T` as one op whose backward gives the weight's gradient in its own layout
                 // (r1v2_kernels::linear), instead of through candle's transpose node.
-                let (rows, k) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
-                let y = r1v2_kernels::linear(&x.reshape((rows, k))?, self.inner.weight())?;
+                let y = r1v2_kernels::linear(&x.flatten_to(D::Minus2)?, self.inner.weight())?;
                 let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("rank >= 2") = y.dim(1)?;
+                dims[x.rank() - 1] = y.dim(1)?;
                 let y = y.reshape(dims)?;
                 Ok(match self.inner.bias() {
                     Some(bias) => y.broadcast_add(bias)?,

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use r1v2_actors::model::chat::{ChatModel, LoadedChat, Trainable};
 use r1v2_actors::prompt::{EncodedPrompt, PromptBank};
 use r1v2_actors::rl::PromptId;
+use r1v2_actors::train::ResponseRow;
 
 /// The fixture checkpoint.
 pub fn model_dir() -> PathBuf {
@@ -161,6 +162,20 @@ pub fn mpo_pairs(count: usize) -> Vec<r1v2_actors::protocol::MpoPair> {
             prompt_id: PromptId((i % 4) as u64),
             chosen: response(500 + i as u64, 2 + i % 4),
             rejected: response(700 + i as u64, 3 + (i * 2) % 5),
+        })
+        .collect()
+}
+
+/// The scorer's rows for `(prompt index, response)` pairs over `prompts`.
+pub fn response_rows<'a>(
+    prompts: &[Arc<EncodedPrompt>],
+    responses: &'a [(usize, Vec<u32>)],
+) -> Vec<ResponseRow<'a>> {
+    responses
+        .iter()
+        .map(|(p, r)| ResponseRow {
+            prompt: prompts[*p].clone(),
+            response: r,
         })
         .collect()
 }
