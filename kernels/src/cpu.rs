@@ -18,6 +18,9 @@ pub(crate) trait Acc:
     fn of_f64(v: f64) -> Self;
     /// Converts a count (a row length) into the accumulator type.
     fn of_usize(n: usize) -> Self;
+    /// Softmax of one row in place (`-inf` entries get 0): f32 through [`crate::vexp::softmax_in_place`]
+    /// (vectorized), f64 with libm's `exp`, summed in order.
+    fn softmax_in_place(row: &mut [Self]);
 }
 
 impl Acc for f32 {
@@ -27,6 +30,9 @@ impl Acc for f32 {
     fn of_usize(n: usize) -> Self {
         n as f32
     }
+    fn softmax_in_place(row: &mut [f32]) {
+        crate::vexp::softmax_in_place(row)
+    }
 }
 
 impl Acc for f64 {
@@ -35,6 +41,19 @@ impl Acc for f64 {
     }
     fn of_usize(n: usize) -> Self {
         n as f64
+    }
+    fn softmax_in_place(row: &mut [f64]) {
+        let max = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            let e = (*v - max).exp();
+            sum += e;
+            *v = e;
+        }
+        let inv = sum.recip();
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
     }
 }
 

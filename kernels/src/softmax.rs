@@ -1,11 +1,13 @@
 //! Softmax over the last dimension as a CustomOp with a fused backward.
 //!
-//! Forward: per row, `y = exp(x - max) / sum(exp(x - max))`, computed in f32 (f64 for f64 inputs).
+//! Forward: per row, `y = exp(x - max) / sum(exp(x - max))`, computed in f32 (f64 for f64 inputs). The f32
+//! exps are [`crate::vexp`]'s (vectorized, relative error below 2e-7, the same bits on every instruction set)
+//! summed in f64 in its fixed order, as [`crate::cached_attention`] weighs its keys; f64 uses libm's `exp`.
+//! A masked (`-inf`) entry gets 0, and a NaN entry gets 0 in f32 (vexp's `exp(NaN)`), where f64 gives NaN.
 //! Backward: from the saved output only, `grad_x = y * (grad_y - sum(grad_y * y))` in one pass per row.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
 use crate::cpu::{contiguous, float_dispatch, Acc, Elem};
@@ -91,22 +93,10 @@ fn softmax_fwd<T: Elem>(storage: &CpuStorage, layout: &Layout) -> Result<CpuStor
     let n = row_len(layout)?;
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
-        let max = x
-            .iter()
-            .map(|&v| v.load())
-            .fold(T::A::neg_infinity(), T::A::max);
-        let mut sum = T::A::zero();
-        let exps: Vec<T::A> = x
-            .iter()
-            .map(|&v| {
-                let e = (v.load() - max).exp();
-                sum += e;
-                e
-            })
-            .collect();
-        let inv = sum.recip();
-        for (y, e) in y.iter_mut().zip(exps) {
-            *y = T::store(e * inv);
+        let mut row: Vec<T::A> = x.iter().map(|&v| v.load()).collect();
+        T::A::softmax_in_place(&mut row);
+        for (y, e) in y.iter_mut().zip(row) {
+            *y = T::store(e);
         }
     });
     Ok(T::to_cpu_storage_owned(y))
@@ -259,17 +249,7 @@ fn masked_fwd<T: Acc>(
             for ((y, &x), &m) in y.iter_mut().zip(x).zip(mask) {
                 *y = (x * scale + zero) + m;
             }
-            let max = y.iter().fold(T::neg_infinity(), |a, &v| Float::max(a, v));
-            let mut sum = T::zero();
-            for v in y.iter_mut() {
-                let e = (*v - max).exp();
-                sum += e;
-                *v = e;
-            }
-            let inv = sum.recip();
-            for v in y.iter_mut() {
-                *v *= inv;
-            }
+            T::softmax_in_place(y);
         });
     Ok(y)
 }

@@ -149,6 +149,37 @@ fn pass(values: &[f32], scale: f32, shift: f32, out: Option<(&mut [f32], &mut [f
     total
 }
 
+/// [`block`] writing the exps over `values` (scale 1): the same exps and the same sum.
+#[inline(always)]
+fn block_in_place(values: &mut [f32], shift: f32) -> f64 {
+    let mut partials = [0f64; LANES];
+    let (chunks, tail) = values.as_chunks_mut::<LANES>();
+    for v in chunks {
+        let exps = exp_lanes(v, 1.0, shift);
+        accumulate(&mut partials, &exps);
+        *v = exps;
+    }
+    if !tail.is_empty() {
+        let mut padded = [f32::NEG_INFINITY; LANES];
+        padded[..tail.len()].copy_from_slice(tail);
+        let exps = exp_lanes(&padded, 1.0, shift);
+        accumulate(&mut partials, &exps);
+        tail.copy_from_slice(&exps[..tail.len()]);
+    }
+    combine(partials)
+}
+
+/// [`pass`] at scale 1 writing the exps over `values`: the total [`pass`] returns, bit for bit.
+#[inline(always)]
+fn pass_in_place(values: &mut [f32], shift: f32) -> f64 {
+    // A loop, not a closure: a closure is compiled without the caller's target features.
+    let mut total = 0.0;
+    for v in values.chunks_mut(BLOCK) {
+        total += block_in_place(v, shift);
+    }
+    total
+}
+
 /// The largest entry, ignoring NaN (`-inf` for an empty slice).
 #[inline(always)]
 fn max_lanes(values: &[f32]) -> f32 {
@@ -181,6 +212,19 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { x86::avx2_pass(values, scale, shift, out) },
             Isa::Portable => pass(values, scale, shift, out),
+        }
+    }
+
+    /// [`pass_in_place`] compiled for this instruction set.
+    pub(crate) fn pass_in_place(self, values: &mut [f32], shift: f32) -> f64 {
+        match self {
+            // SAFETY: as in `pass`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { x86::avx512_pass_in_place(values, shift) },
+            // SAFETY: as in `pass`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { x86::avx2_pass_in_place(values, shift) },
+            Isa::Portable => pass_in_place(values, shift),
         }
     }
 
@@ -223,6 +267,18 @@ mod x86 {
         super::pass(values, scale, shift, out)
     }
 
+    /// [`super::pass_in_place`] with AVX-512F; the CPU must have it.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn avx512_pass_in_place(values: &mut [f32], shift: f32) -> f64 {
+        super::pass_in_place(values, shift)
+    }
+
+    /// [`super::pass_in_place`] with AVX2 and FMA; the CPU must have them.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn avx2_pass_in_place(values: &mut [f32], shift: f32) -> f64 {
+        super::pass_in_place(values, shift)
+    }
+
     /// [`super::max_lanes`] with AVX-512F; the CPU must have it.
     #[target_feature(enable = "avx512f")]
     pub(super) fn avx512_max(values: &[f32]) -> f32 {
@@ -254,6 +310,19 @@ pub fn exp_shifted(
         shift,
         Some((out.as_mut_slice(), block_sums.as_mut_slice())),
     )
+}
+
+/// Softmax of `values` in place, the way [`crate::cached_attention`] weighs its keys: the largest entry
+/// (ignoring NaN) as the shift, the exps and their total as [`exp_shifted`] at scale 1 makes them, then each
+/// exp divided by the total in f64. `-inf` entries (masked keys) get exactly 0. A row with no finite entry
+/// becomes NaN (`0 / 0`), as `exp(x - max) / sum` does.
+pub fn softmax_in_place(values: &mut [f32]) {
+    let isa = Isa::detect();
+    let max = isa.max(values);
+    let total = isa.pass_in_place(values, max);
+    for v in values.iter_mut() {
+        *v = (*v as f64 / total) as f32;
+    }
 }
 
 /// The total [`exp_shifted`] returns, bit for bit, without writing the exps.
@@ -449,6 +518,51 @@ mod tests {
                 Some(expected) => assert!(bits == *expected, "{isa:?} differs from the plain code"),
             }
         }
+    }
+
+    #[test]
+    fn the_in_place_pass_and_softmax_agree_with_the_pass() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+        for len in [1, 15, 16, 17, 255, 256, 257, 1000] {
+            let mut values: Vec<f32> = (0..len).map(|_| rng.gen_range(-30.0..30.0)).collect();
+            // Masked keys, as attention's -inf mask leaves them.
+            for v in values.iter_mut().step_by(3) {
+                *v = f32::NEG_INFINITY;
+            }
+            values[len - 1] = 4.0;
+            for isa in Isa::available() {
+                let max = isa.max(&values);
+                let mut out = vec![0f32; len];
+                let mut sums = vec![0f64; len.div_ceil(BLOCK)];
+                let total = isa.pass(&values, 1.0, max, Some((&mut out[..], &mut sums[..])));
+                let mut in_place = values.clone();
+                let total_in_place = isa.pass_in_place(&mut in_place, max);
+                assert_eq!(total.to_bits(), total_in_place.to_bits(), "{isa:?} {len}");
+                assert!(
+                    out.iter().zip(&in_place).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{isa:?} {len}: the exps differ"
+                );
+            }
+            let mut soft = values.clone();
+            softmax_in_place(&mut soft);
+            let m = values.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let sum: f64 = values.iter().map(|&v| (v as f64 - m).exp()).sum();
+            for (&v, &p) in values.iter().zip(&soft) {
+                let want = (v as f64 - m).exp() / sum;
+                // `v - max` is rounded to f32 (relative 2^-24), which exp turns into an error of that times
+                // `|v - max|`; then vexp's 2e-7 and the division's rounding.
+                if v == f32::NEG_INFINITY {
+                    assert_eq!(p.to_bits(), 0, "a masked entry is +0");
+                    continue;
+                }
+                let tolerance = 4e-7 + 6e-8 * (v as f64 - m).abs();
+                assert!((p as f64 - want).abs() <= tolerance * want, "{v}: {p} vs {want}");
+            }
+        }
+        // No finite entry: NaN, as exp(x - max) / sum gives.
+        let mut masked = [f32::NEG_INFINITY; 5];
+        softmax_in_place(&mut masked);
+        assert!(masked.iter().all(|p| p.is_nan()));
     }
 
     #[test]
