@@ -539,7 +539,9 @@ mod tests {
                 let total_in_place = isa.pass_in_place(&mut in_place, max);
                 assert_eq!(total.to_bits(), total_in_place.to_bits(), "{isa:?} {len}");
                 assert!(
-                    out.iter().zip(&in_place).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    out.iter()
+                        .zip(&in_place)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{isa:?} {len}: the exps differ"
                 );
             }
@@ -556,7 +558,10 @@ mod tests {
                     continue;
                 }
                 let tolerance = 4e-7 + 6e-8 * (v as f64 - m).abs();
-                assert!((p as f64 - want).abs() <= tolerance * want, "{v}: {p} vs {want}");
+                assert!(
+                    (p as f64 - want).abs() <= tolerance * want,
+                    "{v}: {p} vs {want}"
+                );
             }
         }
         // No finite entry: NaN, as exp(x - max) / sum gives.
