@@ -180,6 +180,16 @@ fn pass_in_place(values: &mut [f32], shift: f32) -> f64 {
     total
 }
 
+/// [`softmax_in_place`]'s body: the shift, the exps in place, each divided by their total in f64.
+#[inline(always)]
+fn softmax_lanes(values: &mut [f32]) {
+    let max = max_lanes(values);
+    let total = pass_in_place(values, max);
+    for v in values.iter_mut() {
+        *v = (*v as f64 / total) as f32;
+    }
+}
+
 /// The largest entry, ignoring NaN (`-inf` for an empty slice).
 #[inline(always)]
 fn max_lanes(values: &[f32]) -> f32 {
@@ -225,6 +235,19 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { x86::avx2_pass_in_place(values, shift) },
             Isa::Portable => pass_in_place(values, shift),
+        }
+    }
+
+    /// [`softmax_lanes`] compiled for this instruction set.
+    pub(crate) fn softmax(self, values: &mut [f32]) {
+        match self {
+            // SAFETY: as in `pass`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { x86::avx512_softmax(values) },
+            // SAFETY: as in `pass`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { x86::avx2_softmax(values) },
+            Isa::Portable => softmax_lanes(values),
         }
     }
 
@@ -279,6 +302,18 @@ mod x86 {
         super::pass_in_place(values, shift)
     }
 
+    /// [`super::softmax_lanes`] with AVX-512F; the CPU must have it.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn avx512_softmax(values: &mut [f32]) {
+        super::softmax_lanes(values)
+    }
+
+    /// [`super::softmax_lanes`] with AVX2 and FMA; the CPU must have them.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn avx2_softmax(values: &mut [f32]) {
+        super::softmax_lanes(values)
+    }
+
     /// [`super::max_lanes`] with AVX-512F; the CPU must have it.
     #[target_feature(enable = "avx512f")]
     pub(super) fn avx512_max(values: &[f32]) -> f32 {
@@ -317,12 +352,7 @@ pub fn exp_shifted(
 /// exp divided by the total in f64. `-inf` entries (masked keys) get exactly 0. A row with no finite entry
 /// becomes NaN (`0 / 0`), as `exp(x - max) / sum` does.
 pub fn softmax_in_place(values: &mut [f32]) {
-    let isa = Isa::detect();
-    let max = isa.max(values);
-    let total = isa.pass_in_place(values, max);
-    for v in values.iter_mut() {
-        *v = (*v as f64 / total) as f32;
-    }
+    Isa::detect().softmax(values)
 }
 
 /// The total [`exp_shifted`] returns, bit for bit, without writing the exps.
@@ -547,6 +577,14 @@ mod tests {
             }
             let mut soft = values.clone();
             softmax_in_place(&mut soft);
+            for isa in Isa::available() {
+                let mut other = values.clone();
+                isa.softmax(&mut other);
+                assert!(
+                    other.iter().zip(&soft).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{isa:?} {len}: the softmax differs"
+                );
+            }
             let m = values.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
             let sum: f64 = values.iter().map(|&v| (v as f64 - m).exp()).sum();
             for (&v, &p) in values.iter().zip(&soft) {
