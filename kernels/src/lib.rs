@@ -10,7 +10,7 @@
 //! | [`rms_norm`] | `norm.rs` | x (..., D), weight (D) -> (..., D) | CustomOp2, fused backward |
 //! | [`layer_norm`] | `norm.rs` | x (..., D), weight (D), bias (D)? -> (..., D) | CustomOp2/3, fused backward |
 //! | [`softmax_last_dim`] | `softmax.rs` | x (..., N) -> (..., N) | CustomOp1, fused backward |
-//! | [`scaled_masked_softmax`] | `softmax.rs` | x (B, H, G, T, S), mask (B, 1, 1, T, S) -> x's shape | CustomOp2: `softmax(x * scale + mask)`, the composition's bits |
+//! | [`scaled_masked_softmax`] | `softmax.rs` | x (B, H, G, T, S), mask (B, 1, 1, T, S) -> x's shape | CustomOp2: `softmax(x * scale + mask)`, the bits of `softmax_last_dim` over `x * scale + mask` |
 //! | [`rope`] | `rope.rs` | x (B, H, T, D), cos/sin (T, D/2) or (B, T, D/2) -> (B, H, T, D) | CustomOp3 |
 //! | [`swiglu`], [`silu`] | `swiglu.rs` | gate (..., F), up (..., F) -> (..., F) | CustomOp1 SiLU (f32/f64 CPU; candle's elsewhere), then mul |
 //! | [`linear`] | `linear.rs` | x (M, K), weight (N, K) -> (M, N) | CustomOp2: `x @ W^T`, the weight's gradient in its own layout |
