@@ -50,11 +50,7 @@ fn status_kib(field: &str) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    // As the `r1v2` binary (src/main.rs): candle's element-wise ops on the calling thread, not on a second pool
-    // of spinning workers that competes with rayon's (gemm and the kernels) for the cores.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    common::candle_on_the_calling_thread();
     let args = Args::parse();
     let device = Device::Cpu;
     let cfg: Config = read_config(&args.model.join("config.json"))?;
